@@ -1,0 +1,26 @@
+"""lorareg: a registry of model families and LoRA key formats; detect, convert and port LoRAs."""
+
+__version__ = "0.1.0"
+
+from .api import Inspection, convert, detect, inspect, load, save  # noqa: E402
+from .errors import ConversionError, DetectionError, InputError, LoraregError, RegistryError  # noqa: E402
+from .lora import Lora, Module  # noqa: E402
+from .registry import get_registry  # noqa: E402
+
+__all__ = [
+    "ConversionError",
+    "DetectionError",
+    "InputError",
+    "Inspection",
+    "Lora",
+    "LoraregError",
+    "Module",
+    "RegistryError",
+    "__version__",
+    "convert",
+    "detect",
+    "get_registry",
+    "inspect",
+    "load",
+    "save",
+]

@@ -1,0 +1,297 @@
+"""Read tensors named in one key format into canonical modules of one family.
+
+Generic over formats and families: the format says how a key splits into prefix, module name and
+factor suffix; the family's tables say which canonical module (or fused group) a name denotes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+import torch
+
+from .io import LazyTensor
+from .lora import REQUIRED_ROLES, FormatState, Lora, Module
+from .registry import CANONICAL, Family, Variant
+from .registry.naming import FusedModule
+
+LORA_ADAPTER_METADATA = "lora_adapter_metadata"
+
+
+@dataclass
+class ParsedKey:
+    key: str
+    component: str
+    scheme: str
+    target: object  # canonical module name (str) or FusedModule
+    kind: str
+    role: str
+    spelling: int
+    prefix: str
+    doubled_prefix: bool = False
+
+    @property
+    def target_name(self) -> str:
+        return self.target.name if isinstance(self.target, FusedModule) else self.target
+
+
+@dataclass
+class ParseResult:
+    variant: Variant
+    family: Family
+    parsed: dict[str, ParsedKey] = field(default_factory=dict)
+    unmapped: dict[str, str] = field(default_factory=dict)  # key -> reason
+    shape_mismatches: dict[str, str] = field(default_factory=dict)
+    evidence: list[str] = field(default_factory=list)
+
+    @property
+    def mapped_fraction(self) -> float:
+        total = len(self.parsed) + len(self.unmapped)
+        return len(self.parsed) / total if total else 0.0
+
+
+def parse_keys(variant: Variant, family: Family, tensors: Mapping[str, LazyTensor]) -> ParseResult:
+    result = ParseResult(variant, family)
+    doubled = False
+    for key in tensors:
+        pk = _parse_key(variant, family, key)
+        if isinstance(pk, str):
+            result.unmapped[key] = pk
+        else:
+            result.parsed[key] = pk
+            doubled |= pk.doubled_prefix
+    _check_shapes(result, tensors)
+    if doubled:
+        result.evidence.append("doubled component prefix (e.g. transformer.transformer.) stripped")
+    return result
+
+
+def _parse_key(variant: Variant, family: Family, key: str):
+    suffix = variant.match_suffix(key)
+    if suffix is None:
+        return "unknown factor suffix for this format"
+    base = key[: -len(suffix.text)]
+    for rule in variant.read_prefixes:
+        if not base.startswith(rule.prefix):
+            continue
+        rest = base[len(rule.prefix) :]
+        doubled = False
+        while rule.prefix and rest.startswith(rule.prefix):
+            rest, doubled = rest[len(rule.prefix) :], True
+        if variant.spec.separator == "." and variant.name_rules:
+            segs = rest.split(".")
+            for r in variant.name_rules:
+                segs = r.apply(segs)
+            rest = ".".join(segs)
+        for cid in rule.components:
+            comp = family.components.get(cid)
+            if comp is None:
+                continue
+            for scheme in variant.spec.schemes:
+                if not comp.has_scheme(scheme):
+                    continue
+                table = comp.flat_names(scheme) if variant.spec.separator == "_" else comp.scheme_names(scheme)
+                target = table.get(rest)
+                if target is not None:
+                    return ParsedKey(key, cid, scheme, target, suffix.kind, suffix.role, suffix.spelling, rule.prefix, doubled)
+        # a longer prefix matched but no module: let a shorter prefix try (e.g. "" in diffusers-old)
+    return f"no module of family {family.id} has this name"
+
+
+def _in_features(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return n
+
+
+def _check_shapes(result: ParseResult, tensors: Mapping[str, LazyTensor]) -> None:
+    """LoRA factors must fit the module: down's input size and up's output size."""
+    fam = result.family
+    for key, pk in list(result.parsed.items()):
+        t = tensors[key]
+        comp = fam.components[pk.component]
+        if isinstance(pk.target, FusedModule):
+            out = pk.target.out_features
+            first = pk.target.slices[0].module
+            inn = _in_features(comp.modules[first])
+            kshape = comp.modules[first][2:]
+        else:
+            wshape = comp.modules[pk.target]
+            out, inn, kshape = wshape[0], _in_features(wshape), wshape[2:]
+        bad = None
+        if pk.kind == "lora":
+            if pk.role == "down" and _in_features(t.shape) != inn and not (
+                len(t.shape) == 4 and t.shape[1] * math.prod(kshape or (1,)) == inn
+            ):
+                bad = f"input size {_in_features(t.shape)} != {inn}"
+            elif pk.role == "up" and (len(t.shape) < 2 or t.shape[0] != out):
+                bad = f"output size {t.shape[0] if t.shape else '?'} != {out}"
+        elif pk.kind == "dora_scale":
+            if out not in t.shape and inn not in t.shape:
+                bad = f"magnitude shape {list(t.shape)} fits neither {out} nor {inn}"
+        elif pk.kind == "full" and pk.role == "diff":
+            if t.shape[0] != out:
+                bad = f"output size {t.shape[0]} != {out}"
+        if bad:
+            del result.parsed[key]
+            reason = f"shape does not fit {fam.id} {pk.component}:{pk.target_name} ({bad})"
+            result.unmapped[key] = reason
+            result.shape_mismatches[key] = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# assembling modules
+
+
+@dataclass
+class _Group:
+    component: str
+    target: object
+    scheme: str
+    kind: Optional[str] = None
+    factors: dict = field(default_factory=dict)
+    alpha: Optional[LazyTensor] = None
+    dora: Optional[LazyTensor] = None
+    keys: list = field(default_factory=list)
+    mixed_kinds: bool = False
+
+
+def assemble(
+    result: ParseResult,
+    tensors: Mapping[str, LazyTensor],
+    metadata: Mapping[str, str],
+    peft_config: Optional[dict] = None,
+) -> Lora:
+    """Turn parsed keys into canonical modules; split fused groups; resolve alpha."""
+    variant, family = result.variant, result.family
+    groups: dict[tuple[str, str], _Group] = {}
+    state = FormatState(format=variant.format.id, variant=variant.id)
+    unmapped = dict(result.unmapped)
+    for key, pk in result.parsed.items():
+        g = groups.setdefault((pk.component, pk.target_name), _Group(pk.component, pk.target, pk.scheme))
+        g.keys.append(key)
+        state.schemes.setdefault(pk.component, pk.scheme)
+        state.prefixes.setdefault(pk.component, pk.prefix)
+        if pk.kind == "alpha":
+            g.alpha = tensors[key]
+            if state.alpha_dtype is None:
+                state.alpha_dtype = tensors[key].dtype
+        elif pk.kind == "dora_scale":
+            g.dora = tensors[key]
+        else:
+            if g.kind is not None and g.kind != pk.kind:
+                g.mixed_kinds = True
+            g.kind = g.kind or pk.kind
+            g.factors[pk.role] = tensors[key]
+            state.spellings.setdefault(f"{pk.component}/{pk.kind}/{pk.role}", pk.spelling)
+
+    alphas = _alpha_source(variant, metadata, peft_config, state)
+    modules: dict[str, Module] = {}
+    for (cid, name), g in groups.items():
+        missing = _missing_roles(g)
+        if g.mixed_kinds or missing:
+            why = "factors of different adapter types on one module" if g.mixed_kinds else f"incomplete module: missing {missing}"
+            for k in g.keys:
+                unmapped[k] = why
+            continue
+        alpha = _alpha_value(g, alphas, variant, cid)
+        comp = family.components[cid]
+        if isinstance(g.target, FusedModule):
+            for m in _split_fused(g, g.target, alpha, comp.modules):
+                modules[m.key] = m
+        else:
+            m = Module(cid, g.target, g.kind, dict(g.factors), alpha, g.dora, comp.modules[g.target], list(g.keys))
+            modules[m.key] = m
+    return Lora(family=family.id, modules=modules, metadata=dict(metadata), format_state=state, unmapped=unmapped)
+
+
+def _missing_roles(g: _Group) -> list[str]:
+    if g.kind is None:
+        return ["factors"]
+    return ["/".join(alts) for alts in REQUIRED_ROLES[g.kind] if not any(a in g.factors for a in alts)]
+
+
+@dataclass
+class _AlphaSource:
+    """Where alpha comes from when the file has no alpha tensor for a module."""
+
+    per_component: dict[str, dict] = field(default_factory=dict)  # component -> LoraConfig-like dict
+    rslora: bool = False
+
+
+def _alpha_source(variant: Variant, metadata: Mapping[str, str], peft_config: Optional[dict], state: FormatState) -> _AlphaSource:
+    src = _AlphaSource()
+    store = variant.spec.alpha.store
+    if store == "metadata" and LORA_ADAPTER_METADATA in metadata:
+        try:
+            packed = json.loads(metadata[LORA_ADAPTER_METADATA])
+        except json.JSONDecodeError:
+            packed = {}
+        if isinstance(packed, dict):
+            for k, v in packed.items():
+                comp, _, field_name = k.partition(".")
+                if field_name:
+                    src.per_component.setdefault(comp, {})[field_name] = v
+    elif store == "config" and peft_config:
+        src.per_component["*"] = peft_config
+        src.rslora = bool(peft_config.get("use_rslora"))
+        state.extra["peft_config"] = peft_config
+    return src
+
+
+def _pattern_lookup(patterns: Mapping[str, object], name: str):
+    """PEFT's rank/alpha pattern semantics: the key matches the module path or a dotted suffix of it."""
+    import re
+
+    for pat, value in patterns.items():
+        if name == pat or name.endswith("." + pat) or re.fullmatch(rf"(.*\.)?(?:{pat})", name):
+            return value
+    return None
+
+
+def _alpha_value(g: _Group, src: _AlphaSource, variant: Variant, component: str) -> Optional[float]:
+    if g.alpha is not None:
+        return float(g.alpha.torch().float().reshape(-1)[0])
+    cfg = src.per_component.get(component) or src.per_component.get("*")
+    if cfg is None:
+        return None
+    name = g.target.name if isinstance(g.target, FusedModule) else g.target
+    rank = g.factors["down"].shape[0] if "down" in g.factors else None
+    alpha = _pattern_lookup(cfg.get("alpha_pattern") or {}, name)
+    if alpha is None:
+        alpha = cfg.get("lora_alpha")
+    if alpha is None:
+        return None
+    alpha = float(alpha)
+    if src.rslora and rank:
+        # canonical scale is alpha / rank; rsLoRA's is lora_alpha / sqrt(rank)
+        alpha = alpha * math.sqrt(rank)
+    return alpha
+
+
+def _split_fused(g: _Group, fused: FusedModule, alpha: Optional[float], shapes) -> list[Module]:
+    """One original fused module -> its canonical parts. Exact: A is shared, B is sliced by rows."""
+    if g.kind != "lora":
+        raise_kind = g.kind
+        from .errors import InputError
+
+        raise InputError(f"{fused.name}: splitting a fused {raise_kind} module is not supported")
+    down, up = g.factors["down"], g.factors["up"].torch()
+    per_module: dict[str, list] = defaultdict(list)
+    for s in fused.slices:
+        per_module[s.module].append(s)
+    out = []
+    for name, slices in per_module.items():
+        rows = torch.zeros((shapes[name][0], *up.shape[1:]), dtype=up.dtype)
+        for s in slices:
+            rows[s.start : s.stop] = up[s.at : s.at + (s.stop - s.start)]
+        factors = {"down": down, "up": LazyTensor.from_torch(rows)}
+        if "mid" in g.factors:
+            factors["mid"] = g.factors["mid"]
+        out.append(Module(g.component, name, "lora", factors, alpha, None, shapes[name], list(g.keys)))
+    return out

@@ -1,0 +1,105 @@
+"""The registry: model families (schemas/) and key formats (adapters/), loaded from data files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+from pydantic import ValidationError
+
+from ..errors import InputError, RegistryError
+from .data import data_roots, iter_data_files, read_json, schema_file, validate
+from .families import CANONICAL, Component, Family, FamilySpec, build_family
+from .formats import Format, FormatSpec, Variant
+
+__all__ = [
+    "CANONICAL",
+    "Component",
+    "Family",
+    "Format",
+    "Registry",
+    "Variant",
+    "get_registry",
+]
+
+
+@dataclass
+class Registry:
+    families: dict[str, Family]
+    formats: dict[str, Format]
+    correspondences: list[dict]
+
+    def family(self, family_id: str) -> Family:
+        fam = self.families.get(family_id)
+        if fam is None:
+            for f in self.families.values():
+                if f.matches_alias(family_id):
+                    return f
+            known = ", ".join(sorted(self.families))
+            raise InputError(f"unknown family {family_id!r} (known: {known})")
+        return fam
+
+    def format(self, format_id: str) -> Format:
+        fmt = self.formats.get(format_id)
+        if fmt is None:
+            known = ", ".join(sorted(self.formats))
+            raise InputError(f"unknown format {format_id!r} (known: {known})")
+        return fmt
+
+    def families_for_alias(self, value: str) -> list[str]:
+        return [f.id for f in self.families.values() if f.matches_alias(value)]
+
+
+def _load_family(path: Path) -> Family:
+    doc = read_json(path)
+    validate(doc, schema_file("family.schema.json"), path)
+    modules_path = path.parent.parent / "modules" / path.name
+    if not modules_path.exists():
+        raise RegistryError(f"{path}: generated module table {modules_path} is missing (run tools/gen_modules.py)")
+    modules_doc = read_json(modules_path)
+    validate(modules_doc, schema_file("modules.schema.json"), modules_path)
+    try:
+        spec = FamilySpec.model_validate(doc)
+    except ValidationError as e:
+        raise RegistryError(f"{path}: {e.errors()[0]['msg']} at {e.errors()[0]['loc']}") from None
+    return build_family(spec, modules_doc, path)
+
+
+def _load_format(path: Path) -> Format:
+    doc = read_json(path)
+    validate(doc, schema_file("adapter.schema.json"), path)
+    try:
+        spec = FormatSpec.model_validate(doc)
+    except ValidationError as e:
+        raise RegistryError(f"{path}: {e.errors()[0]['msg']} at {e.errors()[0]['loc']}") from None
+    return Format(spec=spec, path=path)
+
+
+@lru_cache(maxsize=8)
+def _load(roots: tuple[Path, ...]) -> Registry:
+    families: dict[str, Family] = {}
+    for path in iter_data_files("families"):
+        fam = _load_family(path)
+        if fam.id != path.stem:
+            raise RegistryError(f"{path}: id {fam.id!r} must match the file name")
+        families[fam.id] = fam
+    formats: dict[str, Format] = {}
+    for path in iter_data_files("adapters"):
+        fmt = _load_format(path)
+        if fmt.id != path.stem:
+            raise RegistryError(f"{path}: id {fmt.id!r} must match the file name")
+        formats[fmt.id] = fmt
+    correspondences = []
+    for path in iter_data_files("correspondences"):
+        doc = read_json(path)
+        schema = schema_file("correspondence.schema.json")
+        validate(doc, schema, path)
+        correspondences.append(doc)
+    return Registry(families=families, formats=formats, correspondences=correspondences)
+
+
+def get_registry(extra: Optional[list[Path]] = None) -> Registry:
+    """The registry for the current data roots (built-in plus LORAREG_DATA_PATH), cached."""
+    return _load(tuple(data_roots()))

@@ -1,0 +1,204 @@
+"""Model families: components, their modules and shapes, naming schemes, aliases, layouts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import RegistryError
+from .naming import FusedModule, Scheme, flatten
+
+CANONICAL = "canonical"
+
+
+class Architecture(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    library: str
+    class_: str = Field(alias="class")
+    config: dict
+
+
+class ComponentSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["unet", "transformer", "text_encoder", "llm"]
+    architecture: Architecture
+    module_prefix: str = ""
+    schemes: dict[str, dict] = Field(default_factory=dict)
+
+
+class Aliases(BaseModel):
+    names: list[str] = Field(default_factory=list)
+    civitai: list[str] = Field(default_factory=list)
+    kohya: list[str] = Field(default_factory=list)
+    modelspec: list[str] = Field(default_factory=list)
+
+
+class Hub(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    default_repo: Optional[str] = None
+    repos: list[str] = Field(default_factory=list)
+
+
+class LayoutComponent(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    path: str = ""
+    prefix: str = ""
+    scheme: str = CANONICAL
+
+
+class Layout(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["diffusers", "single_file", "transformers"]
+    filename: Optional[str] = None
+    components: dict[str, LayoutComponent]
+
+
+class Detection(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    notes: list[str] = Field(default_factory=list)
+    key_modules: list[str] = Field(default_factory=list)
+
+
+class FamilySpec(BaseModel):
+    """The hand-written family file."""
+
+    model_config = ConfigDict(extra="allow")
+    schema_version: int
+    id: str
+    name: str
+    kind: Literal["image", "video", "text"]
+    pipeline_tag: Optional[str] = None
+    library_name: Optional[str] = None
+    tags: list[str] = Field(default_factory=list)
+    aliases: Aliases = Field(default_factory=Aliases)
+    hub: Hub = Field(default_factory=Hub)
+    layouts: list[Layout] = Field(default_factory=list)
+    components: dict[str, ComponentSpec]
+    detection: Detection = Field(default_factory=Detection)
+
+
+Target = Union[str, FusedModule]  # a canonical module name, or a fused original module
+
+
+@dataclass
+class Component:
+    family: str
+    id: str
+    spec: ComponentSpec
+    modules: dict[str, tuple[int, ...]]  # canonical name -> weight shape
+    num_parameters: Optional[int] = None
+
+    @property
+    def role(self) -> str:
+        return self.spec.role
+
+    @cached_property
+    def schemes(self) -> dict[str, Scheme]:
+        return {name: Scheme(name, spec) for name, spec in self.spec.schemes.items()}
+
+    def has_scheme(self, scheme: str) -> bool:
+        return scheme == CANONICAL or scheme in self.spec.schemes
+
+    @cached_property
+    def _fused(self) -> dict[str, list[FusedModule]]:
+        return {name: s.fused_modules(self.modules) for name, s in self.schemes.items()}
+
+    def scheme_names(self, scheme: str) -> dict[str, Target]:
+        """name in ``scheme`` -> target, for every module of this component."""
+        return self._tables(scheme)[0]
+
+    def flat_names(self, scheme: str) -> dict[str, Target]:
+        """kohya-flattened name in ``scheme`` -> target."""
+        return self._tables(scheme)[1]
+
+    def fused_group_of(self, scheme: str) -> dict[str, FusedModule]:
+        """canonical module -> the fused module that holds it in ``scheme``."""
+        return self._tables(scheme)[2]
+
+    _table_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def _tables(self, scheme: str):
+        if scheme not in self._table_cache:
+            self._table_cache[scheme] = self._build_tables(scheme)
+        return self._table_cache[scheme]
+
+    def _build_tables(self, scheme: str):
+        dotted: dict[str, Target] = {}
+        member_of: dict[str, FusedModule] = {}
+        if scheme != CANONICAL:
+            if scheme not in self.schemes:
+                raise RegistryError(f"family {self.family!r} component {self.id!r} has no naming scheme {scheme!r}")
+            for fused in self._fused[scheme]:
+                dotted[fused.name] = fused
+                for s in fused.slices:
+                    member_of[s.module] = fused
+        rename = self.schemes[scheme].rename if scheme != CANONICAL else None
+        for name in self.modules:
+            if name in member_of:
+                continue
+            out = rename(name) if rename else name
+            if out in dotted and dotted[out] != name:
+                raise RegistryError(
+                    f"family {self.family!r}: scheme {scheme!r} maps two modules to {out!r} ({dotted[out]!s:.60}, {name})"
+                )
+            dotted[out] = name
+        # Files in the wild often omit the component's module prefix (transformers 5 CLIP, and vice versa).
+        prefix = self.spec.module_prefix
+        if prefix and scheme == CANONICAL:
+            for out, target in list(dotted.items()):
+                if out.startswith(prefix):
+                    dotted.setdefault(out[len(prefix) :], target)
+        flat: dict[str, Target] = {}
+        for out, target in dotted.items():
+            key = flatten(out)
+            if key in flat and flat[key] != target:
+                # an ambiguous flat name can only be used through its dotted form
+                flat[key] = None  # type: ignore[assignment]
+            else:
+                flat[key] = target
+        flat = {k: v for k, v in flat.items() if v is not None}
+        return dotted, flat, member_of
+
+    def name_in(self, scheme: str, canonical: str) -> str:
+        if scheme == CANONICAL:
+            return canonical
+        return self.schemes[scheme].rename(canonical)
+
+
+@dataclass
+class Family:
+    spec: FamilySpec
+    components: dict[str, Component]
+    path: Path
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    def module_shape(self, component: str, name: str) -> Optional[tuple[int, ...]]:
+        comp = self.components.get(component)
+        return comp.modules.get(name) if comp else None
+
+    def matches_alias(self, value: str) -> bool:
+        v = value.strip().lower()
+        a = self.spec.aliases
+        pool = [self.id, *a.names, *a.civitai, *a.kohya, *a.modelspec, *self.spec.hub.repos]
+        if self.spec.hub.default_repo:
+            pool.append(self.spec.hub.default_repo)
+        return any(v == p.lower() for p in pool)
+
+
+def build_family(spec: FamilySpec, modules_doc: dict, path: Path) -> Family:
+    components = {}
+    generated = modules_doc.get("components", {})
+    for cid, cspec in spec.components.items():
+        table = generated.get(cid)
+        if table is None:
+            raise RegistryError(f"family {spec.id!r}: no generated module table for component {cid!r}")
+        modules = {name: tuple(shape) for name, shape in table["modules"].items()}
+        components[cid] = Component(spec.id, cid, cspec, modules, table.get("num_parameters"))
+    return Family(spec=spec, components=components, path=path)
