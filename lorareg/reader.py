@@ -282,6 +282,7 @@ def _split_fused(g: _Group, fused: FusedModule, alpha: Optional[float], shapes) 
 
         raise InputError(f"{fused.name}: splitting a fused {raise_kind} module is not supported")
     down, up = g.factors["down"], g.factors["up"].torch()
+    rank = up.shape[1]
     per_module: dict[str, list] = defaultdict(list)
     for s in fused.slices:
         per_module[s.module].append(s)
@@ -291,7 +292,14 @@ def _split_fused(g: _Group, fused: FusedModule, alpha: Optional[float], shapes) 
         for s in slices:
             rows[s.start : s.stop] = up[s.at : s.at + (s.stop - s.start)]
         factors = {"down": down, "up": LazyTensor.from_torch(rows)}
+        part_alpha = alpha
+        # A block-diagonal up (parts stacked at rank 3r) gives each part its own columns: recover rank r.
+        used = (rows.reshape(rows.shape[0], rank, -1) != 0).any(dim=2).any(dim=0)
+        if bool(used.any()) and not bool(used.all()):
+            cols = used.nonzero().flatten()
+            factors = {"down": LazyTensor.from_torch(down.torch()[cols].contiguous()), "up": LazyTensor.from_torch(rows[:, cols].contiguous())}
+            part_alpha = None if alpha is None else alpha * len(cols) / rank
         if "mid" in g.factors:
             factors["mid"] = g.factors["mid"]
-        out.append(Module(g.component, name, "lora", factors, alpha, None, shapes[name], list(g.keys)))
+        out.append(Module(g.component, name, "lora", factors, part_alpha, None, shapes[name], list(g.keys)))
     return out

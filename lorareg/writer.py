@@ -80,7 +80,7 @@ def write_modules(lora: Lora, variant: Variant, family: Family) -> Written:
             continue
         scheme = _scheme_for(variant, comp, state)
         if scheme is None:
-            out.dropped.append(Dropped(m.key, f"{variant.qualified_id} has no naming scheme for {family.id} {m.component}"))
+            out.dropped.append(Dropped(m.key, f"{variant.qualified_id} cannot name {family.id} {m.component} modules"))
             continue
         group = comp.fused_group_of(scheme).get(m.name) if scheme != CANONICAL else None
         if group is not None:
@@ -183,23 +183,28 @@ def _fuse(group: FusedModule, members: list[Module]):
         for s in group.slices:
             up[s.at : s.at + s.stop - s.start] = by_name[s.module].factors["up"].torch()[s.start : s.stop]
         return {"down": down0, "up": LazyTensor.from_torch(up)}, first.alpha, first.rank
-    order = [m for m in members]
     col: dict[str, int] = {}
     total = 0
-    for m in order:
+    for m in members:
         col[m.name] = total
         total += m.rank
+    # equal scales (the usual case) keep the factors' bits; otherwise each part's scale goes into its rows
+    same_scale = len({m.scale for m in members}) == 1 and len({m.alpha is None for m in members}) == 1
     dtype = first.factors["up"].dtype
-    down = torch.cat([m.factors["down"].float().flatten(1) for m in order], dim=0)
-    up = torch.zeros((group.out_features, total), dtype=torch.float32)
+    down = torch.cat([m.factors["down"].torch().flatten(1) for m in members], dim=0)
+    up = torch.zeros((group.out_features, total), dtype=DTYPES[dtype][0] if same_scale else torch.float32)
     for s in group.slices:
         m = by_name.get(s.module)
         if m is None:
             continue  # a part the LoRA does not adapt contributes zero rows
         c = col[m.name]
-        up[s.at : s.at + s.stop - s.start, c : c + m.rank] = m.factors["up"].float().flatten(1)[s.start : s.stop] * m.scale
-    alpha = float(total)  # scale 1: each part's own scale is already in its rows
-    return {"down": _cast(down, first.factors["down"].dtype), "up": _cast(up, dtype)}, alpha, total
+        rows = m.factors["up"].torch().flatten(1)[s.start : s.stop]
+        up[s.at : s.at + s.stop - s.start, c : c + m.rank] = rows if same_scale else rows.float() * m.scale
+    if same_scale:
+        alpha = None if first.alpha is None else first.scale * total
+        return {"down": LazyTensor.from_torch(down), "up": LazyTensor.from_torch(up)}, alpha, total
+    down_dtype = first.factors["down"].dtype
+    return {"down": _cast(down.float(), down_dtype), "up": _cast(up, dtype)}, float(total), total
 
 
 def _most_common(values):
