@@ -161,5 +161,24 @@ def formats(as_json: bool) -> None:
     _emit(as_json, rows, text)
 
 
+@main.command()
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), help="Folder for the demo's outputs (default: a temp folder).")
+@click.option("--json", "as_json", is_flag=True)
+def demo(out_dir: Optional[Path], as_json: bool) -> None:
+    """Offline demo on the embedded example LoRA: detect, convert kohya -> diffusers -> kohya, verify."""
+    from .demo import run_demo
+
+    res = run_demo(out_dir)
+    lines = [
+        f"example   {res.example}",
+        f"detected  {res.detected_format}, family {res.detected_family}, {res.modules} modules",
+        *[f"step      {s.action}: {s.tensors} tensors -> {s.output}" for s in res.steps],
+        f"result    round trip bit-exact: {'yes' if res.round_trip_bit_exact else 'NO'}; max |ΔW difference| {res.max_delta_error:.3g}",
+    ]
+    _emit(as_json, res.model_dump(), "\n".join(lines))
+    if not res.round_trip_bit_exact:
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
