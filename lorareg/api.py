@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,12 +19,12 @@ from .io import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
     LazyTensor,
+    SafetensorsHeader,
     atomic_write_text,
     open_tensors,
     read_peft_directory,
     same_file,
     scan_nonfinite,
-    sha256_file,
     write_safetensors,
 )
 from .lora import Lora
@@ -34,14 +35,14 @@ from .writer import write_modules
 PathLike = Union[str, Path]
 
 
-def _read_source(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str], str, Optional[dict], Path]:
-    """tensors, metadata, container, PEFT config, the weights file."""
+def _read_source(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str], str, Optional[dict], SafetensorsHeader]:
+    """tensors, metadata, container, PEFT config, the weights file's header."""
     if path.is_dir():
         peft = read_peft_directory(path)
-        tensors, metadata, _ = open_tensors(peft.weights)
-        return tensors, metadata, "peft_dir", peft.config, peft.weights
-    tensors, metadata, _ = open_tensors(path)
-    return tensors, metadata, "safetensors", None, path
+        tensors, metadata, header = open_tensors(peft.weights)
+        return tensors, metadata, "peft_dir", peft.config, header
+    tensors, metadata, header = open_tensors(path)
+    return tensors, metadata, "safetensors", None, header
 
 
 def _hint_metadata(metadata: dict[str, str], peft_config: Optional[dict]) -> dict[str, str]:
@@ -78,11 +79,14 @@ def load(path: PathLike, *, format: Optional[str] = None, family: Optional[str] 
     """Read a LoRA file (or PEFT folder) of any known format into canonical modules."""
     path = Path(path)
     det, result, tensors, metadata, peft_config, weights = _detect(path, format, family)
-    if result.unmapped:
-        _refuse_mixed(det, result, tensors, metadata)
-    lora = assemble(result, tensors, metadata, peft_config)
-    lora.source_path = str(path)
-    lora.source_sha256 = sha256_file(weights)
+    # the provenance hash runs beside detection: hashlib releases the GIL on large buffers
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(weights.sha256)
+        if result.unmapped:
+            _refuse_mixed(det, result, tensors, metadata)
+        lora = assemble(result, tensors, metadata, peft_config)
+        lora.source_path = str(path)
+        lora.source_sha256 = digest.result()
     return lora
 
 
@@ -156,7 +160,7 @@ def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[st
         nonfinite=nonfinite,
         evidence=det.evidence,
         metadata=shown_meta,
-        sha256=sha256_file(weights),
+        sha256=weights.sha256(),
     )
 
 

@@ -13,9 +13,10 @@ from pydantic import BaseModel, Field
 
 from .errors import DetectionError
 from .io import LazyTensor
-from .reader import ParseResult, parse_keys
+from .reader import ParseResult, SplitKey, parse_keys, split_keys
 from .registry import Family, Registry, Variant
 
+SAMPLE_KEYS = 96
 METADATA_HINT_KEYS = ("ss_base_model_version", "modelspec.architecture", "base_model_name_or_path", "ss_sd_model_name")
 
 
@@ -53,17 +54,6 @@ def metadata_hints(metadata: Mapping[str, str], registry: Registry) -> dict[str,
     return hints
 
 
-def _prefilter(variant: Variant, keys: list[str]) -> int:
-    """How many keys look like this variant by spelling alone (suffix and prefix)."""
-    prefixes = tuple(p.prefix for p in variant.spec.prefixes)
-    n = 0
-    for k in keys:
-        s = variant.match_suffix(k)
-        if s is not None and k.startswith(prefixes):
-            n += 1
-    return n
-
-
 def _leaf(name: str) -> str:
     return ".".join(name.split(".")[-2:])
 
@@ -98,14 +88,22 @@ def score_candidates(
     results: dict[tuple[str, str, str], ParseResult] = {}
     candidates: list[Candidate] = []
     fams: list[Family] = [registry.family(f) for f in families] if families else list(registry.families.values())
+    # A strided sample rules out most (variant, family) pairs before any full parse.
+    sample = keys[:: max(1, len(keys) // SAMPLE_KEYS)]
+    sample_tensors = {k: tensors[k] for k in sample}
     for fmt in registry.formats.values():
         if fmt.spec.container != container or (formats and fmt.id not in formats):
             continue
         for variant in fmt.variants:
-            if _prefilter(variant, keys) == 0:
+            sample_split = split_keys(variant, sample)
+            if not any(isinstance(item, SplitKey) for item in sample_split):
                 continue
-            for fam in fams:
-                res = parse_keys(variant, fam, tensors)
+            live = [fam for fam in fams if parse_keys(variant, fam, sample_tensors, sample_split).parsed]
+            if not live:
+                continue
+            split = split_keys(variant, keys)
+            for fam in live:
+                res = parse_keys(variant, fam, tensors, split)
                 if not res.parsed:
                     continue
                 results[(fmt.id, variant.id, fam.id)] = res

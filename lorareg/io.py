@@ -16,7 +16,7 @@ import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Mapping, Union
+from typing import BinaryIO, Mapping, Optional, Union
 
 import torch
 
@@ -67,6 +67,23 @@ class SafetensorsHeader:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     file_size: int
+    _map: Optional[mmap.mmap] = field(default=None, repr=False, compare=False)
+
+    def mapping(self) -> mmap.mmap:
+        """The file mapped copy-on-write: tensors are views of it, writes never reach the file."""
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size != self.file_size:
+                    raise InputError(f"{self.path}: file changed while reading")
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._map
+
+    def view(self, info: TensorInfo) -> memoryview:
+        start = self.data_offset + info.begin
+        return memoryview(self.mapping())[start : start + info.nbytes]
+
+    def sha256(self) -> str:
+        return hashlib.sha256(memoryview(self.mapping())).hexdigest()
 
 
 def _refuse_non_safetensors(path: Path, head: bytes) -> None:
@@ -123,13 +140,9 @@ def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> Tensor
         raise InputError(f"{path}: tensor {name!r} has no dtype")
     if dtype not in DTYPES:
         raise InputError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if type(shape) is not list or any(type(d) is not int or d < 0 for d in shape):
         raise InputError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-    ):
+    if type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int:
         raise InputError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
     begin, end = offsets
     numel = 1
@@ -178,7 +191,7 @@ class LazyTensor:
 
     @property
     def in_file(self) -> bool:
-        return self._tensor is None
+        return self._header is not None
 
     @property
     def numel(self) -> int:
@@ -189,25 +202,29 @@ class LazyTensor:
 
     def raw_bytes(self) -> bytes:
         """The tensor's bytes exactly as safetensors stores them (little endian, C order)."""
+        return bytes(self.buffer())
+
+    def buffer(self) -> memoryview:
+        """The stored bytes without copying (a view of the mapped file for tensors still in a file)."""
         if self._tensor is not None:
             t = self._tensor.contiguous().cpu()
             if t.numel() == 0:
-                return b""
-            return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+                return memoryview(b"")
+            return memoryview(t.reshape(-1).view(torch.uint8).numpy())
         assert self._header is not None and self._info is not None
-        with open(self._header.path, "rb") as f:
-            f.seek(self._header.data_offset + self._info.begin)
-            return f.read(self._info.nbytes)
+        return self._header.view(self._info)
 
     def torch(self) -> torch.Tensor:
-        """Materialise as a torch tensor (a copy; the file is not kept open)."""
+        """As a torch tensor. For a file tensor: a view of the copy-on-write mapping (no copy)."""
         if self._tensor is not None:
             return self._tensor
         torch_dtype, _ = DTYPES[self.dtype]
-        data = bytearray(self.raw_bytes())
-        if not data:
+        if self.numel == 0:
             return torch.empty(self.shape, dtype=torch_dtype)
-        return torch.frombuffer(data, dtype=torch_dtype).reshape(self.shape)
+        t = torch.frombuffer(self._header.mapping(), dtype=torch_dtype, count=self.numel,
+                             offset=self._header.data_offset + self._info.begin)
+        self._tensor = t.reshape(self.shape)
+        return self._tensor
 
     def float(self) -> torch.Tensor:
         return self.torch().to(torch.float32)
@@ -227,21 +244,6 @@ def open_tensors(path: Union[str, Path]) -> tuple[dict[str, LazyTensor], dict[st
         name: LazyTensor(info.dtype, info.shape, header=header, info=info) for name, info in header.tensors.items()
     }
     return tensors, header.metadata, header
-
-
-def load_tensor_range(header: SafetensorsHeader, name: str) -> torch.Tensor:
-    """Read one tensor with mmap (cheap for large base weights)."""
-    info = header.tensors.get(name)
-    if info is None:
-        raise InputError(f"{header.path}: tensor {name!r} not found")
-    torch_dtype, _ = DTYPES[info.dtype]
-    with open(header.path, "rb") as f:
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            start = header.data_offset + info.begin
-            buf = bytearray(mm[start : start + info.nbytes])
-    if not buf:
-        return torch.empty(info.shape, dtype=torch_dtype)
-    return torch.frombuffer(buf, dtype=torch_dtype).reshape(info.shape)
 
 
 def _as_lazy(t: TensorLike) -> LazyTensor:
@@ -265,46 +267,27 @@ def build_header(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str] 
     return raw, order
 
 
-def _copy_from_file(out: BinaryIO, t: LazyTensor, handles: dict[Path, BinaryIO]) -> None:
-    assert t._header is not None and t._info is not None
-    src = handles.get(t._header.path)
-    if src is None:
-        src = handles[t._header.path] = open(t._header.path, "rb")
-    src.seek(t._header.data_offset + t._info.begin)
-    remaining = t._info.nbytes
-    while remaining:
-        chunk = src.read(min(remaining, 8 << 20))
-        if not chunk:
-            raise InputError(f"{t._header.path}: file changed while reading")
-        out.write(chunk)
-        remaining -= len(chunk)
-
-
 def write_safetensors(
-    path: Union[str, Path], tensors: Mapping[str, TensorLike], metadata: Mapping[str, str] | None = None
-) -> str:
-    """Write atomically (temp file in the same folder, then rename). Returns the SHA-256 of the file."""
+    path: Union[str, Path],
+    tensors: Mapping[str, TensorLike],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    digest: bool = False,
+) -> Optional[str]:
+    """Write atomically (temp file in the same folder, then rename); with digest, return the file's SHA-256."""
     path = Path(path)
     lazy = {name: _as_lazy(t) for name, t in tensors.items()}
     raw_header, order = build_header(lazy, metadata)
-    handles: dict[Path, BinaryIO] = {}
+    hasher = hashlib.sha256() if digest else None
 
     def write(f: BinaryIO) -> None:
-        f.write(struct.pack("<Q", len(raw_header)))
-        f.write(raw_header)
-        for name in order:
-            t = lazy[name]
-            if t.in_file:
-                _copy_from_file(f, t, handles)
-            else:
-                f.write(t.raw_bytes())
+        for chunk in (struct.pack("<Q", len(raw_header)), raw_header, *(lazy[name].buffer() for name in order)):
+            if hasher is not None:
+                hasher.update(chunk)
+            f.write(chunk)
 
-    try:
-        atomic_write(path, write)
-    finally:
-        for h in handles.values():
-            h.close()
-    return sha256_file(path)
+    atomic_write(path, write)
+    return hasher.hexdigest() if hasher else None
 
 
 def atomic_write(path: Path, writer) -> None:
@@ -314,8 +297,6 @@ def atomic_write(path: Path, writer) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             writer(f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -345,20 +326,30 @@ class NonFinite:
 
 
 def scan_nonfinite(tensors: Mapping[str, LazyTensor]) -> list[NonFinite]:
-    """Tensors holding NaN or Inf values (float dtypes only)."""
-    found = []
+    """Tensors holding NaN or Inf values (max |x| is finite iff every element is: NaN propagates)."""
+    found: list[NonFinite] = []
+    threads = torch.get_num_threads()
+    # LoRA factors are small: a thread pool costs more than it saves (and stalls on a busy machine)
+    torch.set_num_threads(1)
+    try:
+        _scan(tensors, found)
+    finally:
+        torch.set_num_threads(threads)
+    return found
+
+
+def _scan(tensors: Mapping[str, LazyTensor], found: list[NonFinite]) -> None:
     for name, t in tensors.items():
         if t.dtype not in FLOAT_DTYPES or t.numel == 0:
             continue
         x = t.torch()
         if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             x = x.float()
-        finite = torch.isfinite(x)
-        if bool(finite.all()):
+        if bool(torch.isfinite(x.abs().max())):
             continue
+        x = x.float()
         nan = int(torch.isnan(x).sum())
-        found.append(NonFinite(name, nan, int((~finite).sum()) - nan))
-    return found
+        found.append(NonFinite(name, nan, int((~torch.isfinite(x)).sum()) - nan))
 
 
 @dataclass

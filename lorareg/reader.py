@@ -54,15 +54,60 @@ class ParseResult:
         return len(self.parsed) / total if total else 0.0
 
 
-def parse_keys(variant: Variant, family: Family, tensors: Mapping[str, LazyTensor]) -> ParseResult:
+@dataclass(frozen=True)
+class SplitKey:
+    """A key taken apart by one variant's spelling alone: suffix, then each prefix that fits."""
+
+    key: str
+    suffix: object  # formats.Suffix
+    candidates: tuple  # ((PrefixRule, module string, doubled), ...) longest prefix first
+
+
+def split_keys(variant: Variant, keys) -> list:
+    """Family-independent part of parsing (done once per variant); a str entry is a reason."""
+    out = []
+    for key in keys:
+        suffix = variant.match_suffix(key)
+        if suffix is None:
+            out.append((key, "unknown factor suffix for this format"))
+            continue
+        base = key[: -len(suffix.text)]
+        cands = []
+        for rule in variant.read_prefixes:
+            if not base.startswith(rule.prefix):
+                continue
+            rest = base[len(rule.prefix) :]
+            doubled = False
+            while rule.prefix and rest.startswith(rule.prefix):
+                rest, doubled = rest[len(rule.prefix) :], True
+            if variant.spec.separator == "." and variant.name_rules:
+                segs = rest.split(".")
+                for r in variant.name_rules:
+                    segs = r.apply(segs)
+                rest = ".".join(segs)
+            cands.append((rule, rest, doubled))
+        out.append(SplitKey(key, suffix, tuple(cands)) if cands else (key, "unknown key prefix for this format"))
+    return out
+
+
+def parse_keys(variant: Variant, family: Family, tensors: Mapping[str, LazyTensor], split: Optional[list] = None) -> ParseResult:
     result = ParseResult(variant, family)
     doubled = False
-    for key in tensors:
-        pk = _parse_key(variant, family, key)
-        if isinstance(pk, str):
-            result.unmapped[key] = pk
+    flat = variant.spec.separator == "_"
+    tables: dict[tuple[str, str], dict] = {}
+    for comp_id, comp in family.components.items():
+        for scheme in variant.spec.schemes:
+            if comp.has_scheme(scheme):
+                tables[(comp_id, scheme)] = comp.flat_names(scheme) if flat else comp.scheme_names(scheme)
+    for item in split if split is not None else split_keys(variant, tensors):
+        if isinstance(item, tuple):
+            result.unmapped[item[0]] = item[1]
+            continue
+        pk = _lookup(item, variant, tables)
+        if pk is None:
+            result.unmapped[item.key] = f"no module of family {family.id} has this name"
         else:
-            result.parsed[key] = pk
+            result.parsed[item.key] = pk
             doubled |= pk.doubled_prefix
     _check_shapes(result, tensors)
     if doubled:
@@ -70,36 +115,18 @@ def parse_keys(variant: Variant, family: Family, tensors: Mapping[str, LazyTenso
     return result
 
 
-def _parse_key(variant: Variant, family: Family, key: str):
-    suffix = variant.match_suffix(key)
-    if suffix is None:
-        return "unknown factor suffix for this format"
-    base = key[: -len(suffix.text)]
-    for rule in variant.read_prefixes:
-        if not base.startswith(rule.prefix):
-            continue
-        rest = base[len(rule.prefix) :]
-        doubled = False
-        while rule.prefix and rest.startswith(rule.prefix):
-            rest, doubled = rest[len(rule.prefix) :], True
-        if variant.spec.separator == "." and variant.name_rules:
-            segs = rest.split(".")
-            for r in variant.name_rules:
-                segs = r.apply(segs)
-            rest = ".".join(segs)
+def _lookup(item: SplitKey, variant: Variant, tables) -> Optional[ParsedKey]:
+    s = item.suffix
+    for rule, rest, doubled in item.candidates:
         for cid in rule.components:
-            comp = family.components.get(cid)
-            if comp is None:
-                continue
             for scheme in variant.spec.schemes:
-                if not comp.has_scheme(scheme):
+                table = tables.get((cid, scheme))
+                if table is None:
                     continue
-                table = comp.flat_names(scheme) if variant.spec.separator == "_" else comp.scheme_names(scheme)
                 target = table.get(rest)
                 if target is not None:
-                    return ParsedKey(key, cid, scheme, target, suffix.kind, suffix.role, suffix.spelling, rule.prefix, doubled)
-        # a longer prefix matched but no module: let a shorter prefix try (e.g. "" in diffusers-old)
-    return f"no module of family {family.id} has this name"
+                    return ParsedKey(item.key, cid, scheme, target, s.kind, s.role, s.spelling, rule.prefix, doubled)
+    return None
 
 
 def _in_features(shape: tuple[int, ...]) -> int:

@@ -232,8 +232,7 @@ def test_no_partial_output_when_writing_fails(tmp_path, good, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lio.LazyTensor, "raw_bytes", boom)
-    monkeypatch.setattr(lio, "_copy_from_file", boom)
+    monkeypatch.setattr(lio.LazyTensor, "buffer", boom)
     res = run(["convert", good, "--to", "diffusers", "-o", out])
     assert_clean_failure(res, "No space left")
     assert list(tmp_path.iterdir()) == [good]

@@ -1,0 +1,117 @@
+"""Conversion speed: lorareg vs diffusers' own kohya->diffusers path vs a bare safetensors read+write.
+
+Builds a rank-32 kohya SDXL LoRA (sd-scripts SGM names, fp16) on every attention projection of the
+UNet (attn1/attn2 to_q/to_k/to_v/to_out.0) and the self-attention of both text encoders, then times,
+in one process and one run, each way of turning it into a diffusers-format file:
+
+  safetensors   load_file + save_file of the same tensors (the floor: no renaming at all)
+  diffusers     StableDiffusionXLPipeline.lora_state_dict (its kohya->diffusers conversion) + save_file
+  lorareg       lorareg.convert(..., to="diffusers") (detection, validation, NaN scan, provenance, atomic write)
+
+Each is run --repeat times after one warm-up; medians and ratios are printed. Page cache is warm.
+Usage: python bench/bench_convert.py [--repeat 7] [--rank 32] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorareg
+from lorareg.registry import get_registry
+from lorareg.registry.naming import flatten
+
+
+def build_lora(path: Path, rank: int) -> int:
+    fam = get_registry().family("sdxl")
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    unet = fam.components["unet"]
+    for name, shape in unet.modules.items():
+        if any(f".{a}.{p}" in name + "." for a in ("attn1", "attn2") for p in ("to_q.", "to_k.", "to_v.", "to_out.0.")):
+            base = "lora_unet_" + flatten(unet.name_in("ldm", name))
+            sd[base + ".lora_down.weight"] = (torch.randn(rank, shape[1], generator=g) * 0.01).half()
+            sd[base + ".lora_up.weight"] = (torch.randn(shape[0], rank, generator=g) * 0.01).half()
+            sd[base + ".alpha"] = torch.tensor(float(rank // 2)).half()
+    for cid, prefix in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        for name, shape in fam.components[cid].modules.items():
+            if ".self_attn." in name:
+                base = prefix + flatten(name)
+                sd[base + ".lora_down.weight"] = (torch.randn(rank, shape[1], generator=g) * 0.01).half()
+                sd[base + ".lora_up.weight"] = (torch.randn(shape[0], rank, generator=g) * 0.01).half()
+                sd[base + ".alpha"] = torch.tensor(float(rank // 2)).half()
+    save_file(sd, str(path), metadata={"ss_base_model_version": "sdxl_base_v1-0", "ss_network_dim": str(rank)})
+    return len(sd)
+
+
+def time_it(fn, repeat: int) -> list[float]:
+    fn()  # warm-up (imports, registry tables, page cache)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    from diffusers import StableDiffusionXLPipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        src = tmp / "sdxl_kohya.safetensors"
+        n = build_lora(src, args.rank)
+        size_mib = src.stat().st_size / 2**20
+
+        def bare():
+            save_file(load_file(str(src)), str(tmp / "bare.safetensors"))
+
+        def diffusers_path():
+            state_dict, network_alphas = StableDiffusionXLPipeline.lora_state_dict(str(src))
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "diffusers.safetensors"))
+
+        def lorareg_path():
+            lorareg.convert(src, tmp / "lorareg.safetensors", to="diffusers", force=True)
+
+        t0 = time.perf_counter()
+        lorareg.convert(src, tmp / "cold.safetensors", to="diffusers", force=True)
+        first_call = time.perf_counter() - t0
+        results = {
+            "safetensors": time_it(bare, args.repeat),
+            "diffusers": time_it(diffusers_path, args.repeat),
+            "lorareg": time_it(lorareg_path, args.repeat),
+        }
+    med = {k: statistics.median(v) for k, v in results.items()}
+    out = {
+        "file": {"tensors": n, "MiB": round(size_mib, 1), "rank": args.rank},
+        "median_s": {k: round(v, 4) for k, v in med.items()},
+        "lorareg_first_call_s": round(first_call, 3),
+        "speedup_vs_diffusers": round(med["diffusers"] / med["lorareg"], 2),
+        "ratio_to_bare_safetensors": round(med["lorareg"] / med["safetensors"], 2),
+        "targets": {"speedup_vs_diffusers >= 2": med["diffusers"] / med["lorareg"] >= 2, "ratio_to_bare <= 3": med["lorareg"] / med["safetensors"] <= 3},
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(f"SDXL kohya LoRA: {n} tensors, {size_mib:.1f} MiB, rank {args.rank}; median of {args.repeat} runs, warm")
+    for k in ("safetensors", "diffusers", "lorareg"):
+        print(f"  {k:<12} {med[k] * 1000:8.1f} ms   ({med[k] / med['safetensors']:.2f}x bare safetensors)")
+    print(f"  lorareg first call in a fresh process (registry tables built): {first_call * 1000:.0f} ms")
+    print(f"  lorareg vs diffusers: {out['speedup_vs_diffusers']}x faster (target >= 2x)")
+    print(f"  lorareg vs bare safetensors: {out['ratio_to_bare_safetensors']}x (target <= 3x)")
+
+
+if __name__ == "__main__":
+    main()
