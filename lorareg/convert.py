@@ -64,18 +64,39 @@ def fold_tucker(m: Module) -> Module:
     return new
 
 
+def _factored(m: Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """ΔW (scale included) as up @ down without the dense matrix, where the type allows it.
+
+    LoHa: (a1 b1) ⊙ (a2 b2) = Σ_ij (a1[:,i] ⊙ a2[:,j]) (b1[i,:] ⊙ b2[j,:]), rank ≤ r².
+    """
+    f = m.factors
+    if m.kind == "loha" and "hada_t1" not in f:
+        a1, b1, a2, b2 = (f[k].float() for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
+        down = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
+        return up * m.scale, down
+    return None
+
+
 def to_plain_lora(m: Module, rank: int) -> tuple[Module, float]:
     """Best rank-``rank`` plain LoRA of any module (truncated SVD of its ΔW); scale folded in."""
-    dw = m.delta_weight()
-    shape = tuple(dw.shape)
-    mat = dw.reshape(shape[0], -1)
-    U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
-    r = min(rank, S.numel())
-    root = S[:r].sqrt()
-    up = U[:, :r] * root
-    down = root[:, None] * Vh[:r]
-    approx = up @ down
-    err = _rel_error(mat, approx)
+    from .engine.lowrank import recompress, relative_error
+
+    shape = tuple(m.weight_shape) if m.weight_shape else tuple(m.delta_weight().shape)
+    factored = _factored(m)
+    if factored is not None:
+        full_up, full_down = factored
+        up, down = recompress(full_up, full_down, rank)
+        err = relative_error(up, down, full_up, full_down)
+        r = up.shape[1]
+    else:
+        mat = m.delta_weight().reshape(shape[0], -1)
+        U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
+        r = min(rank, S.numel())
+        root = S[:r].sqrt()
+        up = U[:, :r] * root
+        down = root[:, None] * Vh[:r]
+        err = _rel_error(mat, up @ down)
     dtype = m.factors[next(iter(m.factors))].torch().dtype
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         dtype = torch.float32

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -17,7 +17,7 @@ import torch
 from .io import LazyTensor
 from .lora import REQUIRED_ROLES, FormatState, Lora, Module
 from .registry import CANONICAL, Family, Variant
-from .registry.naming import FusedModule
+from .registry.naming import FusedModule, flatten
 
 LORA_ADAPTER_METADATA = "lora_adapter_metadata"
 
@@ -33,6 +33,7 @@ class ParsedKey:
     spelling: int
     prefix: str
     doubled_prefix: bool = False
+    bare: bool = False  # named without the component's module prefix (e.g. CLIP without text_model.)
 
     @property
     def target_name(self) -> str:
@@ -98,7 +99,7 @@ def parse_keys(variant: Variant, family: Family, tensors: Mapping[str, LazyTenso
     for comp_id, comp in family.components.items():
         for scheme in variant.spec.schemes:
             if comp.has_scheme(scheme):
-                tables[(comp_id, scheme)] = comp.flat_names(scheme) if flat else comp.scheme_names(scheme)
+                tables[(comp_id, scheme)] = (comp.flat_names(scheme) if flat else comp.scheme_names(scheme), comp)
     for item in split if split is not None else split_keys(variant, tensors):
         if isinstance(item, tuple):
             result.unmapped[item[0]] = item[1]
@@ -120,12 +121,17 @@ def _lookup(item: SplitKey, variant: Variant, tables) -> Optional[ParsedKey]:
     for rule, rest, doubled in item.candidates:
         for cid in rule.components:
             for scheme in variant.spec.schemes:
-                table = tables.get((cid, scheme))
-                if table is None:
+                entry = tables.get((cid, scheme))
+                if entry is None:
                     continue
+                table, comp = entry
                 target = table.get(rest)
                 if target is not None:
-                    return ParsedKey(item.key, cid, scheme, target, s.kind, s.role, s.spelling, rule.prefix, doubled)
+                    mp = comp.spec.module_prefix
+                    bare = bool(mp) and isinstance(target, str) and target.startswith(mp) and not rest.startswith(
+                        mp if variant.spec.separator == "." else flatten(mp)
+                    )
+                    return ParsedKey(item.key, cid, scheme, target, s.kind, s.role, s.spelling, rule.prefix, doubled, bare)
     return None
 
 
@@ -165,10 +171,55 @@ def _check_shapes(result: ParseResult, tensors: Mapping[str, LazyTensor]) -> Non
             if t.shape[0] != out:
                 bad = f"output size {t.shape[0]} != {out}"
         if bad:
-            del result.parsed[key]
-            reason = f"shape does not fit {fam.id} {pk.component}:{pk.target_name} ({bad})"
-            result.unmapped[key] = reason
-            result.shape_mismatches[key] = reason
+            _reject(result, [key], f"shape does not fit {fam.id} {pk.component}:{pk.target_name} ({bad})")
+    _check_lycoris_shapes(result, tensors)
+
+
+def _reject(result: ParseResult, keys, reason: str) -> None:
+    for key in keys:
+        result.parsed.pop(key, None)
+        result.unmapped[key] = reason
+        result.shape_mismatches[key] = reason
+
+
+def _check_lycoris_shapes(result: ParseResult, tensors: Mapping[str, LazyTensor]) -> None:
+    """LoHa/LoKr factors fit a module only together: rebuild the output and input sizes they imply."""
+    groups: dict[tuple[str, str], dict[str, tuple[int, ...]]] = defaultdict(dict)
+    keys: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for key, pk in result.parsed.items():
+        if pk.kind in ("loha", "lokr") and not isinstance(pk.target, FusedModule):
+            groups[(pk.component, pk.target)][pk.role] = tuple(tensors[key].shape)
+            keys[(pk.component, pk.target)].append(key)
+    for (cid, name), f in groups.items():
+        wshape = result.family.components[cid].modules[name]
+        out, inn = wshape[0], _in_features(wshape)
+        try:
+            got = _loha_dims(f, wshape) if "hada_w1_a" in f else _lokr_dims(f, wshape)
+        except (KeyError, IndexError):
+            continue  # incomplete: assemble() reports it
+        if got != (out, inn):
+            _reject(result, keys[(cid, name)], f"shape does not fit {result.family.id} {cid}:{name} (factors give {got}, module is {(out, inn)})")
+
+
+def _loha_dims(f, wshape) -> tuple[int, int]:
+    a, b = f["hada_w1_a"], f["hada_w1_b"]
+    if "hada_t1" in f:  # a: [r, out], b: [r, in], t: [r, r, kh, kw]
+        return a[1], b[1] * math.prod(f["hada_t1"][2:])
+    return a[0], b[1]
+
+
+def _lokr_dims(f, wshape) -> tuple[int, int]:
+    if "lokr_w1" in f:
+        a, c = f["lokr_w1"][0], f["lokr_w1"][1]
+    else:
+        a, c = f["lokr_w1_a"][0], f["lokr_w1_b"][1]
+    if "lokr_w2" in f:
+        b, dk = f["lokr_w2"][0], math.prod(f["lokr_w2"][1:])
+    elif "lokr_t2" in f:  # a: [r, b], b: [r, d], t: [r, r, kh, kw]
+        b, dk = f["lokr_w2_a"][1], f["lokr_w2_b"][1] * math.prod(f["lokr_t2"][2:])
+    else:
+        b, dk = f["lokr_w2_a"][0], f["lokr_w2_b"][1]
+    return a * b, c * dk
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +250,12 @@ def assemble(
     groups: dict[tuple[str, str], _Group] = {}
     state = FormatState(format=variant.format.id, variant=variant.id)
     unmapped = dict(result.unmapped)
+    spellings: dict[str, Counter] = defaultdict(Counter)
+    per_module_spelling: dict[str, int] = {}
+    bare: set[str] = set()
     for key, pk in result.parsed.items():
+        if pk.bare:
+            bare.add(pk.component)
         g = groups.setdefault((pk.component, pk.target_name), _Group(pk.component, pk.target, pk.scheme))
         g.keys.append(key)
         state.schemes.setdefault(pk.component, pk.scheme)
@@ -215,7 +271,22 @@ def assemble(
                 g.mixed_kinds = True
             g.kind = g.kind or pk.kind
             g.factors[pk.role] = tensors[key]
-            state.spellings.setdefault(f"{pk.component}/{pk.kind}/{pk.role}", pk.spelling)
+        if pk.kind != "alpha":
+            spellings[f"{pk.component}/{pk.kind}/{pk.role}"][pk.spelling] += 1
+            per_module_spelling[f"{pk.component}:{pk.target_name}/{pk.kind}/{pk.role}"] = pk.spelling
+    for role_key, counts in spellings.items():
+        state.spellings[role_key] = counts.most_common(1)[0][0]
+    # modules spelled unlike their component's majority keep their own spelling on a round trip
+    overrides = {}
+    for mod_key, idx in per_module_spelling.items():
+        cid = mod_key.split(":", 1)[0]
+        role_key = cid + "/" + mod_key.split("/", 1)[1]
+        if state.spellings.get(role_key) != idx:
+            overrides[mod_key] = idx
+    if overrides:
+        state.extra["spelling_overrides"] = overrides
+    if bare:
+        state.extra["bare_names"] = sorted(bare)
 
     alphas = _alpha_source(variant, metadata, peft_config, state)
     modules: dict[str, Module] = {}

@@ -62,16 +62,25 @@ def write_modules(lora: Lora, variant: Variant, family: Family) -> Written:
     alpha_store = variant.spec.alpha.store
     sep = variant.spec.separator
 
+    bare = set(state.extra.get("bare_names", ())) if state else set()
+    overrides = state.extra.get("spelling_overrides", {}) if state else {}
+
     def key_base(cid: str, name: str) -> Optional[str]:
         prefix = state.prefixes.get(cid) if state else None
         if prefix is None:
             prefix = variant.write_prefix(cid, comps)
         if prefix is None:
             return None
+        mp = family.components[cid].spec.module_prefix
+        if cid in bare and mp and name.startswith(mp):
+            name = name[len(mp) :]
         return prefix + (flatten(name) if sep == "_" else name)
 
-    def spelling(cid: str, kind: str, role: str) -> int:
-        return state.spellings.get(f"{cid}/{kind}/{role}", 0) if state else 0
+    def spelling(m: Module, kind: str, role: str) -> int:
+        if not state:
+            return 0
+        own = overrides.get(f"{m.component}:{m.name}/{kind}/{role}")
+        return own if own is not None else state.spellings.get(f"{m.component}/{kind}/{role}", 0)
 
     for m in lora.modules.values():
         comp = family.components.get(m.component)
@@ -130,11 +139,11 @@ def _emit(out: Written, variant: Variant, base: str, m: Module, factors, alpha, 
     for role, t in factors.items():
         if not variant.supports(kind, role):
             raise ConversionError(f"{variant.qualified_id} cannot store {kind} factor {role!r} of {m.key}")
-        key = base + variant.suffix_text(kind, role, spelling(m.component, kind, role))
+        key = base + variant.suffix_text(kind, role, spelling(m, kind, role))
         _put(out, key, t)
     if m.dora_scale is not None:
         if variant.spec.dora_scale:
-            suffix = variant.suffix_text("dora_scale", "dora_scale", spelling(m.component, "dora_scale", "dora_scale"))
+            suffix = variant.suffix_text("dora_scale", "dora_scale", spelling(m, "dora_scale", "dora_scale"))
             _put(out, base + suffix, _dora_layout(m.dora_scale, suffix))
         else:
             out.dropped.append(Dropped(m.key + " (DoRA magnitude)", f"{variant.qualified_id} cannot store DoRA magnitudes"))
@@ -211,9 +220,15 @@ def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
 
-def _lora_config_fields(mods: list[Module]) -> dict:
-    ranks = {m.name: m.rank for m in mods}
-    alphas = {m.name: (m.alpha if m.alpha is not None else float(m.rank)) for m in mods}
+def _lora_config_fields(mods: list[Module], module_prefix: str = "") -> dict:
+    """LoraConfig fields. Names drop the component's module prefix: PEFT matches module names by
+    suffix, so 'encoder.layers.0...' fits CLIP with or without its text_model level."""
+
+    def short(name: str) -> str:
+        return name[len(module_prefix) :] if module_prefix and name.startswith(module_prefix) else name
+
+    ranks = {short(m.name): m.rank for m in mods}
+    alphas = {short(m.name): (m.alpha if m.alpha is not None else float(m.rank)) for m in mods}
     r = _most_common(ranks.values())
     alpha = _most_common(alphas.values())
     return {
@@ -239,7 +254,7 @@ def _diffusers_adapter_metadata(lora: Lora, variant: Variant, family: Family) ->
         mods = [m for m in lora.modules.values() if m.component == cid and m.kind == "lora"]
         if not mods:
             continue
-        fields = _lora_config_fields(mods)
+        fields = _lora_config_fields(mods, family.components[cid].spec.module_prefix)
         fields.update({"lora_dropout": 0.0, "bias": "none", "init_lora_weights": True})
         for k, v in fields.items():
             packed[f"{cid}.{k}"] = v

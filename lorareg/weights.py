@@ -1,0 +1,248 @@
+"""Base-model weights, read lazily: only the tensors of the modules being ported, never the model.
+
+A model reference is a local diffusers folder, a transformers folder (sharded or not), a single-file
+checkpoint with LDM/original names, or a Hub id ``org/name[@revision]``. Which files hold which
+component comes from the family's ``layouts``; names in a single file come from its naming scheme.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import InputError
+from .io import SafetensorsHeader, read_header
+from .registry import CANONICAL, Family
+from .registry.families import Component, Layout
+
+_HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@([\w.\-/%]+))?$")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a base model lives: a local path, or a Hub repo with an optional revision."""
+
+    text: str
+    path: Optional[Path] = None
+    repo_id: Optional[str] = None
+    revision: Optional[str] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelRef":
+        p = Path(text).expanduser()
+        if p.exists():
+            return cls(text, path=p)
+        m = _HUB_ID.match(text)
+        if m and not text.startswith((".", "/", "~")):
+            return cls(text, repo_id=m.group(1), revision=m.group(2))
+        raise InputError(f"{text}: no such file or folder, and not a Hub id (org/name[@revision])")
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
+class _Source:
+    """One component's tensors: a list of safetensors files (shards) and how names map into them."""
+
+    component: Component
+    prefix: str
+    scheme: str
+    files: dict[str, Path]  # tensor name -> file (shards); empty means 'look in every header'
+    headers: dict[Path, SafetensorsHeader] = field(default_factory=dict)
+
+    def header(self, path: Path) -> SafetensorsHeader:
+        if path not in self.headers:
+            self.headers[path] = read_header(path)
+        return self.headers[path]
+
+    def find(self, name: str) -> Optional[tuple[SafetensorsHeader, str]]:
+        candidates = [self.files[name]] if name in self.files else list(dict.fromkeys(self.files.values()))
+        for path in candidates:
+            h = self.header(path)
+            if name in h.tensors:
+                return h, name
+        return None
+
+
+class BaseWeights:
+    """Lazy access to the weights of one family's model at one reference."""
+
+    def __init__(self, family: Family, ref: ModelRef, sources: dict[str, _Source], layout: str, revision: Optional[str]):
+        self.family = family
+        self.ref = ref
+        self.layout = layout
+        self.revision = revision
+        self._sources = sources
+
+    @property
+    def components(self) -> list[str]:
+        return sorted(self._sources)
+
+    def has_component(self, component: str) -> bool:
+        return component in self._sources
+
+    def weight(self, component: str, module: str) -> torch.Tensor:
+        """The weight of a canonical module, as stored (dtype and shape as in the checkpoint)."""
+        src = self._sources.get(component)
+        if src is None:
+            raise InputError(f"{self.ref}: no weights for component {component!r} in this {self.layout} layout")
+        shape = src.component.modules.get(module)
+        if shape is None:
+            raise InputError(f"{self.family.id} has no module {component}:{module}")
+        t = self._read(src, module)
+        if tuple(t.shape) != tuple(shape):
+            if t.numel() == _numel(shape):
+                t = t.reshape(shape)  # a 1x1 conv stored as linear, or the reverse
+            else:
+                raise InputError(f"{self.ref}: {component}:{module} has shape {list(t.shape)}, expected {list(shape)} for {self.family.id}")
+        return t
+
+    def _read(self, src: _Source, module: str) -> torch.Tensor:
+        if src.scheme != CANONICAL:
+            group = src.component.fused_group_of(src.scheme).get(module)
+            if group is not None:
+                fused = self._tensor(src, group.name + ".weight", module)
+                rows = [fused[s.at : s.at + s.stop - s.start] for s in group.slices if s.module == module]
+                order = sorted((s.start, i) for i, s in enumerate(x for x in group.slices if x.module == module))
+                return torch.cat([rows[i] for _, i in order], dim=0)
+            name = src.component.name_in(src.scheme, module)
+        else:
+            name = module
+        return self._tensor(src, name + ".weight", module)
+
+    def _tensor(self, src: _Source, name: str, module: str) -> torch.Tensor:
+        prefix = src.component.spec.module_prefix
+        tried = [src.prefix + name]
+        if prefix and name.startswith(prefix):
+            tried.append(src.prefix + name[len(prefix) :])  # transformers 5 saves CLIP without text_model.
+        elif prefix:
+            tried.append(src.prefix + prefix + name)
+        for candidate in tried:
+            found = src.find(candidate)
+            if found:
+                header, key = found
+                info = header.tensors[key]
+                from .io import LazyTensor
+
+                return LazyTensor(info.dtype, info.shape, header=header, info=info).torch()
+        raise InputError(f"{self.ref}: weight of {src.component.id}:{module} not found (looked for {tried[0]!r})")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _index_map(index_path: Path) -> dict[str, Path]:
+    try:
+        doc = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map = doc["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{index_path}: not a valid safetensors index") from None
+    return {name: index_path.parent / fname for name, fname in weight_map.items()}
+
+
+def _component_files(folder: Path) -> Optional[dict[str, Path]]:
+    for index in INDEX_FILES:
+        if (folder / index).exists():
+            return _index_map(folder / index)
+    for fname in WEIGHT_FILES:
+        if (folder / fname).exists():
+            return {"": folder / fname}
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        return {f"": s for s in shards} if len(shards) == 1 else {str(i): s for i, s in enumerate(shards)}
+    return None
+
+
+def _files_only(mapping: dict[str, Path]) -> dict[str, Path]:
+    # "" / numeric keys are placeholders meaning "search these files"
+    return mapping
+
+
+def open_local(family: Family, path: Path, components: Optional[list[str]] = None, revision: Optional[str] = None) -> BaseWeights:
+    """Match a local folder or file to one of the family's layouts."""
+    wanted = components or list(family.components)
+    if path.is_file():
+        if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+            raise InputError(f"{path}: pickle checkpoints are not read (lorareg never unpickles); use .safetensors")
+        for layout in family.spec.layouts:
+            if layout.type != "single_file":
+                continue
+            sources = {
+                cid: _Source(family.components[cid], lc.prefix, lc.scheme, {"": path})
+                for cid, lc in layout.components.items()
+                if cid in wanted and cid in family.components
+            }
+            if sources and _probe(sources):
+                return BaseWeights(family, ModelRef(str(path), path=path), sources, "single_file", revision)
+        # a bare component file (e.g. a diffusers unet/diffusion_pytorch_model.safetensors)
+        sources = {cid: _Source(family.components[cid], "", CANONICAL, {"": path}) for cid in wanted}
+        sources = {cid: s for cid, s in sources.items() if _probe({cid: s})}
+        if sources:
+            return BaseWeights(family, ModelRef(str(path), path=path), sources, "component_file", revision)
+        raise InputError(f"{path}: no {family.id} weights found in this file (checked the family's single-file layouts)")
+    if not path.is_dir():
+        raise InputError(f"{path}: no such file or folder")
+    for layout in family.spec.layouts:
+        if layout.type == "single_file":
+            continue
+        sources = {}
+        for cid, lc in layout.components.items():
+            if cid not in wanted or cid not in family.components:
+                continue
+            files = _component_files(path / lc.path if lc.path else path)
+            if files is not None:
+                sources[cid] = _Source(family.components[cid], lc.prefix, lc.scheme, files)
+        if sources and _probe(sources):
+            return BaseWeights(family, ModelRef(str(path), path=path), sources, layout.type, revision)
+    raise InputError(f"{path}: not a {family.id} model folder (expected one of: {', '.join(_layout_names(family))})")
+
+
+def _layout_names(family: Family) -> list[str]:
+    out = []
+    for layout in family.spec.layouts:
+        if layout.type == "single_file":
+            out.append(f"a single .safetensors file{f' like {layout.filename}' if layout.filename else ''}")
+        else:
+            parts = [lc.path or "." for lc in layout.components.values()]
+            out.append(f"a {layout.type} folder ({', '.join(parts)})")
+    return out
+
+
+def _probe(sources: dict[str, _Source]) -> bool:
+    """Does at least one module of each component resolve in these files?"""
+    for cid, src in sources.items():
+        bw = BaseWeights.__new__(BaseWeights)
+        bw._sources = sources
+        name = next(iter(src.component.modules))
+        try:
+            bw._read(src, name)
+        except InputError:
+            return False
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+def open_model(family: Family, ref: str | ModelRef, components: Optional[list[str]] = None) -> BaseWeights:
+    """Open a base model reference (local, or Hub through huggingface_hub and its cache)."""
+    ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
+    if ref.path is not None:
+        return open_local(family, ref.path, components)
+    from .hub.pull import snapshot_for_family
+
+    local, revision = snapshot_for_family(family, ref.repo_id, ref.revision, components)
+    weights = open_local(family, local, components, revision)
+    weights.ref = ref
+    return weights
