@@ -162,6 +162,34 @@ def formats(as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("source")
+@click.argument("target")
+@click.option("--component", help="Only this source component.")
+@click.option("--all", "show_all", is_flag=True, help="Every module, not only attention and MLP projections.")
+@click.option("--json", "as_json", is_flag=True)
+def pairs(source: str, target: str, component: Optional[str], show_all: bool, as_json: bool) -> None:
+    """Show which target module each source module maps to, with shapes and the rule used."""
+    from .resolve import resolve_pairs
+
+    reg = get_registry()
+    src = reg.family(source)
+    modules = [
+        (cid, name)
+        for cid, comp in src.components.items()
+        if component in (None, cid)
+        for name, shape in comp.modules.items()
+        if show_all or len(shape) == 2
+    ]
+    result = resolve_pairs(src, reg.family(target), modules)
+    paired = [p for p in result if not p.skipped]
+    lines = [f"{src.id} -> {target}: {len(paired)} of {len(result)} modules paired"]
+    for p in result:
+        dst = f"{p.target_component}:{p.target_module} {p.target_shape}" if not p.skipped else f"SKIP ({p.skipped})"
+        lines.append(f"  {p.source_component}:{p.source_module} {p.source_shape} -> {dst}  [{p.rule}]")
+    _emit(as_json, [p.model_dump() for p in result], "\n".join(lines))
+
+
+@main.command()
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), help="Folder for the demo's outputs (default: a temp folder).")
 @click.option("--json", "as_json", is_flag=True)
 def demo(out_dir: Optional[Path], as_json: bool) -> None:
