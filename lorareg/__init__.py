@@ -5,6 +5,8 @@ __version__ = "0.1.0"
 from .api import Inspection, convert, detect, inspect, load, save  # noqa: E402
 from .errors import ConversionError, DetectionError, InputError, LoraregError, RegistryError  # noqa: E402
 from .lora import Lora, Module  # noqa: E402
+from .port import PortReport, PortResult, port  # noqa: E402
+from .resolve import Pair, resolve_pairs as pairs  # noqa: E402
 from .registry import get_registry  # noqa: E402
 
 __all__ = [
@@ -22,5 +24,10 @@ __all__ = [
     "get_registry",
     "inspect",
     "load",
+    "pairs",
+    "port",
+    "PortReport",
+    "PortResult",
+    "Pair",
     "save",
 ]

@@ -162,6 +162,56 @@ def formats(as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("lora", type=click.Path(path_type=Path))
+@click.option("--source-model", help="Base model the LoRA was trained on: a diffusers/transformers folder, a .safetensors checkpoint, or a Hub id org/name[@rev].")
+@click.option("--target-model", help="Base model to port to (same kinds of reference).")
+@click.option("--to", "to", help="Target family, if it differs from the LoRA's (see `lorareg pairs`).")
+@click.option("--method", default=None, help="copy, lora-x, prolora, prolora-full, align (default: see docs/methods.md).")
+@click.option("--rank-k", type=click.IntRange(min=1), help="Size k of the singular subspaces (default: min(320, min(m, n) / 4) per layer).")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Skip layers whose subspace similarity is below this.")
+@click.option("--rank", type=click.IntRange(min=1), help="Output rank (default: the source's).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--dtype", help="Output dtype (default: the input's): fp16, bf16, fp32.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file (or folder for peft).")
+@click.option("--format", "format_", help="Output key format (default: the input's).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--no-align", is_flag=True, help="Do not re-pair distilled blocks by similarity; pair block i with block i.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, device, dtype, output, format_, force, no_align, as_json) -> None:
+    """Port a LoRA to another base model, training-free; writes the LoRA and a report.json."""
+    from .engine import DEFAULT_METHOD
+    from .port import port as run_port
+
+    result = run_port(
+        lora, source_model=source_model, target_model=target_model, to=to, method=method or DEFAULT_METHOD,
+        rank_k=rank_k, threshold=threshold, rank=rank, device=device, dtype=dtype, output=output,
+        format=format_, force=force, align_blocks=not no_align, progress=not as_json,
+    )
+    _emit(as_json, result.report.model_dump(), result.summary + f"\n  report {result.report_path}")
+
+
+@main.group()
+def basis() -> None:
+    """Manage the cache of base-model singular bases."""
+
+
+@basis.command("build")
+@click.argument("model")
+@click.option("--family", required=True, help="Family of the model (see `lorareg families`).")
+@click.option("--component", "components", multiple=True, help="Only these components (repeatable).")
+@click.option("--match", help="Only modules whose name contains this text (e.g. attn).")
+@click.option("--rank-k", type=click.IntRange(min=1), help="Subspace size k (default: per-layer default).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def basis_build(model, family, components, match, rank_k, device, as_json) -> None:
+    """Compute and cache the top-k bases of a model's 2-D weights ahead of any port."""
+    from .bases_cli import build_bases
+
+    stats = build_bases(model, family, list(components) or None, match, rank_k, device, progress=not as_json)
+    _emit(as_json, stats, f"{stats['modules']} modules: {stats['cached']} already cached, {stats['built']} built in {stats['seconds']:.1f} s -> {stats['cache']}")
+
+
+@main.command()
 @click.argument("source")
 @click.argument("target")
 @click.option("--component", help="Only this source component.")

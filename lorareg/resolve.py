@@ -177,6 +177,7 @@ def align_groups(
                 if si not in assignment:
                     for p in blocks[s]:
                         by_key[p.key] = p.model_copy(update={
+                            "target_module": None, "target_shape": None, "target_component": None,
                             "skipped": f"block {var}={s} has no counterpart left in {target.id} after alignment",
                             "rule": f"{search['group']} aligned by similarity"})
     return [by_key[p.key] for p in pairs]

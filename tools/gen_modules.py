@@ -174,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("families", nargs="*", help="family ids (default: all)")
     ap.add_argument("--check", action="store_true", help="compare with the checked-in tables; exit 1 on drift")
+    ap.add_argument("--root", type=Path, help="a data folder shaped like the repository's top level (default: the repository)")
     args = ap.parse_args(argv)
+    global ROOT, FAMILIES_DIR, MODULES_DIR
+    if args.root:
+        ROOT = args.root.resolve()
+        FAMILIES_DIR, MODULES_DIR = ROOT / "schemas" / "families", ROOT / "schemas" / "modules"
 
     paths = family_paths(args.families)
     problems: list[str] = []
@@ -199,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             text = dumps(table)
             if not out.exists() or out.read_text(encoding="utf-8") != text:
                 out.write_text(text, encoding="utf-8")
-                print(f"wrote {out.relative_to(ROOT)}")
+                print(f"wrote {out}")
             else:
-                print(f"unchanged {out.relative_to(ROOT)}")
+                print(f"unchanged {out}")
     if problems:
         print("module tables differ from a fresh generation (run python tools/gen_modules.py):")
         for p in problems:
