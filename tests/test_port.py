@@ -1,0 +1,198 @@
+"""lorareg port end to end on small models built from configs (test families in tests/data)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import lorareg
+from lorareg.cli import main
+from lorareg.registry import get_registry
+from lora_factory import make_lora, write
+
+DATA = Path(__file__).parent / "data"
+KEPT = [0, 2, 5]  # the SSD-like model keeps these of the SDXL-like model's 6 blocks per attention
+ATTN = r"attn[12]\.to_(q|k|v|out\.0)$"
+
+
+@pytest.fixture(autouse=True)
+def test_families(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("LORAREG_DATA_PATH", str(DATA))
+    monkeypatch.setenv("LORAREG_CACHE", str(tmp_path_factory.getbasetemp() / "bases"))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    import os
+
+    from diffusers import UNet2DConditionModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    old = os.environ.get("LORAREG_DATA_PATH")
+    os.environ["LORAREG_DATA_PATH"] = str(DATA)
+    try:
+        reg = get_registry()
+        root = tmp_path_factory.mktemp("models")
+        torch.manual_seed(0)
+        cfg = lambda fid: reg.family(fid).components["unet"].spec.architecture.config  # noqa: E731
+        sdxl = UNet2DConditionModel.from_config(cfg("tiny-sdxl"))
+        sdxl.save_pretrained(root / "sdxl" / "unet")
+        ssd = UNet2DConditionModel.from_config(cfg("tiny-ssd"))
+        sa, sb = sdxl.state_dict(), ssd.state_dict()
+        for k in sb:
+            src = k
+            m = re.match(r"(down_blocks\.1\.attentions\.\d+\.transformer_blocks\.|up_blocks\.0\.attentions\.\d+\.transformer_blocks\.)(\d+)(\..*)", k)
+            if m:
+                src = m.group(1) + str(KEPT[int(m.group(2))]) + m.group(3)
+            if src in sa and sa[src].shape == sb[k].shape:
+                sb[k] = sa[src] + 0.01 * torch.randn_like(sa[src])
+        ssd.load_state_dict(sb)
+        ssd.save_pretrained(root / "ssd" / "unet")
+        llama_cfg = reg.family("tiny-llama").components["model"].spec.architecture.config
+        v1 = LlamaForCausalLM(LlamaConfig(**llama_cfg))
+        v1.save_pretrained(root / "llama-v1", max_shard_size="100KB")  # sharded, with an index
+        v2 = LlamaForCausalLM(LlamaConfig(**llama_cfg))
+        v2.load_state_dict({k: v + 0.02 * v.std() * torch.randn_like(v) for k, v in v1.state_dict().items()})
+        v2.save_pretrained(root / "llama-v2")
+        other = LlamaForCausalLM(LlamaConfig(**llama_cfg))  # unrelated: another seed
+        other.save_pretrained(root / "llama-other")
+    finally:
+        if old is None:
+            os.environ.pop("LORAREG_DATA_PATH", None)
+        else:
+            os.environ["LORAREG_DATA_PATH"] = old
+    return root
+
+
+@pytest.fixture()
+def llama_lora(tmp_path):
+    lora = make_lora("tiny-llama", r"self_attn\.(q|k|v|o)_proj$|mlp\.(gate|up|down)_proj$", rank=4, alpha=8.0, dtype=torch.float32)
+    out = tmp_path / "adapter"
+    lorareg.save(lora, out, format="peft")
+    return out
+
+
+def test_sharded_transformers_folder_is_read(models):
+    assert (models / "llama-v1" / "model.safetensors.index.json").exists()
+
+
+def test_same_model_is_a_no_op_for_the_default_method(models, llama_lora, tmp_path):
+    res = lorareg.port(llama_lora, source_model=str(models / "llama-v1"), target_model=str(models / "llama-v1"),
+                       output=tmp_path / "out", progress=False)
+    assert res.report.totals.skipped == 0 and res.report.totals.mean_similarity == 1.0
+    a = load_file(llama_lora / "adapter_model.safetensors")
+    b = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lora_alpha"] == 8
+
+
+@pytest.mark.parametrize("method", ["copy", "lora-x", "prolora", "prolora-full"])
+def test_checkpoint_pair_port(models, llama_lora, tmp_path, method):
+    res = lorareg.port(llama_lora, source_model=str(models / "llama-v1"), target_model=str(models / "llama-v2"),
+                       method=method, output=tmp_path / "out", progress=False)
+    rep = res.report
+    assert rep.totals.ported == 14 and rep.totals.skipped == 0
+    for layer in rep.layers:
+        assert layer.similarity is not None and 0.5 < layer.similarity <= 1.0 + 1e-6
+        assert layer.kept_energy is not None and layer.rank_out <= 4
+    ported = lorareg.load(tmp_path / "out")
+    assert ported.family == "tiny-llama" and len(ported.modules) == 14
+    report = json.loads(res.report_path.read_text())
+    assert report["method"] == method and report["source_lora"]["sha256"] and len(report["layers"]) == 14
+    if method == "copy":
+        assert rep.totals.energy_kept == pytest.approx(1.0)
+    if method == "lora-x":
+        assert rep.totals.energy_kept < 1.0  # projects even on a near-identical model
+
+
+def test_second_port_hits_the_cache(models, llama_lora, tmp_path):
+    args = dict(source_model=str(models / "llama-v1"), target_model=str(models / "llama-v2"), method="prolora", progress=False)
+    lorareg.port(llama_lora, output=tmp_path / "a", **args)
+    res = lorareg.port(llama_lora, output=tmp_path / "b", **args)
+    assert res.report.cache["built"] == 0 and res.report.cache["hits"] >= 28
+
+
+def test_unrelated_model_is_flagged_by_the_threshold(models, llama_lora, tmp_path):
+    res = lorareg.port(llama_lora, source_model=str(models / "llama-v1"), target_model=str(models / "llama-other"),
+                       method="prolora", threshold=0.5, progress=False)
+    assert res.report.totals.ported == 0 and res.report.totals.skipped == 14
+    assert all("below threshold" in l.skipped for l in res.report.layers)
+    assert res.report.totals.mean_similarity is None
+
+
+def test_distilled_blocks_are_aligned_by_similarity(models, tmp_path):
+    lora = make_lora("tiny-sdxl", ATTN, rank=4, alpha=4.0, dtype=torch.float32)
+    src = write(lora, tmp_path / "l.safetensors", "kohya")
+    res = lorareg.port(src, source_model=str(models / "sdxl"), target_model=str(models / "ssd"), to="tiny-ssd",
+                       output=tmp_path / "out.safetensors", progress=False)
+    rep = {l.source: l for l in res.report.layers}
+    for group in ("down_blocks.1.attentions.0", "up_blocks.0.attentions.1"):
+        for j, kept in enumerate(KEPT):
+            layer = rep[f"unet:{group}.transformer_blocks.{kept}.attn1.to_q"]
+            assert layer.target == f"unet:{group}.transformer_blocks.{j}.attn1.to_q", layer
+            assert "aligned by similarity" in layer.rule and layer.similarity > 0.9
+        assert "no counterpart" in rep[f"unet:{group}.transformer_blocks.1.attn1.to_q"].skipped
+    assert "no mid attention" in rep["unet:mid_block.attentions.0.transformer_blocks.0.attn1.to_q"].skipped
+    out = lorareg.load(tmp_path / "out.safetensors")
+    assert out.family == "tiny-ssd" and out.format_state.format == "kohya"
+    # without alignment block i pairs with block i
+    plain = lorareg.port(src, source_model=str(models / "sdxl"), target_model=str(models / "ssd"), to="tiny-ssd",
+                         align_blocks=False, progress=False)
+    layer = {l.source: l for l in plain.report.layers}["unet:down_blocks.1.attentions.0.transformer_blocks.2.attn1.to_q"]
+    assert layer.target == "unet:down_blocks.1.attentions.0.transformer_blocks.2.attn1.to_q"
+
+
+def test_component_file_reference(models, tmp_path):
+    lora = make_lora("tiny-sdxl", r"down_blocks\.1\.attentions\.0\.transformer_blocks\.0\." + ATTN, rank=2, dtype=torch.float32)
+    src = write(lora, tmp_path / "l.safetensors", "diffusers")
+    weights = models / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"
+    res = lorareg.port(src, source_model=str(weights), target_model=str(weights), method="prolora", progress=False)
+    assert res.report.source_model.layout == "component_file" and res.report.totals.ported == 8
+
+
+def test_missing_tensor_is_a_clear_error(models, tmp_path):
+    broken = tmp_path / "broken" / "unet"
+    broken.mkdir(parents=True)
+    sd = load_file(models / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors")
+    del sd["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"]
+    save_file(sd, broken / "diffusion_pytorch_model.safetensors")
+    lora = make_lora("tiny-sdxl", r"down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q$", rank=2, dtype=torch.float32)
+    src = write(lora, tmp_path / "l.safetensors", "diffusers")
+    res = CliRunner().invoke(main, ["port", str(src), "--source-model", str(models / "sdxl"), "--target-model",
+                                    str(tmp_path / "broken"), "-o", str(tmp_path / "o.safetensors")])
+    assert res.exit_code != 0 and "not found" in res.stderr and res.stderr.count("\n") == 1
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_cli_port_json_and_errors(models, llama_lora, tmp_path):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["port", str(llama_lora), "--source-model", str(models / "llama-v1"), "--target-model",
+                                    str(models / "llama-v2"), "--method", "prolora", "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["totals"]["ported"] == 14 and (out / "report.json").exists()
+    bad = CliRunner().invoke(main, ["port", str(llama_lora), "--method", "lora-x", "-o", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "needs --source-model" in bad.stderr
+    bad = CliRunner().invoke(main, ["port", str(llama_lora), "--source-model", str(tmp_path / "nope"), "--target-model",
+                                    str(models / "llama-v2"), "-o", str(tmp_path / "y")])
+    assert bad.exit_code != 0 and "no such file" in bad.stderr
+    bad = CliRunner().invoke(main, ["port", str(llama_lora), "--method", "magic", "-o", str(tmp_path / "z")])
+    assert bad.exit_code != 0 and "unknown method" in bad.stderr
+
+
+def test_copy_needs_no_models(llama_lora, tmp_path):
+    res = lorareg.port(llama_lora, method="copy", output=tmp_path / "out", progress=False)
+    assert res.report.totals.ported == 14 and res.report.totals.mean_similarity is None
+
+
+def test_basis_build_fills_the_cache(models):
+    res = CliRunner().invoke(main, ["basis", "build", str(models / "llama-v1"), "--family", "tiny-llama", "--json"])
+    assert res.exit_code == 0, res.output
+    first = json.loads(res.stdout)
+    assert first["modules"] == 15
+    again = json.loads(CliRunner().invoke(main, ["basis", "build", str(models / "llama-v1"), "--family", "tiny-llama", "--json"]).stdout)
+    assert again["built"] == 0 and again["cached"] == 15
