@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -35,6 +36,11 @@ class _Group(click.Group):
             _fail("out of memory", 1)
         except OSError as e:
             _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "), 1)
+        except Exception as e:  # noqa: BLE001 - a bug must still not print a traceback at users
+            if os.environ.get("LORAREG_DEBUG"):
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            _fail(f"unexpected {e.__class__.__name__}: {first} (set LORAREG_DEBUG=1 for a traceback; please report it)", 70)
 
 
 def _emit(as_json: bool, payload, text: str) -> None:

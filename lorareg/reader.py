@@ -347,14 +347,22 @@ def _pattern_lookup(patterns: Mapping[str, object], name: str):
     import re
 
     for pat, value in patterns.items():
-        if name == pat or name.endswith("." + pat) or re.fullmatch(rf"(.*\.)?(?:{pat})", name):
+        if name == pat or name.endswith("." + pat):
             return value
+        try:
+            if re.fullmatch(rf"(.*\.)?(?:{pat})", name):
+                return value
+        except re.error:
+            continue  # a malformed pattern from the file matches nothing
     return None
 
 
 def _alpha_value(g: _Group, src: _AlphaSource, variant: Variant, component: str) -> Optional[float]:
     if g.alpha is not None:
-        return float(g.alpha.torch().float().reshape(-1)[0])
+        if g.alpha.numel != 1:
+            return None
+        value = float(g.alpha.torch().float().reshape(-1)[0])
+        return value if math.isfinite(value) else None
     cfg = src.per_component.get(component) or src.per_component.get("*")
     if cfg is None:
         return None
@@ -365,7 +373,10 @@ def _alpha_value(g: _Group, src: _AlphaSource, variant: Variant, component: str)
         alpha = cfg.get("lora_alpha")
     if alpha is None:
         return None
-    alpha = float(alpha)
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        return None  # malformed metadata: fall back to scale 1
     if src.rslora and rank:
         # canonical scale is alpha / rank; rsLoRA's is lora_alpha / sqrt(rank)
         alpha = alpha * math.sqrt(rank)

@@ -100,6 +100,6 @@ def _load(roots: tuple[Path, ...]) -> Registry:
     return Registry(families=families, formats=formats, correspondences=correspondences)
 
 
-def get_registry(extra: Optional[list[Path]] = None) -> Registry:
+def get_registry() -> Registry:
     """The registry for the current data roots (built-in plus LORAREG_DATA_PATH), cached."""
     return _load(tuple(data_roots()))
