@@ -241,3 +241,33 @@ def test_no_partial_output_when_writing_fails(tmp_path, good, monkeypatch):
 def test_cli_subprocess_error_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lorareg.cli", "inspect", str(tmp_path / "nope.safetensors")], capture_output=True, text=True)
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_fuzzed_keys_and_shapes_never_crash(tmp_path):
+    """Plausible key names with random shapes and dtypes: a result or one clean error, never a traceback."""
+    rng = random.Random(99)
+    bases = ["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+             "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", "lora_unet_double_blocks_0_img_attn_qkv",
+             "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q", "base_model.model.model.layers.0.self_attn.q_proj",
+             "transformer.transformer.transformer_blocks.0.attn.to_q", "lora_unet_input_blocks_1_0_in_layers_2"]
+    suffixes = [".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight", ".lora_B.weight", ".hada_w1_a", ".hada_w1_b",
+                ".hada_w2_a", ".hada_w2_b", ".lokr_w1", ".lokr_w2_a", ".lokr_w2_b", ".lora_mid.weight", ".dora_scale", ".diff", ".weird"]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8]
+    for i in range(60):
+        sd = {}
+        for _ in range(rng.randint(1, 6)):
+            shape = [rng.choice([0, 1, 2, 4, 320, 640, 768]) for _ in range(rng.randint(0, 4))]
+            if torch.Size(shape).numel() > 2_000_000:
+                shape = shape[:2]
+            t = torch.zeros(shape, dtype=rng.choice(dtypes))
+            sd[rng.choice(bases) + rng.choice(suffixes)] = t
+        p = tmp_path / f"k{i}.safetensors"
+        save_file(sd, p)
+        before = sha(p)
+        for args in (["inspect", p], ["convert", p, "--to", rng.choice(["diffusers", "kohya", "musubi", "ldm"]), "-o", tmp_path / f"o{i}.safetensors",
+                                      "--allow-unmapped", "--rank", "2"]):
+            res = run(args)
+            if res.exit_code != 0:
+                assert_clean_failure(res)
+                assert "unexpected" not in res.stderr, (sd.keys(), [t.shape for t in sd.values()], res.stderr)
+        assert sha(p) == before
