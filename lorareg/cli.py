@@ -11,7 +11,7 @@ from typing import Optional
 import click
 
 from . import __version__, api
-from .errors import LoraregError
+from .errors import InputError, LoraregError
 from .registry import get_registry
 
 
@@ -167,12 +167,24 @@ def formats(as_json: bool) -> None:
     _emit(as_json, rows, text)
 
 
+def _push_options(f):
+    for opt in reversed([
+        click.option("--private", is_flag=True, help="Create the repo private (if it does not exist yet)."),
+        click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch."),
+        click.option("--revision", metavar="BRANCH", help="Branch to push to (created from main if missing)."),
+        click.option("--commit-message", help="Commit title (default: 'Upload ported LoRA ...')."),
+        click.option("--instance-prompt", help="Trigger words for the card (default: from the LoRA's metadata)."),
+    ]):
+        f = opt(f)
+    return f
+
+
 @main.command()
 @click.argument("lora", type=click.Path(path_type=Path))
 @click.option("--source-model", help="Base model the LoRA was trained on: a diffusers/transformers folder, a .safetensors checkpoint, or a Hub id org/name[@rev].")
 @click.option("--target-model", help="Base model to port to (same kinds of reference).")
 @click.option("--to", "to", help="Target family, if it differs from the LoRA's (see `lorareg pairs`).")
-@click.option("--method", default=None, help="copy, lora-x, prolora, prolora-full, align (default: see docs/methods.md).")
+@click.option("--method", default="auto", show_default=True, help="auto (copy where shapes match, align where they differ), copy, lora-x, prolora, prolora-full, align; see docs/methods.md.")
 @click.option("--rank-k", type=click.IntRange(min=1), help="Size k of the singular subspaces (default: min(320, min(m, n) / 4) per layer).")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Skip layers whose subspace similarity is below this.")
 @click.option("--rank", type=click.IntRange(min=1), help="Output rank (default: the source's).")
@@ -183,17 +195,81 @@ def formats(as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--no-align", is_flag=True, help="Do not re-pair distilled blocks by similarity; pair block i with block i.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, device, dtype, output, format_, force, no_align, as_json) -> None:
+@click.option("--push", "push_to", metavar="REPO", help="Upload the result (weights, README.md, report.json) to this Hub repo in one commit.")
+@_push_options
+def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, device, dtype, output, format_, force, no_align, as_json,
+         push_to, private, create_pr, revision, commit_message, instance_prompt) -> None:
     """Port a LoRA to another base model, training-free; writes the LoRA and a report.json."""
-    from .engine import DEFAULT_METHOD
     from .port import port as run_port
 
+    if not push_to and (private or create_pr or revision or commit_message or instance_prompt):
+        raise InputError("--private, --create-pr, --revision, --commit-message and --instance-prompt need --push")
     result = run_port(
-        lora, source_model=source_model, target_model=target_model, to=to, method=method or DEFAULT_METHOD,
+        lora, source_model=source_model, target_model=target_model, to=to, method=method,
         rank_k=rank_k, threshold=threshold, rank=rank, device=device, dtype=dtype, output=output,
         format=format_, force=force, align_blocks=not no_align, progress=not as_json,
     )
-    _emit(as_json, result.report.model_dump(), result.summary + f"\n  report {result.report_path}")
+    text = result.summary + f"\n  report {result.report_path}"
+    if not push_to:
+        _emit(as_json, result.report.model_dump(), text)
+        return
+    from .hub import push as run_push
+
+    pushed = run_push(result, push_to, private=private, create_pr=create_pr, revision=revision,
+                      commit_message=commit_message, instance_prompt=instance_prompt, command=_command_line())
+    _emit(as_json, {**result.report.model_dump(), "push": pushed.model_dump()}, text + "\n" + _push_text(pushed))
+
+
+def _command_line() -> str:
+    """This command with the options given (in canonical order), local paths cut to their names."""
+    import shlex
+
+    ctx = click.get_current_context()
+    args = [ctx.command_path.split()[-1] if ctx.command_path else "port"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value is False or (not isinstance(param, click.Argument) and value == param.default):
+            continue
+        shown = _public_arg(value)
+        if isinstance(param, click.Argument):
+            args.append(shown)
+        elif getattr(param, "is_flag", False):
+            args.append(param.opts[-1])
+        else:
+            args += [param.opts[-1], shown]
+    return shlex.join(["lorareg", *args])
+
+
+def _public_arg(value) -> str:
+    text = str(value)
+    if text.startswith("hf:"):
+        return text if text.startswith("hf://") else "hf://" + text[4:]
+    if isinstance(value, Path) or text.startswith(("/", "~", "./", "../")):
+        return Path(text).name if (Path(text).is_absolute() or text.startswith(("~", "./", "../")) or Path(text).exists()) else text
+    return text
+
+
+def _push_text(pushed) -> str:
+    if pushed.pr_url:
+        return f"  pushed {len(pushed.files)} files: opened {pushed.pr_url}"
+    if not pushed.changed:
+        return f"  nothing to push: {pushed.repo_id}@{pushed.revision} already holds these files ({pushed.commit_oid})"
+    return f"  pushed {len(pushed.files)} files to {pushed.repo_id}@{pushed.revision}: {pushed.commit_url}"
+
+
+@main.command("push")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@_push_options
+@click.option("--license", "license_", help="License id for the card (default: the source LoRA's, when known).")
+@click.option("--json", "as_json", is_flag=True)
+def push_cmd(path, repo_id, private, create_pr, revision, commit_message, instance_prompt, license_, as_json) -> None:
+    """Upload a `lorareg port` output (file or PEFT folder) with a model card and report.json, in one commit."""
+    from .hub import push as run_push
+
+    pushed = run_push(path, repo_id, private=private, create_pr=create_pr, revision=revision,
+                      commit_message=commit_message, instance_prompt=instance_prompt, license=license_)
+    _emit(as_json, pushed.model_dump(), _push_text(pushed).strip())
 
 
 @main.group()
@@ -247,13 +323,15 @@ def pairs(source: str, target: str, component: Optional[str], show_all: bool, as
 
 @main.command()
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), help="Folder for the demo's outputs (default: a temp folder).")
+@click.option("--no-port", is_flag=True, help="Only the convert round trip (skip porting the embedded LM example).")
 @click.option("--json", "as_json", is_flag=True)
-def demo(out_dir: Optional[Path], as_json: bool) -> None:
-    """Offline demo on the embedded example LoRA: detect, convert kohya -> diffusers -> kohya, verify."""
-    from .demo import run_demo
+def demo(out_dir: Optional[Path], no_port: bool, as_json: bool) -> None:
+    """Offline demo on the embedded examples: port an LM LoRA v1 -> v2 and measure it; convert kohya -> diffusers -> kohya."""
+    from .demo import port_summary, run_demo
 
-    res = run_demo(out_dir)
-    lines = [
+    res = run_demo(out_dir, port=not no_port)
+    lines = port_summary(res.port) if res.port else ([f"port      skipped: {res.port_skipped}"] if res.port_skipped else [])
+    lines += [
         f"example   {res.example}",
         f"detected  {res.detected_format}, family {res.detected_family}, {res.modules} modules",
         *[f"step      {s.action}: {s.tensors} tensors -> {s.output}" for s in res.steps],
@@ -262,6 +340,36 @@ def demo(out_dir: Optional[Path], as_json: bool) -> None:
     _emit(as_json, res.model_dump(), "\n".join(lines))
     if not res.round_trip_bit_exact:
         sys.exit(1)
+
+
+@main.command("eval")
+@click.argument("lora", required=False, type=click.Path(path_type=Path))
+@click.option("--target-model", required=True, help="The model to evaluate on: a local transformers causal-LM folder.")
+@click.option("--data", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Held-out text file (UTF-8).")
+@click.option("--base-only", is_flag=True, help="Only the loss of the model without an adapter.")
+@click.option("--reference", "reference_lora", type=click.Path(path_type=Path), help="A reference LoRA on the target (e.g. one retrained there): adds the gain recovered.")
+@click.option("--source-model", help="The LoRA's original base model (with --source-lora): adds the gain retained vs the source.")
+@click.option("--source-lora", type=click.Path(path_type=Path), help="The original LoRA, on --source-model.")
+@click.option("--tokenizer", default="auto", show_default=True, help="auto (the model folder's tokenizer; raw bytes for 256-token vocabularies), bytes, or a tokenizer folder.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Window length in tokens.")
+@click.option("--max-windows", type=click.IntRange(min=1), help="Evaluate at most this many windows.")
+@click.option("--family", help="Family of the LoRA(s), if detection is ambiguous.")
+@click.option("--json", "as_json", is_flag=True)
+def eval_(lora, target_model, data, base_only, reference_lora, source_model, source_lora, tokenizer, seq_len, max_windows, family, as_json) -> None:
+    """Held-out loss of a causal LM with and without a LoRA (nats/token), and the gain a port recovers.
+
+    gain recovered = (loss_none - loss_lora) / (loss_none - loss_reference).
+    """
+    from .errors import InputError
+    from .evaluate import evaluate, summarize
+
+    if lora is None and not base_only:
+        raise InputError("give a LORA, or --base-only")
+    if base_only and lora is not None:
+        raise InputError("--base-only takes no LORA")
+    res = evaluate(lora, target_model=target_model, data=data, reference_lora=reference_lora, source_model=source_model,
+                   source_lora=source_lora, tokenizer=tokenizer, seq_len=seq_len, max_windows=max_windows, family=family)
+    _emit(as_json, res.model_dump(), summarize(res))
 
 
 if __name__ == "__main__":  # pragma: no cover

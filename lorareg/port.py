@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from . import __version__
 from .convert import to_plain_lora
-from .engine import DEFAULT_METHOD, METHODS, BasisCache, PortError, default_k, get_method, top_k_batched, weight_digest
+from .engine import DEFAULT_METHOD, DEFAULT_MISMATCH_METHOD, METHODS, BasisCache, PortError, default_k, get_method, top_k_batched, weight_digest
 from .engine.bases import BASES_VERSION, Basis
 from .engine.similarity import subspace_similarity
 from .errors import InputError
@@ -35,8 +35,12 @@ IDENTITY_ON_SAME_WEIGHT = ("copy", "prolora-full")
 REPORT_NAME = "report.json"
 
 
+AUTO = "auto"
+
+
 class LayerReport(BaseModel):
     source: str
+    method: Optional[str] = None
     target: Optional[str] = None
     source_shape: list[int]
     target_shape: Optional[list[int]] = None
@@ -185,7 +189,7 @@ def port(
     source_model: Optional[str] = None,
     target_model: Optional[str] = None,
     to: Optional[str] = None,
-    method: str = DEFAULT_METHOD,
+    method: str = AUTO,
     rank_k: Optional[int] = None,
     threshold: float = DEFAULT_THRESHOLD,
     rank: Optional[int] = None,
@@ -202,8 +206,8 @@ def port(
     from .api import _check_output, load, save
 
     t_start = time.perf_counter()
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    if method != AUTO and method not in METHODS:
+        raise InputError(f"unknown method {method!r} (known: {AUTO}, {', '.join(METHODS)})")
     if not 0.0 <= threshold <= 1.0:
         raise InputError("--threshold must be between 0 and 1")
     if output is not None:
@@ -219,9 +223,11 @@ def port(
     src_fam = registry.family(src_lora.family)
     tgt_fam = registry.family(to) if to else src_fam
     dev = resolve_device(device)
-    needs_weights = method != "copy"
+    needs_weights = method not in ("copy", AUTO)
     if needs_weights and (source_model is None or target_model is None):
-        raise InputError(f"--method {method} needs --source-model and --target-model (copy needs neither)")
+        raise InputError(f"--method {method} needs --source-model and --target-model (copy and auto need neither)")
+    if (source_model is None) != (target_model is None):
+        raise InputError("give both --source-model and --target-model, or neither")
     out_dtype = _dtype_name(dtype) if dtype else None
 
     t0 = time.perf_counter()
@@ -230,8 +236,9 @@ def port(
     tgt_w = open_model(tgt_fam, target_model, tgt_components) if target_model else None
     t_open = time.perf_counter() - t0
 
+    with_models = source_model is not None
     pairs = resolve_pairs(src_fam, tgt_fam, [(m.component, m.name) for m in src_lora.modules.values()],
-                          allow_shape_mismatch=(method == "align"))
+                          allow_shape_mismatch=(method == "align" or (method == AUTO and with_models)))
     cache = BasisCache(cache_dir) if cache_dir else BasisCache()
     bases = _Bases(cache, dev, rank_k)
     with_weights = src_w is not None and tgt_w is not None
@@ -241,11 +248,11 @@ def port(
     layers: list[LayerReport] = []
     out_modules: dict[str, Module] = {}
     t_proj = 0.0
-    fn = get_method(method)
     bar = _progress(len(pairs), "projecting", progress)
     for pair in pairs:
         m = src_lora.modules[pair.key]
-        rep = LayerReport(source=pair.key, target=_tkey(pair), source_shape=pair.source_shape,
+        layer_method = method if method != AUTO else (DEFAULT_METHOD if pair.same_shape else DEFAULT_MISMATCH_METHOD)
+        rep = LayerReport(source=pair.key, method=layer_method, target=_tkey(pair), source_shape=pair.source_shape,
                           target_shape=pair.target_shape, rule=pair.rule, rank_in=m.rank, skipped=pair.skipped)
         layers.append(rep)
         if bar:
@@ -262,7 +269,7 @@ def port(
         sb = bases.memo.get((0, pair.source_component, pair.source_module)) if with_weights else None
         tb = bases.memo.get((1, pair.target_component, pair.target_module)) if with_weights else None
         d_s = bases.digests.get((0, pair.source_component, pair.source_module))
-        if (method in IDENTITY_ON_SAME_WEIGHT and d_s is not None and d_s == bases.digests.get((1, pair.target_component, pair.target_module))
+        if (layer_method in IDENTITY_ON_SAME_WEIGHT and d_s is not None and d_s == bases.digests.get((1, pair.target_component, pair.target_module))
                 and rank in (None, m.rank) and out_dtype in (None, m.factors["up"].dtype) and pair.same_shape):
             # the very same base weight: these methods return ΔW unchanged, so keep the factors' bits
             rep.similarity = rep.similarity_in = rep.similarity_out = rep.kept_energy = 1.0
@@ -272,7 +279,7 @@ def port(
             continue
         t1 = time.perf_counter()
         try:
-            proj = fn(up.to(dev), down.to(dev), source=sb, target=tb, rank=rank or m.rank)
+            proj = get_method(layer_method)(up.to(dev), down.to(dev), source=sb, target=tb, rank=rank or m.rank)
         except PortError as e:
             rep.skipped = str(e).splitlines()[0]
             continue
