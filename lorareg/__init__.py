@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .api import Inspection, convert, detect, inspect, load, save  # noqa: E402
+from .hub import HubError, PushResult, push  # noqa: E402
 from .errors import ConversionError, DetectionError, InputError, LoraregError, RegistryError  # noqa: E402
 from .lora import Lora, Module  # noqa: E402
 from .port import PortReport, PortResult, port  # noqa: E402
@@ -12,6 +13,7 @@ from .registry import get_registry  # noqa: E402
 __all__ = [
     "ConversionError",
     "DetectionError",
+    "HubError",
     "InputError",
     "Inspection",
     "Lora",
@@ -28,6 +30,8 @@ __all__ = [
     "port",
     "PortReport",
     "PortResult",
+    "PushResult",
+    "push",
     "Pair",
     "save",
 ]

@@ -37,6 +37,13 @@ PathLike = Union[str, Path]
 
 def _read_source(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str], str, Optional[dict], SafetensorsHeader]:
     """tensors, metadata, container, PEFT config, the weights file's header."""
+    if not path.exists():
+        from .hub.refs import looks_like_hub_ref
+
+        if looks_like_hub_ref(str(path)):  # hf://org/repo/file.safetensors@rev or org/repo[@rev]
+            from .hub.pull import resolve_lora_ref
+
+            path = resolve_lora_ref(str(path))
     if path.is_dir():
         peft = read_peft_directory(path)
         tensors, metadata, header = open_tensors(peft.weights)

@@ -27,12 +27,13 @@ INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetens
 
 @dataclass(frozen=True)
 class ModelRef:
-    """Where a base model lives: a local path, or a Hub repo with an optional revision."""
+    """Where a base model lives: a local path, or a Hub repo (optionally a file in it) at a revision."""
 
     text: str
     path: Optional[Path] = None
     repo_id: Optional[str] = None
     revision: Optional[str] = None
+    repo_path: Optional[str] = None  # a single-file checkpoint or a subfolder inside the repo
 
     @classmethod
     def parse(cls, text: str) -> "ModelRef":
@@ -42,7 +43,12 @@ class ModelRef:
         m = _HUB_ID.match(text)
         if m and not text.startswith((".", "/", "~")):
             return cls(text, repo_id=m.group(1), revision=m.group(2))
-        raise InputError(f"{text}: no such file or folder, and not a Hub id (org/name[@revision])")
+        if text.startswith(("hf://", "hf:/")):
+            from .hub.refs import parse_hub_ref
+
+            ref = parse_hub_ref(text)
+            return cls(text, repo_id=ref.repo_id, revision=ref.revision, repo_path=ref.path)
+        raise InputError(f"{text}: no such file or folder, and not a Hub id (org/name[@revision] or hf://org/name/file@rev)")
 
     def __str__(self) -> str:
         return self.text
@@ -242,7 +248,7 @@ def open_model(family: Family, ref: str | ModelRef, components: Optional[list[st
         return open_local(family, ref.path, components)
     from .hub.pull import snapshot_for_family
 
-    local, revision = snapshot_for_family(family, ref.repo_id, ref.revision, components)
+    local, revision = snapshot_for_family(family, ref.repo_id, ref.revision, components, path=ref.repo_path)
     weights = open_local(family, local, components, revision)
     weights.ref = ref
     return weights

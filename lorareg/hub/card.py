@@ -1,0 +1,353 @@
+"""The model card and the published report of a ported LoRA: deterministic text, no local paths.
+
+Same port, same card: nothing here depends on the time, the machine or where files lie locally
+(local paths are shown by their file name only; Hub references as ``hf://`` / ``org/repo`` text).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import string
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import __version__
+from .refs import looks_like_hub_ref, parse_hub_ref
+
+TEMPLATE = "card_template.md"
+#: volatile report fields emptied in the published copy (they change on every run)
+VOLATILE = ("timings", "cache")
+
+
+@dataclass
+class CardInfo:
+    """What the card says beyond the report."""
+
+    repo_id: str
+    weight_name: str
+    output_format: str  # e.g. "kohya/kohya", "peft/peft"
+    base_model: Optional[str] = None
+    instance_prompt: Optional[str] = None
+    license: Optional[str] = None
+    source_commit: Optional[str] = None
+    command: Optional[str] = None
+
+
+def load_template() -> str:
+    return resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- references
+
+
+def is_local(text: str) -> bool:
+    return Path(text).expanduser().exists() or not looks_like_hub_ref(text)
+
+
+def display_lora_ref(text: Optional[str]) -> Optional[str]:
+    """A LoRA reference as published: the canonical hf:// form, or a local file's name."""
+    if not text:
+        return None
+    if is_local(text):
+        return Path(text).name
+    return parse_hub_ref(text).uri
+
+
+def display_model_ref(text: Optional[str]) -> Optional[str]:
+    """A model reference as published: ``org/name[@rev]``, or a local folder/file's name."""
+    if not text:
+        return None
+    if Path(text).expanduser().exists() or text.startswith((".", "/", "~")):
+        return Path(text).name
+    return text[5:] if text.startswith("hf://") else text
+
+
+def model_repo_id(text: Optional[str]) -> Optional[str]:
+    """The Hub repo id of a model reference, or None for a local one."""
+    shown = display_model_ref(text)
+    if not shown or shown != text.removeprefix("hf://"):
+        return None
+    try:
+        ref = parse_hub_ref(shown)
+    except Exception:
+        return None
+    return ref.repo_id
+
+
+# --------------------------------------------------------------------------- report
+
+
+def public_report(report: dict[str, Any], weight_name: str, source_commit: Optional[str] = None) -> dict[str, Any]:
+    """The report as published: volatile fields emptied, local paths reduced to names."""
+    r = json.loads(json.dumps(report, default=str))
+    for key in VOLATILE:
+        if key in r:
+            r[key] = {}
+    src = r.get("source_lora")
+    if isinstance(src, dict):
+        src["path"] = display_lora_ref(src.get("path"))
+        if source_commit:
+            src["commit"] = source_commit
+    for key in ("source_model", "target_model"):
+        m = r.get(key)
+        if isinstance(m, dict) and m.get("ref"):
+            m["ref"] = display_model_ref(m["ref"])
+    if isinstance(r.get("output"), dict):
+        r["output"]["path"] = weight_name
+    return r
+
+
+def report_bytes(public: dict[str, Any]) -> bytes:
+    return (json.dumps(public, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# --------------------------------------------------------------------------- trigger words
+
+
+def trigger_words(metadata: dict[str, str]) -> Optional[str]:
+    """Trigger words of a LoRA: ``modelspec.trigger_phrase``, else the top tags of kohya's ``ss_tag_frequency``."""
+    phrase = (metadata.get("modelspec.trigger_phrase") or "").strip()
+    if phrase:
+        return phrase
+    raw = metadata.get("ss_tag_frequency")
+    if not raw:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    counts: dict[str, int] = {}
+    if isinstance(doc, dict):
+        for tags in doc.values():
+            if isinstance(tags, dict):
+                for tag, n in tags.items():
+                    if isinstance(n, (int, float)) and str(tag).strip():
+                        t = str(tag).strip()
+                        counts[t] = counts.get(t, 0) + int(n)
+    if not counts:
+        return None
+    top = max(counts.values())
+    return ", ".join([t for t, n in counts.items() if n == top][:3])
+
+
+def license_of(metadata: dict[str, str]) -> Optional[str]:
+    lic = (metadata.get("modelspec.license") or "").strip()
+    return lic or None
+
+
+# --------------------------------------------------------------------------- card
+
+
+def card_metadata(report: dict[str, Any], info: CardInfo, family) -> dict[str, Any]:
+    """The YAML front matter the Hub reads (model tree, widgets, gallery)."""
+    spec = family.spec if family is not None else None
+    tags = ["lora", "lorareg"]
+    if spec is not None:
+        tags += list(spec.tags)
+        if spec.kind == "image":
+            tags.append("template:sd-lora")
+    meta: dict[str, Any] = {}
+    if info.base_model:
+        meta["base_model"] = info.base_model
+        meta["base_model_relation"] = "adapter"
+    if spec is not None and spec.library_name:
+        lib = spec.library_name
+        if info.output_format.split("/")[0] == "peft" and spec.kind == "text":
+            lib = "peft"
+        meta["library_name"] = lib
+    if spec is not None and spec.pipeline_tag:
+        meta["pipeline_tag"] = spec.pipeline_tag
+    if info.license:
+        meta["license"] = info.license
+    meta["tags"] = list(dict.fromkeys(tags))
+    if info.instance_prompt:
+        meta["instance_prompt"] = info.instance_prompt
+    return meta
+
+
+def build_card(report: dict[str, Any], info: CardInfo, registry=None) -> str:
+    """The README.md text: YAML front matter + the body from ``card_template.md``."""
+    import yaml
+
+    from ..registry import get_registry
+
+    registry = registry or get_registry()
+    tgt = report.get("target_model") or {}
+    src = report.get("source_model") or {}
+    tgt_fam = _family(registry, tgt.get("family"))
+    src_fam = _family(registry, src.get("family"))
+    meta = card_metadata(report, info, tgt_fam)
+    totals = report.get("totals") or {}
+    src_lora = report.get("source_lora") or {}
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000)
+    values = {
+        "front_matter": front,
+        "title": f"{info.repo_id.split('/')[-1]}",
+        "version": report.get("lorareg_version") or __version__,
+        "target_family": tgt.get("family", "?"),
+        "target_family_name": tgt_fam.spec.name if tgt_fam else tgt.get("family", "?"),
+        "source_family": src.get("family", "?"),
+        "source_family_name": src_fam.spec.name if src_fam else src.get("family", "?"),
+        "method": report.get("method", "?"),
+        "source_lora": _lora_cell(src_lora.get("path"), info.source_commit),
+        "source_sha256": src_lora.get("sha256") or "unknown",
+        "source_format": f"`{src_lora['format']}`" if src_lora.get("format") else "unknown",
+        "source_model": _model_cell(src),
+        "target_model": _model_cell(tgt),
+        "weight_name": info.weight_name,
+        "output_format": f"`{info.output_format}`",
+        "method_lines": _method_lines(report),
+        "ported": totals.get("ported", "?"),
+        "skipped": totals.get("skipped", "?"),
+        "layers": totals.get("layers", "?"),
+        "mean_similarity": _num(totals.get("mean_similarity")),
+        "min_similarity": _num(totals.get("min_similarity")),
+        "energy_kept": _pct(totals.get("energy_kept")),
+        "skipped_lines": _skipped_lines(report),
+        "trigger_section": _trigger_section(info.instance_prompt),
+        "usage": usage(info, tgt_fam),
+        "command": info.command or reconstruct_command(report, info.weight_name),
+    }
+    return string.Template(load_template()).substitute(values)
+
+
+def _family(registry, fid: Optional[str]):
+    if not fid:
+        return None
+    try:
+        return registry.family(fid)
+    except Exception:
+        return None
+
+
+def _lora_cell(path: Optional[str], commit: Optional[str]) -> str:
+    if not path:
+        return "an in-memory LoRA"
+    if is_local(path):
+        return f"`{Path(path).name}` (a local file)"
+    ref = parse_hub_ref(path)
+    return f"`{ref.uri}`" + (f" at commit `{commit}`" if commit and commit != ref.revision else "")
+
+
+def _model_cell(m: dict[str, Any]) -> str:
+    ref = m.get("ref")
+    fam = m.get("family", "?")
+    if not ref:
+        return f"not read (family `{fam}`)"
+    shown = display_model_ref(ref)
+    where = "Hub" if model_repo_id(ref) else "local"
+    out = f"`{shown}` ({where}, family `{fam}`"
+    if m.get("layout"):
+        out += f", {m['layout']} layout"
+    if m.get("revision"):
+        out += f", commit `{m['revision']}`"
+    return out + ")"
+
+
+def _num(x) -> str:
+    return "–" if x is None else f"{float(x):.4f}"
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * float(x):.1f}%"
+
+
+def _method_lines(report: dict[str, Any]) -> str:
+    rows = [
+        ("method", f"`{report.get('method')}`"),
+        ("subspace size k", report.get("rank_k") if report.get("rank_k") is not None else "per-layer default"),
+        ("similarity threshold", report.get("threshold")),
+        ("output rank", report.get("rank") if report.get("rank") is not None else "the source's"),
+        ("device", report.get("device")),
+    ]
+    per_layer: dict[str, int] = {}
+    for layer in report.get("layers") or []:
+        if layer.get("method") and not layer.get("skipped"):
+            per_layer[layer["method"]] = per_layer.get(layer["method"], 0) + 1
+    if per_layer and (len(per_layer) > 1 or next(iter(per_layer)) != report.get("method")):
+        rows.insert(1, ("per layer", ", ".join(f"`{m}` × {n}" for m, n in sorted(per_layer.items()))))
+    if report.get("refine"):
+        rows.append(("refine", f"`{json.dumps(report['refine'], sort_keys=True)}`"))
+    return "\n".join(f"- {k}: {v}" for k, v in rows)
+
+
+def _skipped_lines(report: dict[str, Any]) -> str:
+    reasons: dict[str, int] = {}
+    for layer in report.get("layers") or []:
+        why = layer.get("skipped")
+        if why:
+            reasons[why] = reasons.get(why, 0) + 1
+    if not reasons:
+        return ""
+    top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    return "Skipped layers, by reason:\n\n" + "\n".join(f"- {n} × {why}" for why, n in top) + "\n"
+
+
+def _trigger_section(prompt: Optional[str]) -> str:
+    if not prompt:
+        return ""
+    return f"\n## Trigger words\n\nUse `{prompt}` in the prompt.\n"
+
+
+def usage(info: CardInfo, family) -> str:
+    """Loading snippets that match the output format."""
+    fmt = info.output_format.split("/")[0]
+    kind = family.spec.kind if family is not None else "image"
+    base = info.base_model or "<base model>"
+    repo = info.repo_id
+    if fmt == "peft":
+        if kind == "text":
+            return (
+                "With transformers and PEFT:\n\n```python\n"
+                "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f'model = AutoModelForCausalLM.from_pretrained("{base}")\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n'
+                f'model = PeftModel.from_pretrained(model, "{repo}")\n```'
+            )
+        return (
+            "A PEFT adapter folder; with PEFT:\n\n```python\nfrom peft import PeftModel\n\n"
+            f'model = PeftModel.from_pretrained(base_model, "{repo}")  # base_model: the {base} component\n```'
+        )
+    parts = []
+    if kind in ("image", "video"):
+        parts.append(
+            "With diffusers:\n\n```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
+            f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16)\n'
+            f'pipe.load_lora_weights("{repo}", weight_name="{info.weight_name}")\n```'
+        )
+        parts.append(
+            f"In ComfyUI: put `{info.weight_name}` in `ComfyUI/models/loras/` and load it with a "
+            "**LoraLoader** (or **LoraLoaderModelOnly**) node on the target base model."
+        )
+    else:
+        parts.append(f"Load `{info.weight_name}` with the tool that reads the `{info.output_format}` format on `{base}`.")
+    return "\n\n".join(parts)
+
+
+def reconstruct_command(report: dict[str, Any], weight_name: str) -> str:
+    """The ``lorareg port`` command that gives this output, from the report's parameters."""
+    src = report.get("source_model") or {}
+    tgt = report.get("target_model") or {}
+    lora = (report.get("source_lora") or {}).get("path")
+    args = ["lorareg", "port", display_lora_ref(lora) or "LORA"]
+    if src.get("ref"):
+        args += ["--source-model", display_model_ref(src["ref"])]
+    if tgt.get("ref"):
+        args += ["--target-model", display_model_ref(tgt["ref"])]
+    if tgt.get("family") and tgt.get("family") != src.get("family"):
+        args += ["--to", tgt["family"]]
+    args += ["--method", str(report.get("method"))]
+    if report.get("rank_k") is not None:
+        args += ["--rank-k", str(report["rank_k"])]
+    if report.get("threshold"):
+        args += ["--threshold", str(report["threshold"])]
+    if report.get("rank") is not None:
+        args += ["--rank", str(report["rank"])]
+    out = report.get("output") or {}
+    if out.get("format"):
+        args += ["--format", str(out["format"]).split("/")[0]]
+    args += ["-o", weight_name if not weight_name.startswith("adapter_model") else "adapter"]
+    return shlex.join(args)
