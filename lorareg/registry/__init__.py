@@ -52,29 +52,29 @@ class Registry:
         return [f.id for f in self.families.values() if f.matches_alias(value)]
 
 
-def _load_family(path: Path) -> Family:
+def _read_valid(path: Path, schema: str) -> dict:
     doc = read_json(path)
-    validate(doc, schema_file("family.schema.json"), path)
+    validate(doc, schema_file(schema), path)
+    return doc
+
+
+def _typed(model, doc: dict, path: Path):
+    try:
+        return model.model_validate(doc)
+    except ValidationError as e:
+        raise RegistryError(f"{path}: {e.errors()[0]['msg']} at {e.errors()[0]['loc']}") from None
+
+
+def _load_family(path: Path) -> Family:
+    spec = _typed(FamilySpec, _read_valid(path, "family.schema.json"), path)
     modules_path = path.parent.parent / "modules" / path.name
     if not modules_path.exists():
         raise RegistryError(f"{path}: generated module table {modules_path} is missing (run tools/gen_modules.py)")
-    modules_doc = read_json(modules_path)
-    validate(modules_doc, schema_file("modules.schema.json"), modules_path)
-    try:
-        spec = FamilySpec.model_validate(doc)
-    except ValidationError as e:
-        raise RegistryError(f"{path}: {e.errors()[0]['msg']} at {e.errors()[0]['loc']}") from None
-    return build_family(spec, modules_doc, path)
+    return build_family(spec, _read_valid(modules_path, "modules.schema.json"), path)
 
 
 def _load_format(path: Path) -> Format:
-    doc = read_json(path)
-    validate(doc, schema_file("adapter.schema.json"), path)
-    try:
-        spec = FormatSpec.model_validate(doc)
-    except ValidationError as e:
-        raise RegistryError(f"{path}: {e.errors()[0]['msg']} at {e.errors()[0]['loc']}") from None
-    return Format(spec=spec, path=path)
+    return Format(spec=_typed(FormatSpec, _read_valid(path, "adapter.schema.json"), path), path=path)
 
 
 @lru_cache(maxsize=8)
@@ -93,10 +93,7 @@ def _load(roots: tuple[Path, ...]) -> Registry:
         formats[fmt.id] = fmt
     correspondences = []
     for path in iter_data_files("correspondences"):
-        doc = read_json(path)
-        schema = schema_file("correspondence.schema.json")
-        validate(doc, schema, path)
-        correspondences.append(doc)
+        correspondences.append(_read_valid(path, "correspondence.schema.json"))
     return Registry(families=families, formats=formats, correspondences=correspondences)
 
 
