@@ -10,6 +10,8 @@ from .cache import BasisCache, BasisKey, default_cache_root, weight_digest
 from .lowrank import diff_energy, energy, recompress, relative_error
 from .methods import (
     DEFAULT_METHOD,
+    DEFAULT_MISMATCH_METHOD,
+    DEFAULT_PROJECTION,
     METHODS,
     MissingBasisError,
     PortError,
@@ -25,6 +27,8 @@ __all__ = [
     "BasisCache",
     "BasisKey",
     "DEFAULT_METHOD",
+    "DEFAULT_MISMATCH_METHOD",
+    "DEFAULT_PROJECTION",
     "METHODS",
     "MissingBasisError",
     "PortError",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["recompress", "energy", "diff_energy", "relative_error", "as_f32"]
+__all__ = ["recompress", "recompress_with_values", "energy", "diff_energy", "relative_error", "as_f32"]
 
 
 def as_f32(t: Tensor, device: torch.device | str | None = None) -> Tensor:
@@ -19,14 +19,8 @@ def _check(up: Tensor, down: Tensor) -> None:
         )
 
 
-def recompress(up: Tensor, down: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Best rank-``rank`` factorisation of ``up @ down`` (optimal in Frobenius norm).
-
-    QR of each side, SVD of the small core ``R_up R_downᵀ``, truncation to ``rank``; singular values
-    are split as sqrt on each side so both factors have balanced magnitudes. Exact when
-    ``rank >= rank(up @ down)``. Returns fp32 factors with ``min(rank, R, m, n)`` columns/rows.
-    Cost O((m + n) R² + R³).
-    """
+def recompress_with_values(up: Tensor, down: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`recompress` that also returns the kept singular values of ``up @ down`` (fp64)."""
     _check(up, down)
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
@@ -34,13 +28,25 @@ def recompress(up: Tensor, down: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     down = as_f32(down, up.device)
     Qa, Ra = torch.linalg.qr(up)  # [m, a], [a, R]
     Qb, Rb = torch.linalg.qr(down.T)  # [n, b], [b, R]
-    core = (Ra.double() @ Rb.double().T)  # [a, b], tiny: fp64 for free
+    core = Ra.double() @ Rb.double().T  # [a, b], tiny: fp64 for free
     X, s, Yh = torch.linalg.svd(core, full_matrices=False)
     r = min(rank, s.shape[0])
     root = s[:r].sqrt()
     new_up = Qa @ (X[:, :r] * root).to(torch.float32)
     new_down = (root[:, None] * Yh[:r]).to(torch.float32) @ Qb.T
-    return new_up.contiguous(), new_down.contiguous()
+    return new_up.contiguous(), new_down.contiguous(), s[:r]
+
+
+def recompress(up: Tensor, down: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Best rank-``rank`` factorisation of ``up @ down`` (optimal in Frobenius norm).
+
+    QR of each side, SVD of the small core ``R_up R_downᵀ`` (fp64), truncation to ``rank``;
+    singular values are split as sqrt on each side so both factors have balanced magnitudes.
+    Exact when ``rank >= rank(up @ down)``. Returns fp32 factors with ``min(rank, R, m, n)``
+    columns/rows. Cost O((m + n) R² + R³); the m×n product is never formed.
+    """
+    new_up, new_down, _ = recompress_with_values(up, down, rank)
+    return new_up, new_down
 
 
 def energy(up: Tensor, down: Tensor) -> float:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..bases import Basis
-from ..lowrank import as_f32, energy, recompress
+from ..lowrank import as_f32, energy, recompress_with_values
 from ..similarity import subspace_similarity
 
 
@@ -102,9 +102,11 @@ def finish(
     compress: bool = True,
 ) -> Projection:
     if compress:
-        up_out, down_out = recompress(up_out, down_out, rank)
+        up_out, down_out, s = recompress_with_values(up_out, down_out, rank)
+        e_out = float((s**2).sum())  # ‖up_out down_out‖_F² = Σ σ² of the kept part
+    else:
+        e_out = energy(up_out, down_out)
     e_in = energy(up_in, down_in)
-    e_out = energy(up_out, down_out)
     kept = e_out / e_in if e_in > 0 else (1.0 if e_out == 0 else float("inf"))
     sim, s_out, s_in = side_similarities(source, target)
     return Projection(
@@ -131,6 +133,8 @@ def check_same_shape(method: str, dw_shape: tuple[int, int], *bases: Basis | Non
 __all__ = [
     "METHODS",
     "DEFAULT_METHOD",
+    "DEFAULT_PROJECTION",
+    "DEFAULT_MISMATCH_METHOD",
     "get_method",
     "Projection",
     "PortError",
@@ -164,9 +168,14 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "align": ("source", "target"),
 }
 
-#: Recommended default for same-shape layers (see docs/methods.md): identical to copy on an
-#: identical target, closest to the ideal on perturbed targets among the projections.
-DEFAULT_METHOD = "prolora-full"
+#: Recommended default where shapes match (docs/methods.md): no training-free projection measured
+#: better than copy on same-shape pairs, and a default must never do worse than copy.
+DEFAULT_METHOD = "copy"
+#: Recommended projection when one is wanted on same-shape layers: equals copy on an identical
+#: target and is the closest of the projections to the ideal on perturbed targets.
+DEFAULT_PROJECTION = "prolora-full"
+#: The only method that handles layers whose shapes differ.
+DEFAULT_MISMATCH_METHOD = "align"
 
 
 def get_method(name: str) -> ProjectFn:
