@@ -111,6 +111,10 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def _flat_shape(shape) -> tuple[int, int]:
+    return (shape[0], math.prod(shape[1:]))
+
+
 @dataclass
 class _Bases:
     """Top-k bases of base-model weights, through the content-addressed cache, built in batches."""
@@ -130,29 +134,58 @@ class _Bases:
     def get_many(self, model: BaseWeights, side: int, modules: list[tuple[str, str]], progress=None) -> None:
         """Fill the memo for these modules: cache hits first, then batched randomized SVDs."""
         pending: list[tuple[tuple[int, str, str], torch.Tensor, str, int]] = []
+        from .engine.cache import BasisKey
+
         for cid, name in modules:
             key = (side, cid, name)
             if key in self.memo:
                 continue
             t0 = time.perf_counter()
-            w = _flat(model.weight(cid, name))
-            digest = weight_digest(w)
+            shape = model.family.components[cid].modules[name]
+            k = min(self.k_for(_flat_shape(shape)), min(_flat_shape(shape)))
+            fp = model.fingerprint(cid, name)
+            digest = self._known_digest(fp)
+            w = None
+            if digest is None:
+                w = _flat(model.weight(cid, name))
+                digest = weight_digest(w)
+                self._remember_digest(fp, digest)
             self.digests[key] = digest
             self.seconds_read += time.perf_counter() - t0
-            k = min(self.k_for(w.shape), min(w.shape))
-            from .engine.cache import BasisKey
-
             hit = self.cache.get(BasisKey(digest, k, BASES_VERSION))
             if hit is not None:
                 self.memo[key] = hit
                 if progress:
                     progress.update(1)
                 continue
+            if w is None:
+                w = _flat(model.weight(cid, name))
             pending.append((key, w, digest, k))
             if sum(p[1].numel() for p in pending) > 64 * 2**20:
                 self._build(pending, progress)
                 pending = []
         self._build(pending, progress)
+
+    def _digest_path(self, fp: str) -> Path:
+        return self.cache.root / "digests" / fp[:2] / fp
+
+    def _known_digest(self, fp: Optional[str]) -> Optional[str]:
+        """The content digest remembered for a weight fingerprint (skips re-hashing known files)."""
+        if fp is None:
+            return None
+        try:
+            text = self._digest_path(fp).read_text().strip()
+        except OSError:
+            return None
+        return text if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else None
+
+    def _remember_digest(self, fp: Optional[str], digest: str) -> None:
+        if fp is None:
+            return
+        try:
+            atomic_write_text(self._digest_path(fp), digest + "\n")
+        except OSError:
+            pass  # a read-only cache still works, it just hashes again next time
 
     def _build(self, pending, progress) -> None:
         if not pending:

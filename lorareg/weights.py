@@ -7,6 +7,7 @@ component comes from the family's ``layouts``; names in a single file come from 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Optional
 import torch
 
 from .errors import InputError
-from .io import SafetensorsHeader, read_header
+from .io import LazyTensor, SafetensorsHeader, read_header
 from .registry import CANONICAL, Family
 from .registry.families import Component, Layout
 
@@ -111,6 +112,28 @@ class BaseWeights:
                 raise InputError(f"{self.ref}: {component}:{module} has shape {list(t.shape)}, expected {list(shape)} for {self.family.id}")
         return t
 
+    def fingerprint(self, component: str, module: str) -> Optional[str]:
+        """A cheap identity of a module's stored weight (file path, size, mtime, offset, name), or None.
+
+        It lets the basis cache skip hashing weights it has seen: the content digest is remembered
+        under this fingerprint. A file rewritten in place gets a new mtime and so a new fingerprint.
+        """
+        src = self._sources.get(component)
+        if src is None or module not in src.component.modules:
+            return None
+        name = module
+        if src.scheme != CANONICAL:
+            group = src.component.fused_group_of(src.scheme).get(module)
+            name = group.name if group is not None else src.component.name_in(src.scheme, module)
+        found = self._locate(src, name + ".weight")
+        if found is None:
+            return None
+        header, key = found
+        st = header.path.stat()
+        info = header.tensors[key]
+        text = f"{header.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{header.data_offset + info.begin}|{key}|{component}:{module}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
     def _read(self, src: _Source, module: str) -> torch.Tensor:
         if src.scheme != CANONICAL:
             group = src.component.fused_group_of(src.scheme).get(module)
@@ -124,22 +147,30 @@ class BaseWeights:
             name = module
         return self._tensor(src, name + ".weight", module)
 
-    def _tensor(self, src: _Source, name: str, module: str) -> torch.Tensor:
+    def _candidates(self, src: _Source, name: str) -> list[str]:
         prefix = src.component.spec.module_prefix
         tried = [src.prefix + name]
         if prefix and name.startswith(prefix):
             tried.append(src.prefix + name[len(prefix) :])  # transformers 5 saves CLIP without text_model.
         elif prefix:
             tried.append(src.prefix + prefix + name)
-        for candidate in tried:
+        return tried
+
+    def _locate(self, src: _Source, name: str) -> Optional[tuple[SafetensorsHeader, str]]:
+        for candidate in self._candidates(src, name):
             found = src.find(candidate)
             if found:
-                header, key = found
-                info = header.tensors[key]
-                from .io import LazyTensor
+                return found
+        return None
 
-                return LazyTensor(info.dtype, info.shape, header=header, info=info).torch()
-        raise InputError(f"{self.ref}: weight of {src.component.id}:{module} not found (looked for {tried[0]!r})")
+    def _tensor(self, src: _Source, name: str, module: str) -> torch.Tensor:
+        found = self._locate(src, name)
+        if found is None:
+            tried = self._candidates(src, name)[0]
+            raise InputError(f"{self.ref}: weight of {src.component.id}:{module} not found (looked for {tried!r})")
+        header, key = found
+        info = header.tensors[key]
+        return LazyTensor(info.dtype, info.shape, header=header, info=info).torch()
 
 
 def _numel(shape) -> int:
