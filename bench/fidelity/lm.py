@@ -1,0 +1,208 @@
+"""Language-model pair: a byte-level Llama (GQA) trained on the Python standard library's sources.
+
+v1: trained on the stdlib's code; v2: v1 trained further on a shifted mix (half of it packages v1
+never saw); v3: the same recipe as v1 from another seed (negative control). The task LoRA learns
+English prose: the Python language reference shipped as ``pydoc_data.topics``, split by topic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import lorareg
+from lorareg.evaluate import LossEvaluator, windows
+
+from common import LoraHooks, deltas_of, gain, layer_similarities, port, weight_change
+
+FAMILY = "fid-llama"
+CONFIG = json.loads((Path(__file__).parent / "data/schemas/families/fid-llama.json").read_text())["components"]["model"]["architecture"]["config"]
+LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+SHIFT_PACKAGES = ("email", "xml", "asyncio", "http", "urllib", "idlelib", "tkinter")
+SKIP_DIRS = {"test", "tests", "idle_test", "pydoc_data", "encodings", "site-packages", "dist-packages", "__pycache__", "turtledemo", "lib2to3"}
+
+
+@dataclass
+class Budget:
+    v1_steps: int = 1200
+    v2_steps: int = 400
+    lora_steps: int = 250
+    batch: int = 16
+    seq: int = 128
+    eval_windows: int = 256
+    lr: float = 2e-3
+    lora_lr: float = 3e-3
+    rank: int = 8
+    alpha: float = 16.0
+
+
+TINY = Budget(v1_steps=30, v2_steps=10, lora_steps=10, batch=8, seq=64, eval_windows=16)
+
+
+def corpora() -> dict[str, bytes]:
+    std = Path(sysconfig.get_paths()["stdlib"])
+    base, shift = [], []
+    for p in sorted(std.rglob("*.py")):
+        rel = p.relative_to(std).parts
+        if SKIP_DIRS & set(rel[:-1]) or p.name.startswith("test_"):
+            continue
+        (shift if rel[0] in SHIFT_PACKAGES else base).append(p.read_bytes())
+    import pydoc_data.topics as topics
+
+    keys = sorted(topics.topics)
+    random.Random(0).shuffle(keys)
+    cut = int(0.85 * len(keys))
+    prose = lambda ks: "\n\n".join(topics.topics[k] for k in sorted(ks)).encode("utf-8")  # noqa: E731
+    return {"base": b"\n\n".join(base), "shift": b"\n\n".join(shift), "task_train": prose(keys[:cut]), "task_heldout": prose(keys[cut:])}
+
+
+def as_ids(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+class Sampler:
+    """Random windows from a weighted mix of byte corpora, reproducible from a seed."""
+
+    def __init__(self, mix: list[tuple[torch.Tensor, float]], seq: int, batch: int, seed: int):
+        self.mix, self.seq, self.batch = mix, seq, batch
+        self.g = torch.Generator().manual_seed(seed)
+        w = torch.tensor([m[1] for m in mix], dtype=torch.float)
+        self.p = w / w.sum()
+
+    def __call__(self) -> torch.Tensor:
+        which = torch.multinomial(self.p, self.batch, replacement=True, generator=self.g)
+        rows = []
+        for i in which.tolist():
+            ids = self.mix[i][0]
+            start = int(torch.randint(0, ids.numel() - self.seq, (1,), generator=self.g))
+            rows.append(ids[start : start + self.seq])
+        return torch.stack(rows)
+
+
+def new_model(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**CONFIG))
+
+
+def train(model, params, sampler: Sampler, steps: int, lr: float, warmup: int = 20) -> float:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    model.train()
+    last = float("nan")
+    for step in range(steps):
+        f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr * max(f, 0.05)
+        x = sampler()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last = float(loss)
+    model.eval()
+    return last
+
+
+def train_lora(model, sampler: Sampler, b: Budget, seed: int) -> LoraHooks:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, _ in model.named_modules() if n.endswith(LORA_TARGETS)]
+    hooks = LoraHooks(model, names, b.rank, b.alpha, seed)
+    train(model, hooks.parameters(), sampler, b.lora_steps, b.lora_lr, warmup=10)
+    hooks.remove()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return hooks
+
+
+def build(root: Path, b: Budget, log) -> dict:
+    """Train v1, v2, v3 and the task LoRAs; save them under root. Returns timing and data info."""
+    t0 = time.perf_counter()
+    data = corpora()
+    base, shift = as_ids(data["base"]), as_ids(data["shift"])
+    task = as_ids(data["task_train"])
+    info = {"corpus_bytes": {k: len(v) for k, v in data.items()}}
+    timings = {}
+
+    t = time.perf_counter()
+    v1 = new_model(seed=1)
+    info["v1_final_train_loss"] = train(v1, list(v1.parameters()), Sampler([(base, 1.0)], b.seq, b.batch, seed=11), b.v1_steps, b.lr)
+    v1.save_pretrained(root / "v1")
+    timings["train_v1_s"] = time.perf_counter() - t
+    log(f"lm: v1 trained ({b.v1_steps} steps, {timings['train_v1_s']:.0f} s, last loss {info['v1_final_train_loss']:.3f})")
+
+    t = time.perf_counter()
+    v2 = new_model(seed=1)
+    v2.load_state_dict(v1.state_dict())
+    info["v2_final_train_loss"] = train(v2, list(v2.parameters()), Sampler([(base, 0.5), (shift, 0.5)], b.seq, b.batch, seed=12), b.v2_steps, b.lr * 0.5)
+    v2.save_pretrained(root / "v2")
+    timings["train_v2_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    v3 = new_model(seed=3)
+    info["v3_final_train_loss"] = train(v3, list(v3.parameters()), Sampler([(base, 1.0)], b.seq, b.batch, seed=13), b.v1_steps, b.lr)
+    v3.save_pretrained(root / "v3")
+    timings["train_v3_s"] = time.perf_counter() - t
+    log(f"lm: v2 (+{b.v2_steps} steps on the shifted mix) and v3 (another seed) trained")
+
+    # task LoRAs: on v1 (the one to port), and retrained on each target with the same budget and data order
+    t = time.perf_counter()
+    for name, model in (("v1", v1), ("v2", v2), ("v3", v3)):
+        hooks = train_lora(model, Sampler([(task, 1.0)], b.seq, b.batch, seed=21), b, seed=22)
+        lorareg.save(hooks.to_lora(FAMILY, "model"), root / f"lora-{name}", format="peft", force=True)
+    timings["train_loras_s"] = time.perf_counter() - t
+    info["weight_change_v1_v2"] = weight_change(v1.state_dict(), v2.state_dict())
+    info["weight_change_v1_v3"] = weight_change(v1.state_dict(), v3.state_dict())
+    (root / "heldout.txt").write_bytes(data["task_heldout"])
+    info["timings"] = timings
+    info["build_s"] = time.perf_counter() - t0
+    log(f"lm: LoRAs trained ({timings['train_loras_s']:.0f} s); ‖W2−W1‖/‖W1‖ = {info['weight_change_v1_v2']:.3f}")
+    return info
+
+
+def evaluate(root: Path, b: Budget, methods: list[str], thresholds: list[float], log) -> dict:
+    """Port lora-v1 onto v2 and v3 with every method and measure the held-out task loss."""
+    from lorareg.evaluate import load_causal_lm
+
+    held = windows(as_ids((root / "heldout.txt").read_bytes()), b.seq, b.eval_windows)
+    src_lora = lorareg.load(root / "lora-v1", family=FAMILY)
+    v1 = load_causal_lm(root / "v1")
+    ev1 = LossEvaluator(v1, held)
+    out = {"source": {"loss_none": ev1.loss(), "loss_lora": ev1.loss(deltas_of(src_lora))}, "pairs": {}}
+    for target, kind in (("v2", "checkpoint upgrade"), ("v3", "negative control (another seed)")):
+        model = load_causal_lm(root / target)
+        ev = LossEvaluator(model, held)
+        none = ev.loss()
+        ref = ev.loss(deltas_of(lorareg.load(root / f"lora-{target}", family=FAMILY)))
+        rows = {}
+        sweeps = {}
+        for method in methods:
+            ported, report, secs = port(src_lora, root / "v1", root / target, method, root / "ported" / f"{target}-{method}")
+            loss = ev.loss(deltas_of(ported))
+            sims = layer_similarities(report)
+            rows[method] = {"loss": loss, "gain": gain(none, loss, ref), "ported": report.totals.ported, "skipped": report.totals.skipped,
+                            "mean_similarity": report.totals.mean_similarity, "min_similarity": report.totals.min_similarity,
+                            "energy_kept": report.totals.energy_kept, "port_s": secs}
+            if method in ("copy", "prolora-full"):
+                sweep = []
+                for th in thresholds:
+                    keep = {k for k, s in sims.items() if s >= th}
+                    keep_t = {l.target for l in report.layers if l.source in keep and l.target}
+                    loss_th = ev.loss(deltas_of(ported, keep_t))
+                    sweep.append({"threshold": th, "layers": len(keep_t), "loss": loss_th, "gain": gain(none, loss_th, ref)})
+                sweeps[method] = sweep
+            if method == "copy":
+                per_layer = sims
+        out["pairs"][f"v1->{target}"] = {"kind": kind, "loss_none": none, "loss_retrained": ref, "methods": rows,
+                                          "threshold_sweep": sweeps, "layer_similarity": per_layer}
+        log(f"lm: v1->{target}: none {none:.4f}, retrained {ref:.4f}, " + ", ".join(f"{m} {100 * r['gain']:.0f}%" for m, r in rows.items()))
+    return out

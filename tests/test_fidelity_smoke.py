@@ -1,0 +1,48 @@
+"""The fidelity benchmark's tiny variant: the whole pipeline runs and produces a finite table (not the headline numbers)."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN = Path(__file__).resolve().parent.parent / "bench" / "fidelity" / "run.py"
+
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+
+
+@pytest.mark.skipif(not RUN.exists(), reason="bench/fidelity is not part of this checkout")
+def test_tiny_fidelity_benchmark(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "LORAREG_DATA_PATH"}
+    res = subprocess.run([sys.executable, str(RUN), "--tiny", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "out"
+    assert (out / "RESULTS.md").read_text().startswith("# Fidelity benchmark")
+    results = json.loads((out / "results.json").read_text())
+    domains = ["lm"] + (["diffusion"] if "pairs" in results.get("diffusion", {}) else [])
+    for domain in domains:
+        for name, pair in results[domain]["pairs"].items():
+            assert math.isfinite(pair["loss_none"]) and math.isfinite(pair["loss_retrained"]), name
+            assert set(results["methods"]) <= set(pair["methods"]), name
+            for method, row in pair["methods"].items():
+                assert math.isfinite(row["loss"]), (name, method)
+                assert row["ported"] + row["skipped"] > 0
+            for sweep in pair["threshold_sweep"].values():
+                assert len(sweep) > 1 and all(math.isfinite(s["loss"]) for s in sweep)
+    lm = results["lm"]["pairs"]
+    flag = results["flag_threshold"]
+    # the related pair passes the similarity filter, the negative control (another seed) is flagged
+    assert min(lm["v1->v2"]["layer_similarity"].values()) >= flag
+    assert max(lm["v1->v3"]["layer_similarity"].values()) < flag
+    if "diffusion" in domains:
+        dist = results["diffusion"]["pairs"]["v1->distilled"]["methods"]["copy"]
+        assert dist["aligned_layers"] > 0 and dist["skipped"] > 0  # blocks re-paired by similarity, removed ones skipped
+    if importlib.util.find_spec("matplotlib"):
+        for png in ("gain_recovered.png", "loss_vs_threshold.png", "digits_grid.png"):
+            assert (out / png).stat().st_size > 1000, png
