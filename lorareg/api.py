@@ -85,16 +85,22 @@ def _detect(path: Path, format: Optional[str], family: Optional[str], registry: 
 def load(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None) -> Lora:
     """Read a LoRA file (or PEFT folder) of any known format into canonical modules."""
     path = Path(path)
-    det, result, tensors, metadata, peft_config, weights = _detect(path, format, family)
-    # the provenance hash runs beside detection: hashlib releases the GIL on large buffers
+    # the provenance hash runs beside the rest: hashlib releases the GIL on large buffers
     with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(weights.sha256)
-        if result.unmapped:
-            _refuse_mixed(det, result, tensors, metadata)
-        lora = assemble(result, tensors, metadata, peft_config)
-        lora.source_path = str(path)
+        lora, digest = _load_hashing(path, format, family, pool)
         lora.source_sha256 = digest.result()
     return lora
+
+
+def _load_hashing(path: Path, format: Optional[str], family: Optional[str], pool: ThreadPoolExecutor):
+    """Load, with the source file's SHA-256 computing in ``pool`` (a future the caller awaits)."""
+    det, result, tensors, metadata, peft_config, weights = _detect(path, format, family)
+    digest = pool.submit(weights.sha256)
+    if result.unmapped:
+        _refuse_mixed(det, result, tensors, metadata)
+    lora = assemble(result, tensors, metadata, peft_config)
+    lora.source_path = str(path)
+    return lora, digest
 
 
 def _refuse_mixed(det: Detection, result, tensors, metadata) -> None:
@@ -299,17 +305,19 @@ def convert(
     _check_output(source, output, force)
     registry = get_registry()
     registry.format(to)
-    lora = load(source, family=family)
-    if lora.unmapped and not allow_unmapped:
-        key, reason = next(iter(lora.unmapped.items()))
-        raise ConversionError(
-            f"{len(lora.unmapped)} tensors map to no module (e.g. {key!r}: {reason}); "
-            "pass --allow-unmapped to convert the rest and list them as dropped"
-        )
-    if not allow_nonfinite:
-        bad = scan_nonfinite({f"{m.key}/{role}": t for m in lora.modules.values() for role, t in m.factors.items()})
-        if bad:
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        lora, digest = _load_hashing(source, None, family, pool)
+        if lora.unmapped and not allow_unmapped:
+            key, reason = next(iter(lora.unmapped.items()))
             raise ConversionError(
-                f"{source}: {len(bad)} factor tensors hold NaN/Inf values; pass --allow-nonfinite to convert anyway"
+                f"{len(lora.unmapped)} tensors map to no module (e.g. {key!r}: {reason}); "
+                "pass --allow-unmapped to convert the rest and list them as dropped"
             )
+        if not allow_nonfinite:  # scanned while the hash runs on the other core
+            bad = scan_nonfinite({f"{m.key}/{role}": t for m in lora.modules.values() for role, t in m.factors.items()})
+            if bad:
+                raise ConversionError(
+                    f"{source}: {len(bad)} factor tensors hold NaN/Inf values; pass --allow-nonfinite to convert anyway"
+                )
+        lora.source_sha256 = digest.result()
     return save(lora, output, format=to, variant=variant, rank=rank, force=force)
