@@ -52,13 +52,31 @@ def build_lora(path: Path, rank: int) -> int:
     return len(sd)
 
 
-def time_it(fn, repeat: int) -> list[float]:
+def time_it(fn, repeat: int, outputs: list[Path]) -> list[float]:
+    """Median-ready timings. Outside the timed region: earlier outputs are deleted (each run writes a
+    new file, as a user's conversion does) and garbage is collected (freeing the previous run's
+    mappings is not part of a conversion)."""
+    import gc
+
+    def clean():
+        for p in outputs:
+            if p.is_dir():
+                import shutil
+
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        gc.collect()
+
+    clean()
     fn()  # warm-up (imports, registry tables, page cache)
     times = []
     for _ in range(repeat):
+        clean()
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
+    clean()
     return times
 
 
@@ -80,9 +98,7 @@ def main() -> None:
 
         def write_floor():
             # writing the same number of bytes to a new file: no conversion can go below this
-            out = tmp / "floor.bin"
-            out.unlink(missing_ok=True)
-            out.write_bytes(payload)
+            (tmp / "floor.bin").write_bytes(payload)
 
         def bare():
             save_file(load_file(str(src)), str(tmp / "bare.safetensors"))
@@ -108,21 +124,21 @@ def main() -> None:
             det, result, tensors, metadata, peft, _ = _detect(src, None, None)
             lora = assemble(result, tensors, metadata, peft)
             lora.source_path = str(src)
-            lorareg.save(lora, tmp / "lorareg-bare.safetensors", format="diffusers", force=True)
+            lorareg.save(lora, tmp / "lorareg-bare.safetensors", format="diffusers")
 
         def lorareg_path():
-            lorareg.convert(src, tmp / "lorareg.safetensors", to="diffusers", force=True)
+            lorareg.convert(src, tmp / "lorareg.safetensors", to="diffusers")
 
         t0 = time.perf_counter()
         lorareg.convert(src, tmp / "cold.safetensors", to="diffusers", force=True)
         first_call = time.perf_counter() - t0
         results = {
-            "write-only floor": time_it(write_floor, args.repeat),
-            "safetensors": time_it(bare, args.repeat),
-            "diffusers": time_it(diffusers_path, args.repeat),
-            "diffusers+saver": time_it(diffusers_saver_path, args.repeat),
-            "lorareg": time_it(lorareg_path, args.repeat),
-            "lorareg-no-hash-no-scan": time_it(lorareg_bare_path, args.repeat),
+            "write-only floor": time_it(write_floor, args.repeat, [tmp / "floor.bin"]),
+            "safetensors": time_it(bare, args.repeat, [tmp / "bare.safetensors"]),
+            "diffusers": time_it(diffusers_path, args.repeat, [tmp / "diffusers.safetensors"]),
+            "diffusers+saver": time_it(diffusers_saver_path, args.repeat, [tmp / "saver"]),
+            "lorareg": time_it(lorareg_path, args.repeat, [tmp / "lorareg.safetensors"]),
+            "lorareg-no-hash-no-scan": time_it(lorareg_bare_path, args.repeat, [tmp / "lorareg-bare.safetensors"]),
         }
     med = {k: statistics.median(v) for k, v in results.items()}
     out = {
