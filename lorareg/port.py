@@ -30,6 +30,9 @@ from .resolve import Pair, align_groups, resolve_pairs
 from .weights import BaseWeights, ModelRef, open_model
 
 DEFAULT_THRESHOLD = 0.0
+#: below this mean subspace similarity the two base models look unrelated (bench/fidelity: unrelated
+#: models < 0.3, related checkpoints and distillations >= 0.79): the port is flagged
+RELATED_MIN_SIMILARITY = 0.5
 #: methods that return ΔW unchanged when the target weight is the source weight (docs/methods.md)
 IDENTITY_ON_SAME_WEIGHT = ("copy", "prolora-full")
 REPORT_NAME = "report.json"
@@ -68,6 +71,8 @@ class PortTotals(BaseModel):
     mean_similarity: Optional[float] = None
     min_similarity: Optional[float] = None
     energy_kept: Optional[float] = Field(None, description="‖ΔW_out‖² / ‖ΔW_in‖² summed over ported layers")
+    related: Optional[bool] = Field(None, description=f"mean similarity of the compared layers >= {RELATED_MIN_SIMILARITY}")
+    related_similarity: Optional[float] = Field(None, description="mean similarity over every compared layer, ported or not")
 
 
 class PortReport(BaseModel):
@@ -86,6 +91,7 @@ class PortReport(BaseModel):
     timings: dict[str, float]
     cache: dict[str, int]
     refine: Optional[dict[str, Any]] = None
+    warnings: list[str] = Field(default_factory=list)
 
 
 @dataclass
@@ -334,6 +340,12 @@ def port(
     ported = Lora(family=tgt_fam.id, modules=out_modules, metadata=dict(src_lora.metadata),
                   format_state=src_lora.format_state, source_path=src_lora.source_path, source_sha256=src_lora.source_sha256)
     totals = _totals(layers, src_lora)
+    warnings = []
+    if totals.related is False:
+        warnings.append(
+            f"the base models look unrelated: mean subspace similarity {totals.related_similarity:.2f} < {RELATED_MIN_SIMILARITY}; "
+            "a training-free port is unlikely to carry the LoRA's effect (use --threshold to skip such layers)"
+        )
     report = PortReport(
         method=method,
         rank_k=rank_k,
@@ -350,6 +362,7 @@ def port(
         timings={"open_s": round(t_open, 3), "read_weights_s": round(bases.seconds_read, 3),
                  "build_bases_s": round(bases.seconds_build, 3), "project_s": round(t_proj, 3)},
         cache={"hits": cache.hits, "misses": cache.misses, "built": bases.built},
+        warnings=warnings,
     )
     result = PortResult(lora=ported, report=report)
     if output is not None:
@@ -479,7 +492,11 @@ def _totals(layers: list[LayerReport], lora: Lora) -> PortTotals:
         energy_in += e
         energy_out += e * l.kept_energy
     all_in = sum(_energy(lora.modules[l.source]) for l in layers)
+    compared = [l.similarity for l in layers if l.similarity is not None]
+    related_sim = sum(compared) / len(compared) if compared else None
     return PortTotals(
+        related=None if related_sim is None else related_sim >= RELATED_MIN_SIMILARITY,
+        related_similarity=_r(related_sim),
         layers=len(layers),
         ported=len(ported),
         skipped=len(layers) - len(ported),
@@ -531,6 +548,8 @@ def summarize(report: PortReport) -> str:
             reasons[l.skipped] = reasons.get(l.skipped, 0) + 1
     for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]:
         lines.append(f"  skipped {n}: {why}")
+    for w in report.warnings:
+        lines.append(f"  WARNING: {w}")
     lines.append(f"  bases: {report.cache.get('hits', 0)} from cache, {report.cache.get('built', 0)} built; time {report.timings.get('total_s', 0):.2f} s")
     if report.output:
         lines.append(f"  wrote {report.output['path']} ({report.output['format']})")

@@ -196,3 +196,11 @@ def test_basis_build_fills_the_cache(models):
     assert first["modules"] == 15
     again = json.loads(CliRunner().invoke(main, ["basis", "build", str(models / "llama-v1"), "--family", "tiny-llama", "--json"]).stdout)
     assert again["built"] == 0 and again["cached"] == 15
+
+
+def test_unrelated_models_are_flagged_without_a_threshold(models, llama_lora):
+    res = lorareg.port(llama_lora, source_model=str(models / "llama-v1"), target_model=str(models / "llama-other"), progress=False)
+    assert res.report.totals.related is False and res.report.warnings
+    assert "WARNING" in res.summary and "unrelated" in res.summary
+    ok = lorareg.port(llama_lora, source_model=str(models / "llama-v1"), target_model=str(models / "llama-v2"), progress=False)
+    assert ok.report.totals.related is True and not ok.report.warnings

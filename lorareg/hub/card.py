@@ -280,10 +280,11 @@ def _skipped_lines(report: dict[str, Any]) -> str:
         why = layer.get("skipped")
         if why:
             reasons[why] = reasons.get(why, 0) + 1
+    warnings = "".join(f"**Warning:** {w}\n\n" for w in report.get("warnings") or [])
     if not reasons:
-        return ""
+        return warnings
     top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
-    return "Skipped layers, by reason:\n\n" + "\n".join(f"- {n} × {why}" for why, n in top) + "\n"
+    return warnings + "Skipped layers, by reason:\n\n" + "\n".join(f"- {n} × {why}" for why, n in top) + "\n"
 
 
 def _trigger_section(prompt: Optional[str]) -> str:
