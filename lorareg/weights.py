@@ -121,11 +121,7 @@ class BaseWeights:
         src = self._sources.get(component)
         if src is None or module not in src.component.modules:
             return None
-        name = module
-        if src.scheme != CANONICAL:
-            group = src.component.fused_group_of(src.scheme).get(module)
-            name = group.name if group is not None else src.component.name_in(src.scheme, module)
-        found = self._locate(src, name + ".weight")
+        found = self._locate(src, _stored_name(src, module) + ".weight")
         if found is None:
             return None
         header, key = found
@@ -142,10 +138,7 @@ class BaseWeights:
                 rows = [fused[s.at : s.at + s.stop - s.start] for s in group.slices if s.module == module]
                 order = sorted((s.start, i) for i, s in enumerate(x for x in group.slices if x.module == module))
                 return torch.cat([rows[i] for _, i in order], dim=0)
-            name = src.component.name_in(src.scheme, module)
-        else:
-            name = module
-        return self._tensor(src, name + ".weight", module)
+        return self._tensor(src, _stored_name(src, module) + ".weight", module)
 
     def _candidates(self, src: _Source, name: str) -> list[str]:
         prefix = src.component.spec.module_prefix
@@ -171,6 +164,14 @@ class BaseWeights:
         header, key = found
         info = header.tensors[key]
         return LazyTensor(info.dtype, info.shape, header=header, info=info).torch()
+
+
+def _stored_name(src: _Source, module: str) -> str:
+    """The module's name in the checkpoint's naming scheme (a fused group's name for fused parts)."""
+    if src.scheme == CANONICAL:
+        return module
+    group = src.component.fused_group_of(src.scheme).get(module)
+    return group.name if group is not None else src.component.name_in(src.scheme, module)
 
 
 def _numel(shape) -> int:
@@ -258,16 +259,19 @@ def _layout_names(family: Family) -> list[str]:
 
 
 def _probe(sources: dict[str, _Source]) -> bool:
-    """Does at least one module of each component resolve in these files?"""
-    for cid, src in sources.items():
+    """Does each component have at least one of its module weights in these files? (headers only)"""
+    for src in sources.values():
         bw = BaseWeights.__new__(BaseWeights)
         bw._sources = sources
-        name = next(iter(src.component.modules))
+        found = False
         try:
-            bw._read(src, name)
-        except InputError:
+            for name in src.component.modules:
+                if bw._locate(src, _stored_name(src, name) + ".weight") is not None:
+                    found = True
+                    break
+        except (InputError, OSError, ValueError):
             return False
-        except (OSError, ValueError):
+        if not found:
             return False
     return True
 
