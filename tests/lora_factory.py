@@ -14,6 +14,24 @@ from lorareg.lora import FormatState, Lora, Module
 from lorareg.registry import get_registry
 
 
+TEST_DATA = Path(__file__).parent / "data"
+
+
+def tiny_family_config(family: str, component: str) -> dict:
+    """The architecture config of a test family (read with tests/data on the registry path)."""
+    import os
+
+    old = os.environ.get("LORAREG_DATA_PATH")
+    os.environ["LORAREG_DATA_PATH"] = str(TEST_DATA)
+    try:
+        return dict(get_registry().family(family).components[component].spec.architecture.config)
+    finally:
+        if old is None:
+            os.environ.pop("LORAREG_DATA_PATH", None)
+        else:
+            os.environ["LORAREG_DATA_PATH"] = old
+
+
 def make_lora(
     family: str,
     select: Callable[[str, str], bool] | str,

@@ -29,13 +29,9 @@ DATA = Path(__file__).parent / "data"
 ATTN = r"attn[12]\.to_(q|k|v|out\.0)$"
 OWNER = "lorareg-tester"  # the loopback Hub's user: its token may write there
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("tiny_families")]
 
 
-@pytest.fixture(autouse=True)
-def test_families(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("LORAREG_DATA_PATH", str(DATA))
-    monkeypatch.setenv("LORAREG_CACHE", str(tmp_path_factory.getbasetemp() / "bases"))
 
 
 def dog(folder: Path, name: str = "dog.safetensors") -> Path:
@@ -224,14 +220,9 @@ def test_hf_lora_path(hub_server, hub_api, tmp_path):
 def llamas(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorareg.registry import get_registry
+    from lora_factory import tiny_family_config
 
-    old = os.environ.get("LORAREG_DATA_PATH")
-    os.environ["LORAREG_DATA_PATH"] = str(DATA)
-    try:
-        cfg = LlamaConfig(**get_registry().family("tiny-llama").components["model"].spec.architecture.config)
-    finally:
-        os.environ.pop("LORAREG_DATA_PATH") if old is None else os.environ.__setitem__("LORAREG_DATA_PATH", old)
+    cfg = LlamaConfig(**tiny_family_config("tiny-llama", "model"))
     root = tmp_path_factory.mktemp("llamas")
     torch.manual_seed(0)
     v1 = LlamaForCausalLM(cfg)

@@ -20,17 +20,14 @@ from lorareg.hub.pull import select_weight_files, snapshot_for_family
 from lorareg.io import read_header
 from lorareg.registry import get_registry
 from lorareg.weights import open_model
-from lora_factory import make_lora, write
+from lora_factory import make_lora, tiny_family_config, write
 
 DATA = Path(__file__).parent / "data"
+pytestmark = pytest.mark.usefixtures("tiny_families")
 PROGRESS = re.compile(r"%\||\d+it \[|\[\d+:\d+")  # tqdm lines (huggingface_hub's transfer bars, lorareg's)
 ATTN = r"attn[12]\.to_(q|k|v|out\.0)$"
 
 
-@pytest.fixture(autouse=True)
-def test_families(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("LORAREG_DATA_PATH", str(DATA))
-    monkeypatch.setenv("LORAREG_CACHE", str(tmp_path_factory.getbasetemp() / "bases"))
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +37,7 @@ def llama_files(tmp_path_factory):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    old = os.environ.get("LORAREG_DATA_PATH")
-    os.environ["LORAREG_DATA_PATH"] = str(DATA)
-    try:
-        cfg = get_registry().family("tiny-llama").components["model"].spec.architecture.config
-    finally:
-        os.environ.pop("LORAREG_DATA_PATH") if old is None else os.environ.__setitem__("LORAREG_DATA_PATH", old)
+    cfg = tiny_family_config("tiny-llama", "model")
     root = tmp_path_factory.mktemp("llama")
     torch.manual_seed(0)
     v1 = LlamaForCausalLM(LlamaConfig(**cfg))

@@ -18,7 +18,6 @@ from lorareg.io import read_header
 from hub_server import HubServer
 from lora_factory import make_lora, write
 
-DATA = Path(__file__).parent / "data"
 PROGRESS = re.compile(r"%\||\d+it \[|\[\d+:\d+")  # tqdm lines (huggingface_hub's transfer bars, lorareg's)
 ATTN = r"attn[12]\.to_(q|k|v|out\.0)$"
 REPO = "lorareg-tester/ported"
@@ -26,13 +25,9 @@ AUTH_LINE = "error: authentication failed (check HF_TOKEN / huggingface-cli logi
 
 # huggingface_hub 2.4.0's LFS PUT passes bytes as `data=`, which httpx2 deprecates: lorareg.push filters
 # that warning itself, so these tests turn it into an error to check it stays quiet
-pytestmark = pytest.mark.filterwarnings("error:Use 'content=<...>' to upload raw bytes/text content.:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("error:Use 'content=<...>' to upload raw bytes/text content.:DeprecationWarning"), pytest.mark.usefixtures("tiny_families")]
 
 
-@pytest.fixture(autouse=True)
-def test_families(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("LORAREG_DATA_PATH", str(DATA))
-    monkeypatch.setenv("LORAREG_CACHE", str(tmp_path_factory.getbasetemp() / "bases"))
 
 
 def source_lora(tmp_path: Path, rank: int = 4, name: str = "dog.safetensors", **extra_meta) -> Path:

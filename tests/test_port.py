@@ -11,60 +11,44 @@ from safetensors.torch import load_file, save_file
 
 import lorareg
 from lorareg.cli import main
-from lorareg.registry import get_registry
-from lora_factory import make_lora, write
+from lora_factory import make_lora, tiny_family_config, write
 
-DATA = Path(__file__).parent / "data"
+pytestmark = pytest.mark.usefixtures("tiny_families")
 KEPT = [0, 2, 5]  # the SSD-like model keeps these of the SDXL-like model's 6 blocks per attention
 ATTN = r"attn[12]\.to_(q|k|v|out\.0)$"
 
 
-@pytest.fixture(autouse=True)
-def test_families(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("LORAREG_DATA_PATH", str(DATA))
-    monkeypatch.setenv("LORAREG_CACHE", str(tmp_path_factory.getbasetemp() / "bases"))
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    import os
-
     from diffusers import UNet2DConditionModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    old = os.environ.get("LORAREG_DATA_PATH")
-    os.environ["LORAREG_DATA_PATH"] = str(DATA)
-    try:
-        reg = get_registry()
-        root = tmp_path_factory.mktemp("models")
-        torch.manual_seed(0)
-        cfg = lambda fid: reg.family(fid).components["unet"].spec.architecture.config  # noqa: E731
-        sdxl = UNet2DConditionModel.from_config(cfg("tiny-sdxl"))
-        sdxl.save_pretrained(root / "sdxl" / "unet")
-        ssd = UNet2DConditionModel.from_config(cfg("tiny-ssd"))
-        sa, sb = sdxl.state_dict(), ssd.state_dict()
-        for k in sb:
-            src = k
-            m = re.match(r"(down_blocks\.1\.attentions\.\d+\.transformer_blocks\.|up_blocks\.0\.attentions\.\d+\.transformer_blocks\.)(\d+)(\..*)", k)
-            if m:
-                src = m.group(1) + str(KEPT[int(m.group(2))]) + m.group(3)
-            if src in sa and sa[src].shape == sb[k].shape:
-                sb[k] = sa[src] + 0.01 * torch.randn_like(sa[src])
-        ssd.load_state_dict(sb)
-        ssd.save_pretrained(root / "ssd" / "unet")
-        llama_cfg = reg.family("tiny-llama").components["model"].spec.architecture.config
-        v1 = LlamaForCausalLM(LlamaConfig(**llama_cfg))
-        v1.save_pretrained(root / "llama-v1", max_shard_size="100KB")  # sharded, with an index
-        v2 = LlamaForCausalLM(LlamaConfig(**llama_cfg))
-        v2.load_state_dict({k: v + 0.02 * v.std() * torch.randn_like(v) for k, v in v1.state_dict().items()})
-        v2.save_pretrained(root / "llama-v2")
-        other = LlamaForCausalLM(LlamaConfig(**llama_cfg))  # unrelated: another seed
-        other.save_pretrained(root / "llama-other")
-    finally:
-        if old is None:
-            os.environ.pop("LORAREG_DATA_PATH", None)
-        else:
-            os.environ["LORAREG_DATA_PATH"] = old
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    cfg = lambda fid: tiny_family_config(fid, "unet")  # noqa: E731
+    sdxl = UNet2DConditionModel.from_config(cfg("tiny-sdxl"))
+    sdxl.save_pretrained(root / "sdxl" / "unet")
+    ssd = UNet2DConditionModel.from_config(cfg("tiny-ssd"))
+    sa, sb = sdxl.state_dict(), ssd.state_dict()
+    for k in sb:
+        src = k
+        m = re.match(r"(down_blocks\.1\.attentions\.\d+\.transformer_blocks\.|up_blocks\.0\.attentions\.\d+\.transformer_blocks\.)(\d+)(\..*)", k)
+        if m:
+            src = m.group(1) + str(KEPT[int(m.group(2))]) + m.group(3)
+        if src in sa and sa[src].shape == sb[k].shape:
+            sb[k] = sa[src] + 0.01 * torch.randn_like(sa[src])
+    ssd.load_state_dict(sb)
+    ssd.save_pretrained(root / "ssd" / "unet")
+    llama_cfg = tiny_family_config("tiny-llama", "model")
+    v1 = LlamaForCausalLM(LlamaConfig(**llama_cfg))
+    v1.save_pretrained(root / "llama-v1", max_shard_size="100KB")  # sharded, with an index
+    v2 = LlamaForCausalLM(LlamaConfig(**llama_cfg))
+    v2.load_state_dict({k: v + 0.02 * v.std() * torch.randn_like(v) for k, v in v1.state_dict().items()})
+    v2.save_pretrained(root / "llama-v2")
+    other = LlamaForCausalLM(LlamaConfig(**llama_cfg))  # unrelated: another seed
+    other.save_pretrained(root / "llama-other")
     return root
 
 
