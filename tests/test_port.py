@@ -188,3 +188,27 @@ def test_unrelated_models_are_flagged_without_a_threshold(models, llama_lora):
     assert "WARNING" in res.summary and "unrelated" in res.summary
     ok = lorareg.port(llama_lora, source_model=str(models / "llama-v1"), target_model=str(models / "llama-v2"), progress=False)
     assert ok.report.totals.related is True and not ok.report.warnings
+
+
+def test_cross_family_shape_mismatch_uses_align_or_is_skipped(models, tmp_path):
+    """SD1.5 -> SDXL style: equal widths, but cross-attention key/value inputs differ (24 vs 32 here)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(1)
+    sd15 = UNet2DConditionModel.from_config(tiny_family_config("tiny-sd15", "unet"))
+    sd15.save_pretrained(tmp_path / "sd15" / "unet")
+    lora = make_lora("tiny-sd15", ATTN, rank=2, alpha=2.0, dtype=torch.float32)
+    src = write(lora, tmp_path / "l.safetensors", "kohya")
+    res = lorareg.port(src, source_model=str(tmp_path / "sd15"), target_model=str(models / "sdxl"), to="tiny-sdxl",
+                       output=tmp_path / "out.safetensors", progress=False)
+    layers = {l.source: l for l in res.report.layers}
+    k = layers["unet:down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"]
+    q = layers["unet:down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+    assert k.method == "align" and not k.skipped and k.target_shape == [64, 32] and k.rank_out <= 2
+    assert q.method == "copy" and not q.skipped
+    out = lorareg.load(tmp_path / "out.safetensors")
+    assert tuple(out.modules["unet:down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"].delta_weight().shape) == (64, 32)
+    copy = lorareg.port(src, source_model=str(tmp_path / "sd15"), target_model=str(models / "sdxl"), to="tiny-sdxl",
+                        method="copy", progress=False)
+    k = {l.source: l for l in copy.report.layers}["unet:down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"]
+    assert "needs --method align" in k.skipped
