@@ -159,3 +159,21 @@ def test_ldm_format_drops_text_encoders_with_a_reason(tmp_path):
     report = lorareg.convert(src, tmp_path / "l.safetensors", to="ldm")
     assert report.dropped and all("cannot name sd15 text_encoder modules" in d.reason for d in report.dropped)
     assert report.modules_out == report.modules_in - len(report.dropped)
+
+
+def test_dora_magnitude_survives_kohya_diffusers_round_trip(tmp_path):
+    """LyCORIS/kohya store the DoRA magnitude as a column [out, 1]; PEFT/diffusers as a vector [out]."""
+    from lorareg.io import LazyTensor
+
+    lora = make_lora("sd15", r"^unet:down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn1\.to_(q|v)$", alpha=2.0)
+    for m in lora.modules.values():
+        m.dora_scale = LazyTensor.from_torch(torch.rand(m.weight_shape[0], 1).half() + 0.5)
+    src = write(lora, tmp_path / "dora.safetensors", "kohya")
+    assert any(k.endswith(".dora_scale") for k in raw(src))
+    mid = tmp_path / "d.safetensors"
+    lorareg.convert(src, mid, to="diffusers")
+    vectors = {k: v for k, v in raw(mid).items() if k.endswith(".lora_magnitude_vector")}
+    assert len(vectors) == 2 and all(len(v[1]) == 1 for v in vectors.values())
+    back = tmp_path / "back.safetensors"
+    lorareg.convert(mid, back, to="kohya")
+    assert_bit_identical(src, back)
