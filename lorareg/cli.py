@@ -194,10 +194,19 @@ def _push_options(f):
 @click.option("--format", "format_", help="Output key format (default: the input's).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--no-align", is_flag=True, help="Do not re-pair distilled blocks by similarity; pair block i with block i.")
+@click.option("--refine", type=click.Choice(["distill"]), help="After projecting, refine the LoRA on the target: distill = data-free self-distillation from source model + LoRA (language models; needs both models).")
+@click.option("--steps", "refine_steps", type=click.IntRange(min=0), default=100, show_default=True, help="--refine: optimizer steps.")
+@click.option("--samples", "refine_samples", type=click.IntRange(min=1), default=64, show_default=True, help="--refine: sequences generated from the source model + LoRA.")
+@click.option("--sample-length", "refine_sample_length", type=click.IntRange(min=2), default=128, show_default=True, help="--refine: tokens per sample.")
+@click.option("--lr", "refine_lr", type=click.FloatRange(min=0, min_open=True), help="--refine: learning rate (default 2e-3).")
+@click.option("--seed", "refine_seed", type=int, default=0, show_default=True, help="--refine: seed of the samples and the batch order.")
+@click.option("--budget-seconds", "refine_budget_seconds", type=click.FloatRange(min=0), help="--refine: stop training after this many seconds (sampling included).")
+@click.option("--force-unrelated", is_flag=True, help="--refine even if the base models look unrelated (it would then retrain the LoRA on synthetic data, not port it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--push", "push_to", metavar="REPO", help="Upload the result (weights, README.md, report.json) to this Hub repo in one commit.")
 @_push_options
-def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, device, dtype, output, format_, force, no_align, as_json,
+def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, device, dtype, output, format_, force, no_align,
+         refine, refine_steps, refine_samples, refine_sample_length, refine_lr, refine_seed, refine_budget_seconds, force_unrelated, as_json,
          push_to, private, create_pr, revision, commit_message, instance_prompt) -> None:
     """Port a LoRA to another base model, training-free; writes the LoRA and a report.json."""
     from .port import port as run_port
@@ -208,6 +217,8 @@ def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, 
         lora, source_model=source_model, target_model=target_model, to=to, method=method,
         rank_k=rank_k, threshold=threshold, rank=rank, device=device, dtype=dtype, output=output,
         format=format_, force=force, align_blocks=not no_align, progress=not as_json,
+        refine=refine, refine_steps=refine_steps, refine_samples=refine_samples, refine_sample_length=refine_sample_length,
+        refine_lr=refine_lr, refine_seed=refine_seed, refine_budget_seconds=refine_budget_seconds, force_unrelated=force_unrelated,
     )
     text = result.summary + f"\n  report {result.report_path}"
     if not push_to:

@@ -240,8 +240,21 @@ def port(
     cache_dir: Optional[Union[str, Path]] = None,
     align_blocks: bool = True,
     progress: bool = True,
+    refine: Optional[str] = None,
+    refine_steps: int = 100,
+    refine_samples: int = 64,
+    refine_sample_length: int = 128,
+    refine_lr: Optional[float] = None,
+    refine_seed: int = 0,
+    refine_budget_seconds: Optional[float] = None,
+    force_unrelated: bool = False,
 ) -> PortResult:
-    """Port a LoRA from its base model to a target model; write it (and report.json) if ``output``."""
+    """Port a LoRA from its base model to a target model; write it (and report.json) if ``output``.
+
+    ``refine="distill"`` (language models): after the projection, train the ported LoRA on the target
+    to match the source model + LoRA on samples generated from it (data-free self-distillation; see
+    lorareg.refine). Refused on unrelated base models unless ``force_unrelated``.
+    """
     from .api import _check_output, load, save
 
     t_start = time.perf_counter()
@@ -268,12 +281,16 @@ def port(
     if (source_model is None) != (target_model is None):
         raise InputError("give both --source-model and --target-model, or neither")
     out_dtype = _dtype_name(dtype) if dtype else None
+    if refine is not None:
+        _check_refine_kind(refine, src_fam, tgt_fam)
 
     t0 = time.perf_counter()
     src_w = open_model(src_fam, source_model, src_lora.components) if source_model else None
     tgt_components = _target_components(src_lora, src_fam, tgt_fam)
     tgt_w = open_model(tgt_fam, target_model, tgt_components) if target_model else None
     t_open = time.perf_counter() - t0
+    if refine is not None:
+        _check_refine(refine, src_fam, tgt_fam, src_w, tgt_w)
 
     with_models = source_model is not None
     pairs = resolve_pairs(src_fam, tgt_fam, [(m.component, m.name) for m in src_lora.modules.values()],
@@ -364,6 +381,24 @@ def port(
         cache={"hits": cache.hits, "misses": cache.misses, "built": bases.built},
         warnings=warnings,
     )
+    if refine is not None:
+        if totals.related is False and not force_unrelated:
+            raise InputError(
+                f"the base models look unrelated (mean similarity {totals.related_similarity:.2f}); distillation would retrain "
+                "the LoRA, not port it; pass --force-unrelated to refine anyway")
+        if not out_modules:
+            raise InputError("no layer could be ported (see the report: every layer was skipped); nothing to refine")
+        from .refine import refine_lm
+
+        t3 = time.perf_counter()
+        ported, ref_report = refine_lm(
+            ported, source_model=_model_folder(src_w), target_model=_model_folder(tgt_w), source_lora=src_lora,
+            steps=refine_steps, samples=refine_samples, sample_length=refine_sample_length, lr=refine_lr, seed=refine_seed,
+            device=str(dev), budget_seconds=refine_budget_seconds, progress=progress, start_method=method,
+            cache_dir=cache_dir)
+        out_modules = ported.modules
+        report.refine = ref_report.model_dump()
+        report.timings["refine_s"] = round(time.perf_counter() - t3, 3)
     result = PortResult(lora=ported, report=report)
     if output is not None:
         if not out_modules:
@@ -383,6 +418,47 @@ def port(
         report.timings["total_s"] = round(time.perf_counter() - t_start, 3)
     result.summary = summarize(report)
     return result
+
+
+def _model_folder(w: BaseWeights) -> Path:
+    """The local folder (config.json + weights) a transformers model was read from."""
+    if w.ref.path is not None and w.ref.path.is_dir():
+        return w.ref.path
+    for src in w._sources.values():
+        if src.files:
+            return next(iter(src.files.values())).parent
+    return w.ref.path.parent if w.ref.path is not None else Path(str(w.ref))
+
+
+def _check_refine_kind(refine: str, src_fam: Family, tgt_fam: Family) -> None:
+    if refine != "distill":
+        raise InputError(f"unknown refinement {refine!r} (known: distill)")
+    for fam in (src_fam, tgt_fam):
+        if fam.spec.kind != "text":
+            raise InputError(f"distill refinement for {fam.spec.kind} models ({fam.id}: diffusion UNets) is not implemented yet; "
+                             "only language models (family kind text)")
+
+
+def _check_refine(refine: str, src_fam: Family, tgt_fam: Family, src_w: Optional[BaseWeights], tgt_w: Optional[BaseWeights]) -> None:
+    from .evaluate import TOKENIZER_FILES
+
+    if src_w is None or tgt_w is None:
+        raise InputError("--refine distill needs --source-model and --target-model")
+    folders = [_model_folder(src_w), _model_folder(tgt_w)]
+    configs = []
+    for f in folders:
+        try:
+            configs.append(json.loads((f / "config.json").read_text()))
+        except (OSError, ValueError):
+            raise InputError(f"{f}: --refine distill needs a transformers model folder with a config.json") from None
+    vocab = [c.get("vocab_size") for c in configs]
+    if vocab[0] != vocab[1]:
+        raise InputError(f"the two models have different vocabularies (vocab_size {vocab[0]} vs {vocab[1]}); "
+                         "distillation needs the same tokenizer on both sides")
+    for name in TOKENIZER_FILES:
+        a, b = folders[0] / name, folders[1] / name
+        if name != "tokenizer_config.json" and a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes():
+            raise InputError(f"the two models' {name} differ; distillation needs the same tokenizer on both sides")
 
 
 def _fold(m: Module) -> Module:
@@ -551,6 +627,10 @@ def summarize(report: PortReport) -> str:
     for w in report.warnings:
         lines.append(f"  WARNING: {w}")
     lines.append(f"  bases: {report.cache.get('hits', 0)} from cache, {report.cache.get('built', 0)} built; time {report.timings.get('total_s', 0):.2f} s")
+    if report.refine:
+        r = report.refine
+        lines.append(f"  refined ({r['method']}, {r['steps']} steps, {r['samples']}x{r['sample_length']} samples, {r['wall_s']:.1f} s): "
+                     f"KL {r['kl_start']:.4f} -> {r['kl_end']:.4f} (data-free quality signal: lower is closer to source + LoRA)")
     if report.output:
         lines.append(f"  wrote {report.output['path']} ({report.output['format']})")
     return "\n".join(lines)

@@ -206,3 +206,70 @@ def evaluate(root: Path, b: Budget, methods: list[str], thresholds: list[float],
                                           "threshold_sweep": sweeps, "layer_similarity": per_layer}
         log(f"lm: v1->{target}: none {none:.4f}, retrained {ref:.4f}, " + ", ".join(f"{m} {100 * r['gain']:.0f}%" for m, r in rows.items()))
     return out
+
+
+def general_text() -> bytes:
+    """Code no model saw in training: the standard library's own test suite (its test/ folder is skipped by corpora())."""
+    std = Path(sysconfig.get_paths()["stdlib"]) / "test"
+    files = sorted(p for p in std.glob("test_*.py"))
+    return b"\n\n".join(p.read_bytes() for p in files[:80])
+
+
+def evaluate_distill(root: Path, b: Budget, steps_list: list[int], log, lrs: tuple[float, ...] = (1e-3, 3e-3), target: str = "v2") -> dict:
+    """lorareg port --refine distill of lora-v1 onto ``target`` at several step budgets.
+
+    Per budget: gain recovered on the task, wall time as a ratio to retraining the LoRA on the target
+    (timed here, same budget as build()), the target's general-text loss with the refined LoRA, the
+    fraction of the teacher's own score (v1 + LoRA, read with the target's gain formula) reached, and
+    the final distillation KL. Extra rows at 50 steps with other learning rates.
+    """
+    from lorareg.evaluate import load_causal_lm
+
+    held = windows(as_ids((root / "heldout.txt").read_bytes()), b.seq, b.eval_windows)
+    gen = windows(as_ids(general_text()), b.seq, b.eval_windows)
+    src_lora = lorareg.load(root / "lora-v1", family=FAMILY)
+    v1 = load_causal_lm(root / "v1")
+    teacher_loss = LossEvaluator(v1, held).loss(deltas_of(src_lora))
+    del v1
+    model = load_causal_lm(root / target)
+    ev, ev_gen = LossEvaluator(model, held), LossEvaluator(model, gen)
+    none = ev.loss()
+    ref = ev.loss(deltas_of(lorareg.load(root / f"lora-{target}", family=FAMILY)))
+    # time retraining the LoRA on the target (same data, budget and seeds as build())
+    task = as_ids(corpora()["task_train"])
+    retrain_model = load_causal_lm(root / target)
+    t = time.perf_counter()
+    train_lora(retrain_model, Sampler([(task, 1.0)], b.seq, b.batch, seed=21), b, seed=22)
+    retrain_s = time.perf_counter() - t
+    del retrain_model
+    teacher_gain = gain(none, teacher_loss, ref)
+    out = {"target": target, "sample_length": b.seq, "samples": 64, "loss_none": none, "loss_retrained": ref, "retrain_s": retrain_s, "loss_teacher": teacher_loss,
+           "teacher_gain": teacher_gain, "general_loss_none": ev_gen.loss(), "rows": []}
+    copy_ported, _, _ = port(src_lora, root / "v1", root / target, "copy", root / "ported" / f"{target}-copy-d")
+    copy_loss = ev.loss(deltas_of(copy_ported))
+    out["copy"] = {"loss": copy_loss, "gain": gain(none, copy_loss, ref), "general_loss": ev_gen.loss(deltas_of(copy_ported))}
+    runs = [(s, None) for s in steps_list] + [(50 if 50 in steps_list or not steps_list else steps_list[0], lr) for lr in lrs]
+    cache = root / "distill-cache"
+    sample_s = 0.0  # generating the samples (once; later runs read them from the cache): counted in every row's time
+    for steps, lr in runs:
+        dest = root / "ported" / f"{target}-distill-{steps}-{lr or 'default'}"
+        t = time.perf_counter()
+        res = lorareg.port(src_lora, source_model=str(root / "v1"), target_model=str(root / target), output=dest, force=True,
+                           progress=False, device="cpu", refine="distill", refine_steps=steps, refine_samples=64,
+                           refine_sample_length=b.seq, refine_lr=lr, refine_seed=0, cache_dir=cache)
+        wall = time.perf_counter() - t
+        refined = lorareg.load(dest, family=FAMILY)
+        loss = ev.loss(deltas_of(refined))
+        r = res.report.refine
+        g = gain(none, loss, ref)
+        if not r["samples_cached"]:
+            sample_s = r["sample_s"]
+        total_s = r["wall_s"] + (sample_s if r["samples_cached"] else 0.0)
+        row = {"steps": steps, "lr": r["lr"], "loss": loss, "gain": g, "teacher_fraction": g / teacher_gain if teacher_gain else float("nan"),
+               "general_loss": ev_gen.loss(deltas_of(refined)), "kl_start": r["kl_start"], "kl_end": r["kl_end"],
+               "refine_s": r["wall_s"], "sample_s": r["sample_s"], "samples_cached": r["samples_cached"], "port_s": wall,
+               "refine_with_sampling_s": total_s, "time_ratio": total_s / retrain_s}
+        out["rows"].append(row)
+        log(f"lm: distill v1->{target} {steps} steps lr {r['lr']:g}: gain {100 * g:.1f}% (copy {100 * out['copy']['gain']:.1f}%), "
+            f"KL {r['kl_start']:.4f} -> {r['kl_end']:.4f}, {total_s:.1f} s = {total_s / retrain_s:.2f}x retraining")
+    return out

@@ -56,7 +56,7 @@ def _setup_env(work: Path) -> None:
 
 
 def run(out: Path, *, tiny: bool = False, work: Path | None = None, threads: int | None = None, parts=("lm", "diffusion"),
-        write_example: bool = False, log=_log) -> dict:
+        write_example: bool = False, refine_steps: tuple[int, ...] = (), reuse: bool = False, skip_methods: bool = False, log=_log) -> dict:
     """Build everything, evaluate, write results.json, RESULTS.md and plots into ``out``; returns the results."""
     own_work = work is None
     work = Path(tempfile.mkdtemp(prefix="lorareg-fidelity-")) if own_work else Path(work)
@@ -82,8 +82,15 @@ def run(out: Path, *, tiny: bool = False, work: Path | None = None, threads: int
 
             b = lm.TINY if tiny else lm.Budget()
             t = time.perf_counter()
-            results["lm"] = {"budget": b.__dict__, "build": lm.build(work / "lm", b, log)}
-            results["lm"].update(lm.evaluate(work / "lm", b, METHODS, THRESHOLDS, log))
+            if reuse and (work / "lm" / "lora-v2").exists():
+                log(f"lm: reusing the models and LoRAs in {work / 'lm'} (--reuse-work)")
+                results["lm"] = {"budget": b.__dict__, "reused": str(work / "lm")}
+            else:
+                results["lm"] = {"budget": b.__dict__, "build": lm.build(work / "lm", b, log)}
+            if not skip_methods:
+                results["lm"].update(lm.evaluate(work / "lm", b, METHODS, THRESHOLDS, log))
+            if refine_steps:
+                results["lm"]["distill"] = lm.evaluate_distill(work / "lm", b, list(refine_steps), log)
             results["lm"]["wall_s"] = time.perf_counter() - t
             if write_example:
                 import export_example
@@ -117,7 +124,10 @@ def run(out: Path, *, tiny: bool = False, work: Path | None = None, threads: int
         except ImportError:  # matplotlib missing
             log("plots: skipped (matplotlib is not installed)")
         else:
-            plots.make_all(results, samples, out)
+            if skip_methods:
+                log("plots: skipped (--skip-methods)")
+            else:
+                plots.make_all(results, samples, out)
         log(f"done in {results['wall_s']:.0f} s -> {out / 'RESULTS.md'}")
     finally:
         if own_work:
@@ -172,6 +182,8 @@ def report_markdown(results: dict) -> str:
           "Gain recovered = (loss_none − loss_port) / (loss_none − loss_retrained): 100% = as good as a LoRA retrained on the target "
           "with the same budget, 0% = no better than no adapter. Loss: held-out task loss (LM: nats/byte on held-out topics of the "
           "Python language reference; UNet: ε-prediction MSE on held-out inverted digits).", ""]
+    if "distill" in results.get("lm", {}):
+        L += distill_markdown(results["lm"]["distill"])
     methods = results["methods"] + (["copy (no block alignment)"] if "diffusion" in results and "pairs" in results["diffusion"] else [])
     L += ["## Gain recovered", "", "| pair | kind | loss none | loss retrained | " + " | ".join(methods) + " |",
           "|---|---|---|---|" + "---|" * len(methods)]
@@ -216,6 +228,25 @@ def report_markdown(results: dict) -> str:
     return "\n".join(L)
 
 
+def distill_markdown(d: dict) -> list[str]:
+    """The `--refine distill` table (LM pair)."""
+    L = [f"## Refinement: data-free self-distillation (LM v1->{d['target']})", "",
+         f"`lorareg port --refine distill` from the copied LoRA: 64 samples of {d['sample_length']} "
+         f"bytes generated once from v1 + LoRA (temperature 1), KL(teacher ‖ student) on the target. Copy alone: {_pct(d['copy']['gain'])}. "
+         f"Teacher (v1 + LoRA) scored with the target's formula: {_pct(d['teacher_gain'])} (the ceiling). Retraining the LoRA on the target "
+         f"(the reference) took {d['retrain_s']:.1f} s in this run. General-text loss (the standard library's test suite, never trained on): "
+         f"target without LoRA {_f(d['general_loss_none'], 4)}, with the copied LoRA {_f(d['copy']['general_loss'], 4)}.", "",
+         "| steps | lr | gain recovered | of the teacher's | task loss | general-text loss | KL start → end | wall time | × retraining |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        L.append(f"| {r['steps']} | {r['lr']:g} | {100 * r['gain']:.1f}% | {_pct(r['teacher_fraction'])} | {_f(r['loss'], 4)} | {_f(r['general_loss'], 4)} | "
+                 f"{r['kl_start']:.4f} → {r['kl_end']:.4f} | {r.get('refine_with_sampling_s', r['refine_s']):.1f} s | {r['time_ratio']:.2f} |")
+    L += ["", "Wall time: the refinement (generating the samples + training; the samples are generated once and cached, their time is "
+          "counted in every row), on the same machine and threads as the retraining. The general-text loss column is the target's "
+          "loss on general code with the refined LoRA applied (compare: without LoRA, with the copied LoRA above).", ""]
+    return L
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a few steps of everything: checks the pipeline in < 1 min")
@@ -224,11 +255,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, 1 with --tiny; use 1 on a busy machine)")
     ap.add_argument("--only", choices=["lm", "diffusion"], help="run one half")
     ap.add_argument("--write-example", action="store_true", help="also export the LM pair as lorareg's embedded example (lorareg/examples/lm)")
+    ap.add_argument("--refine-steps", default="", help="also evaluate `port --refine distill` on the LM pair at these step budgets, e.g. 25,50,100")
+    ap.add_argument("--reuse-work", action="store_true", help="reuse models and LoRAs already trained in --work (skip training)")
+    ap.add_argument("--skip-methods", action="store_true", help="skip the training-free method table (with --refine-steps: only the distill rows)")
     args = ap.parse_args(argv)
     out = args.out or (Path(tempfile.mkdtemp(prefix="lorareg-fidelity-out-")) if args.tiny else HERE)
     parts = (args.only,) if args.only else ("lm", "diffusion")
     threads = args.threads or (1 if args.tiny else None)
-    run(out, tiny=args.tiny, work=args.work, threads=threads, parts=parts, write_example=args.write_example)
+    steps = tuple(int(x) for x in args.refine_steps.split(",") if x.strip())
+    run(out, tiny=args.tiny, work=args.work, threads=threads, parts=parts, write_example=args.write_example,
+        refine_steps=steps, reuse=args.reuse_work, skip_methods=args.skip_methods)
     return 0
 
 
