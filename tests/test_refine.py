@@ -70,6 +70,14 @@ def test_distill_lowers_the_kl_and_writes_a_loadable_lora(llamas, adapter, tmp_p
     # a second port to the same target reuses the cached teacher samples
     again = lorareg.port(adapter, source_model=str(llamas / "v1"), target_model=str(llamas / "v2"), cache_dir=tmp_path / "cache", **FAST)
     assert again.report.refine["samples_cached"]
+    # the model card records the refinement and its final KL; the published report drops wall times
+    from lorareg.hub.card import CardInfo, build_card, public_report
+
+    card = build_card(res.report.model_dump(), CardInfo(repo_id="me/refined", weight_name="adapter_model.safetensors",
+                                                        output_format="peft/peft"))
+    assert "distillation KL" in card and f"{r['kl_end']:.4f}" in card
+    public = public_report(res.report.model_dump(), "adapter_model.safetensors")
+    assert "wall_s" not in public["refine"] and public["refine"]["kl_end"] == r["kl_end"]
 
 
 def test_distill_is_deterministic(llamas, adapter, tmp_path):

@@ -20,6 +20,7 @@ from .refs import looks_like_hub_ref, parse_hub_ref
 TEMPLATE = "card_template.md"
 #: volatile report fields emptied in the published copy (they change on every run)
 VOLATILE = ("timings", "cache")
+REFINE_VOLATILE = ("sample_s", "train_s", "wall_s", "samples_cached", "stopped_by_budget")
 
 
 @dataclass
@@ -86,6 +87,9 @@ def public_report(report: dict[str, Any], weight_name: str, source_commit: Optio
     for key in VOLATILE:
         if key in r:
             r[key] = {}
+    if isinstance(r.get("refine"), dict):
+        # wall-clock fields change on every run; the losses are deterministic for a seed
+        r["refine"] = {k: v for k, v in r["refine"].items() if k not in REFINE_VOLATILE}
     src = r.get("source_lora")
     if isinstance(src, dict):
         src["path"] = display_lora_ref(src.get("path"))
@@ -269,8 +273,12 @@ def _method_lines(report: dict[str, Any]) -> str:
             per_layer[layer["method"]] = per_layer.get(layer["method"], 0) + 1
     if per_layer and (len(per_layer) > 1 or next(iter(per_layer)) != report.get("method")):
         rows.insert(1, ("per layer", ", ".join(f"`{m}` × {n}" for m, n in sorted(per_layer.items()))))
-    if report.get("refine"):
-        rows.append(("refine", f"`{json.dumps(report['refine'], sort_keys=True)}`"))
+    refine = report.get("refine")
+    if refine:
+        rows.append(("refinement", f"`{refine.get('method')}` from `{refine.get('start_method')}`: {refine.get('steps')} steps on "
+                                   f"{refine.get('samples')} teacher samples of {refine.get('sample_length')} tokens (seed {refine.get('seed')})"))
+        rows.append(("distillation KL (data-free quality signal)", f"**{refine.get('kl_start'):.4f} → {refine.get('kl_end'):.4f}**"
+                     if isinstance(refine.get("kl_start"), (int, float)) and isinstance(refine.get("kl_end"), (int, float)) else "n/a"))
     return "\n".join(f"- {k}: {v}" for k, v in rows)
 
 
