@@ -217,7 +217,7 @@ def save(
     family = registry.family(lora.family) if lora.family else None
     if family is None:
         raise InputError("the LoRA has no family; pass one")
-    check_target(family, var)
+    check_target(var)
     plan = plan_for(lora, var, rank)
     planned = Lora(
         family=lora.family,

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from .errors import ConversionError
 from .io import LazyTensor
 from .lora import Lora, Module
-from .registry import Family, Variant
+from .registry import Variant
 
 
 class Refactored(BaseModel):
@@ -142,6 +142,6 @@ def plan_for(lora: Lora, variant: Variant, rank: Optional[int]) -> Plan:
     return plan
 
 
-def check_target(family: Family, variant: Variant) -> None:
+def check_target(variant: Variant) -> None:
     if variant.spec.read_only or not variant.format.spec.writable:
         raise ConversionError(f"format {variant.format.id} is read-only")

@@ -18,16 +18,17 @@ import torch
 from pydantic import BaseModel, Field
 
 from . import __version__
-from .convert import to_plain_lora
+from .convert import fold_tucker, to_plain_lora
 from .engine import DEFAULT_METHOD, DEFAULT_MISMATCH_METHOD, METHODS, BasisCache, PortError, default_k, get_method, top_k_batched, weight_digest
 from .engine.bases import BASES_VERSION, Basis
+from .engine.lowrank import energy
 from .engine.similarity import subspace_similarity
 from .errors import InputError
-from .io import DTYPES, LazyTensor, TORCH_TO_ST, atomic_write_text
+from .io import DTYPES, LazyTensor, atomic_write_text
 from .lora import Lora, Module
 from .registry import Family, get_registry
 from .resolve import Pair, align_groups, resolve_pairs
-from .weights import BaseWeights, ModelRef, open_model
+from .weights import BaseWeights, open_model
 
 DEFAULT_THRESHOLD = 0.0
 #: below this mean subspace similarity the two base models look unrelated (bench/fidelity: unrelated
@@ -284,17 +285,17 @@ def port(
     if refine is not None:
         _check_refine_kind(refine, src_fam, tgt_fam)
 
+    with_models = source_model is not None
+    pairs = resolve_pairs(src_fam, tgt_fam, [(m.component, m.name) for m in src_lora.modules.values()],
+                          allow_shape_mismatch=(method == "align" or (method == AUTO and with_models)))
     t0 = time.perf_counter()
     src_w = open_model(src_fam, source_model, src_lora.components) if source_model else None
-    tgt_components = _target_components(src_lora, src_fam, tgt_fam)
+    tgt_components = sorted({p.target_component for p in pairs if p.target_component})
     tgt_w = open_model(tgt_fam, target_model, tgt_components) if target_model else None
     t_open = time.perf_counter() - t0
     if refine is not None:
         _check_refine(refine, src_fam, tgt_fam, src_w, tgt_w)
 
-    with_models = source_model is not None
-    pairs = resolve_pairs(src_fam, tgt_fam, [(m.component, m.name) for m in src_lora.modules.values()],
-                          allow_shape_mismatch=(method == "align" or (method == AUTO and with_models)))
     cache = BasisCache(cache_dir) if cache_dir else BasisCache()
     bases = _Bases(cache, dev, rank_k)
     with_weights = src_w is not None and tgt_w is not None
@@ -319,7 +320,7 @@ def port(
             if rank is None and m.kind != "lora":
                 rep.skipped = f"{m.type_name} module: pass --rank to refactor it to plain LoRA before porting"
                 continue
-            m, _ = to_plain_lora(m, rank or m.rank or 1) if m.kind != "lora" else (_fold(m), 0.0)
+            m, _ = to_plain_lora(m, rank or m.rank or 1) if m.kind != "lora" else (fold_tucker(m), 0.0)
         up = _flat(m.factors["up"].float())
         down = _flat(m.factors["down"].float())
         sb = bases.memo.get((0, pair.source_component, pair.source_module)) if with_weights else None
@@ -461,20 +462,6 @@ def _check_refine(refine: str, src_fam: Family, tgt_fam: Family, src_w: Optional
             raise InputError(f"the two models' {name} differ; distillation needs the same tokenizer on both sides")
 
 
-def _fold(m: Module) -> Module:
-    from .convert import fold_tucker
-
-    return fold_tucker(m)
-
-
-def _target_components(lora: Lora, src: Family, tgt: Family) -> list[str]:
-    comps = set()
-    for p in resolve_pairs(src, tgt, [(m.component, m.name) for m in lora.modules.values()], allow_shape_mismatch=True):
-        if p.target_component:
-            comps.add(p.target_component)
-    return sorted(comps)
-
-
 def _resolve_with_weights(pairs, src_fam, tgt_fam, src_w, tgt_w, bases: _Bases, align: bool, progress) -> list[Pair]:
     live = [p for p in pairs if not p.skipped or p.target_module]
     src_mods = [(p.source_component, p.source_module) for p in live]
@@ -559,15 +546,9 @@ def _to_module(m: Module, pair: Pair, up: torch.Tensor, down: torch.Tensor, out_
 def _totals(layers: list[LayerReport], lora: Lora) -> PortTotals:
     ported = [l for l in layers if not l.skipped]
     sims = [l.similarity for l in ported if l.similarity is not None]
-    energy_in = energy_out = 0.0
-    for l in ported:
-        if l.kept_energy is None:
-            continue
-        m = lora.modules[l.source]
-        e = _energy(m)
-        energy_in += e
-        energy_out += e * l.kept_energy
-    all_in = sum(_energy(lora.modules[l.source]) for l in layers)
+    energy_in = {l.source: _energy(lora.modules[l.source]) for l in layers}
+    energy_out = sum(energy_in[l.source] * l.kept_energy for l in ported if l.kept_energy is not None)
+    all_in = sum(energy_in.values())
     compared = [l.similarity for l in layers if l.similarity is not None]
     related_sim = sum(compared) / len(compared) if compared else None
     return PortTotals(
@@ -585,9 +566,7 @@ def _totals(layers: list[LayerReport], lora: Lora) -> PortTotals:
 def _energy(m: Module) -> float:
     if m.kind != "lora":
         return 0.0
-    up = _flat(m.factors["up"].float()).double()
-    down = _flat(m.factors["down"].float()).double()
-    return float(((up.T @ up) * (down @ down.T)).sum()) * m.scale**2
+    return energy(_flat(m.factors["up"].float()), _flat(m.factors["down"].float())) * m.scale**2
 
 
 def _model_info(w: Optional[BaseWeights], fam: Family, ref: Optional[str]) -> ModelInfo:

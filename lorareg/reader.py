@@ -14,9 +14,10 @@ from typing import Mapping, Optional
 
 import torch
 
+from .errors import InputError
 from .io import LazyTensor
 from .lora import REQUIRED_ROLES, FormatState, Lora, Module
-from .registry import CANONICAL, Family, Variant
+from .registry import Family, Variant
 from .registry.naming import FusedModule, flatten
 
 LORA_ADAPTER_METADATA = "lora_adapter_metadata"
@@ -386,10 +387,7 @@ def _alpha_value(g: _Group, src: _AlphaSource, variant: Variant, component: str)
 def _split_fused(g: _Group, fused: FusedModule, alpha: Optional[float], shapes) -> list[Module]:
     """One original fused module -> its canonical parts. Exact: A is shared, B is sliced by rows."""
     if g.kind != "lora":
-        raise_kind = g.kind
-        from .errors import InputError
-
-        raise InputError(f"{fused.name}: splitting a fused {raise_kind} module is not supported")
+        raise InputError(f"{fused.name}: splitting a fused {g.kind} module is not supported")
     down, up = g.factors["down"], g.factors["up"].torch()
     rank = up.shape[1]
     per_module: dict[str, list] = defaultdict(list)

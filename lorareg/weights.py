@@ -19,7 +19,7 @@ import torch
 from .errors import InputError
 from .io import LazyTensor, SafetensorsHeader, read_header
 from .registry import CANONICAL, Family
-from .registry.families import Component, Layout
+from .registry.families import Component
 
 _HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@([\w.\-/%]+))?$")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -199,13 +199,8 @@ def _component_files(folder: Path) -> Optional[dict[str, Path]]:
             return {"": folder / fname}
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
-        return {f"": s for s in shards} if len(shards) == 1 else {str(i): s for i, s in enumerate(shards)}
+        return {str(i): s for i, s in enumerate(shards)}  # placeholder keys: search every shard
     return None
-
-
-def _files_only(mapping: dict[str, Path]) -> dict[str, Path]:
-    # "" / numeric keys are placeholders meaning "search these files"
-    return mapping
 
 
 def open_local(family: Family, path: Path, components: Optional[list[str]] = None, revision: Optional[str] = None) -> BaseWeights:
