@@ -393,7 +393,7 @@ def port(
 
         t3 = time.perf_counter()
         ported, ref_report = refine_lm(
-            ported, source_model=_model_folder(src_w), target_model=_model_folder(tgt_w), source_lora=src_lora,
+            ported, source_model=src_w.folder(), target_model=tgt_w.folder(), source_lora=src_lora,
             steps=refine_steps, samples=refine_samples, sample_length=refine_sample_length, lr=refine_lr, seed=refine_seed,
             device=str(dev), budget_seconds=refine_budget_seconds, progress=progress, start_method=method,
             cache_dir=cache_dir)
@@ -421,16 +421,6 @@ def port(
     return result
 
 
-def _model_folder(w: BaseWeights) -> Path:
-    """The local folder (config.json + weights) a transformers model was read from."""
-    if w.ref.path is not None and w.ref.path.is_dir():
-        return w.ref.path
-    for src in w._sources.values():
-        if src.files:
-            return next(iter(src.files.values())).parent
-    return w.ref.path.parent if w.ref.path is not None else Path(str(w.ref))
-
-
 def _check_refine_kind(refine: str, src_fam: Family, tgt_fam: Family) -> None:
     if refine != "distill":
         raise InputError(f"unknown refinement {refine!r} (known: distill)")
@@ -445,7 +435,7 @@ def _check_refine(refine: str, src_fam: Family, tgt_fam: Family, src_w: Optional
 
     if src_w is None or tgt_w is None:
         raise InputError("--refine distill needs --source-model and --target-model")
-    folders = [_model_folder(src_w), _model_folder(tgt_w)]
+    folders = [src_w.folder(), tgt_w.folder()]
     configs = []
     for f in folders:
         try:

@@ -93,6 +93,15 @@ class BaseWeights:
     def components(self) -> list[str]:
         return sorted(self._sources)
 
+    def folder(self) -> Path:
+        """The local folder the weights were read from (a transformers model's config.json sits there)."""
+        if self.ref.path is not None and self.ref.path.is_dir():
+            return self.ref.path
+        for src in self._sources.values():
+            if src.files:
+                return next(iter(src.files.values())).parent
+        return self.ref.path.parent if self.ref.path is not None else Path(str(self.ref))
+
     def has_component(self, component: str) -> bool:
         return component in self._sources
 
