@@ -26,6 +26,10 @@ from .engine.similarity import subspace_similarity
 from .errors import InputError
 from .io import DTYPES, LazyTensor, atomic_write_text
 from .lora import Lora, Module
+from .refine.dispatch import RefineOptions, loss_summary, samples_summary
+from .refine.dispatch import check_models as check_refine_models
+from .refine.dispatch import check_pair as check_refine_pair
+from .refine.dispatch import run as run_refine
 from .registry import Family, get_registry
 from .resolve import Pair, align_groups, resolve_pairs
 from .weights import BaseWeights, open_model
@@ -248,13 +252,23 @@ def port(
     refine_lr: Optional[float] = None,
     refine_seed: int = 0,
     refine_budget_seconds: Optional[float] = None,
+    refine_batch: Optional[int] = None,
+    refine_prompts: Optional[list[str]] = None,
+    refine_conditions: Optional[torch.Tensor] = None,
+    refine_latent_size: Optional[int] = None,
+    refine_sampler_steps: int = 8,
+    refine_noisings: int = 4,
+    refine_guidance: float = 5.0,
     force_unrelated: bool = False,
 ) -> PortResult:
     """Port a LoRA from its base model to a target model; write it (and report.json) if ``output``.
 
-    ``refine="distill"`` (language models): after the projection, train the ported LoRA on the target
-    to match the source model + LoRA on samples generated from it (data-free self-distillation; see
-    lorareg.refine). Refused on unrelated base models unless ``force_unrelated``.
+    ``refine="distill"``: after the projection, train the ported LoRA on the target to match the
+    source model + LoRA on samples the source generates itself (data-free self-distillation, for
+    language models and diffusion UNets; see lorareg.refine). Refused on unrelated base models unless
+    ``force_unrelated``. ``refine_sample_length`` applies to language models; ``refine_prompts``,
+    ``refine_conditions``, ``refine_latent_size``, ``refine_sampler_steps``, ``refine_noisings`` and
+    ``refine_guidance`` to UNets.
     """
     from .api import _check_output, load, save
 
@@ -282,19 +296,21 @@ def port(
     if (source_model is None) != (target_model is None):
         raise InputError("give both --source-model and --target-model, or neither")
     out_dtype = _dtype_name(dtype) if dtype else None
-    if refine is not None:
-        _check_refine_kind(refine, src_fam, tgt_fam)
+    refine_kind = check_refine_pair(refine, src_fam, tgt_fam) if refine is not None else None
 
     with_models = source_model is not None
     pairs = resolve_pairs(src_fam, tgt_fam, [(m.component, m.name) for m in src_lora.modules.values()],
                           allow_shape_mismatch=(method == "align" or (method == AUTO and with_models)))
     t0 = time.perf_counter()
-    src_w = open_model(src_fam, source_model, src_lora.components) if source_model else None
+    configs = refine is not None  # a refinement runs the models: it needs their configs and tokenizers too
+    src_w = open_model(src_fam, source_model, src_lora.components, with_configs=configs) if source_model else None
     tgt_components = sorted({p.target_component for p in pairs if p.target_component})
-    tgt_w = open_model(tgt_fam, target_model, tgt_components) if target_model else None
+    tgt_w = open_model(tgt_fam, target_model, tgt_components, with_configs=configs) if target_model else None
     t_open = time.perf_counter() - t0
-    if refine is not None:
-        _check_refine(refine, src_fam, tgt_fam, src_w, tgt_w)
+    if refine_kind is not None:
+        if src_w is None or tgt_w is None:
+            raise InputError("--refine distill needs --source-model and --target-model")
+        check_refine_models(refine_kind, src_w.folder(), tgt_w.folder())
 
     cache = BasisCache(cache_dir) if cache_dir else BasisCache()
     bases = _Bases(cache, dev, rank_k)
@@ -389,16 +405,16 @@ def port(
                 "the LoRA, not port it; pass --force-unrelated to refine anyway")
         if not out_modules:
             raise InputError("no layer could be ported (see the report: every layer was skipped); nothing to refine")
-        from .refine import refine_lm
-
+        options = RefineOptions(steps=refine_steps, samples=refine_samples, sample_length=refine_sample_length, lr=refine_lr,
+                                seed=refine_seed, budget_seconds=refine_budget_seconds, batch=refine_batch, prompts=refine_prompts,
+                                conditions=refine_conditions, latent_size=refine_latent_size, sampler_steps=refine_sampler_steps,
+                                noisings=refine_noisings, guidance=refine_guidance)
         t3 = time.perf_counter()
-        ported, ref_report = refine_lm(
-            ported, source_model=src_w.folder(), target_model=tgt_w.folder(), source_lora=src_lora,
-            steps=refine_steps, samples=refine_samples, sample_length=refine_sample_length, lr=refine_lr, seed=refine_seed,
-            device=str(dev), budget_seconds=refine_budget_seconds, progress=progress, start_method=method,
-            cache_dir=cache_dir)
+        ported, refine_report = run_refine(refine_kind, ported, source_lora=src_lora, source_family=src_fam, target_family=tgt_fam,
+                                           source_folder=src_w.folder(), target_folder=tgt_w.folder(), options=options, device=dev,
+                                           progress=progress, start_method=method, cache_dir=Path(cache_dir) if cache_dir else None)
         out_modules = ported.modules
-        report.refine = ref_report.model_dump()
+        report.refine = refine_report
         report.timings["refine_s"] = round(time.perf_counter() - t3, 3)
     result = PortResult(lora=ported, report=report)
     if output is not None:
@@ -419,37 +435,6 @@ def port(
         report.timings["total_s"] = round(time.perf_counter() - t_start, 3)
     result.summary = summarize(report)
     return result
-
-
-def _check_refine_kind(refine: str, src_fam: Family, tgt_fam: Family) -> None:
-    if refine != "distill":
-        raise InputError(f"unknown refinement {refine!r} (known: distill)")
-    for fam in (src_fam, tgt_fam):
-        if fam.spec.kind != "text":
-            raise InputError(f"distill refinement for {fam.spec.kind} models ({fam.id}: diffusion UNets) is not implemented yet; "
-                             "only language models (family kind text)")
-
-
-def _check_refine(refine: str, src_fam: Family, tgt_fam: Family, src_w: Optional[BaseWeights], tgt_w: Optional[BaseWeights]) -> None:
-    from .evaluate import TOKENIZER_FILES
-
-    if src_w is None or tgt_w is None:
-        raise InputError("--refine distill needs --source-model and --target-model")
-    folders = [src_w.folder(), tgt_w.folder()]
-    configs = []
-    for f in folders:
-        try:
-            configs.append(json.loads((f / "config.json").read_text()))
-        except (OSError, ValueError):
-            raise InputError(f"{f}: --refine distill needs a transformers model folder with a config.json") from None
-    vocab = [c.get("vocab_size") for c in configs]
-    if vocab[0] != vocab[1]:
-        raise InputError(f"the two models have different vocabularies (vocab_size {vocab[0]} vs {vocab[1]}); "
-                         "distillation needs the same tokenizer on both sides")
-    for name in TOKENIZER_FILES:
-        a, b = folders[0] / name, folders[1] / name
-        if name != "tokenizer_config.json" and a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes():
-            raise InputError(f"the two models' {name} differ; distillation needs the same tokenizer on both sides")
 
 
 def _resolve_with_weights(pairs, src_fam, tgt_fam, src_w, tgt_w, bases: _Bases, align: bool, progress) -> list[Pair]:
@@ -598,8 +583,9 @@ def summarize(report: PortReport) -> str:
     lines.append(f"  bases: {report.cache.get('hits', 0)} from cache, {report.cache.get('built', 0)} built; time {report.timings.get('total_s', 0):.2f} s")
     if report.refine:
         r = report.refine
-        lines.append(f"  refined ({r['method']}, {r['steps']} steps, {r['samples']}x{r['sample_length']} samples, {r['wall_s']:.1f} s): "
-                     f"KL {r['kl_start']:.4f} -> {r['kl_end']:.4f} (data-free quality signal: lower is closer to source + LoRA)")
+        name, start, end = loss_summary(r)
+        lines.append(f"  refined ({r['method']}, {r['steps']} steps, {samples_summary(r)}, {r['wall_s']:.1f} s): "
+                     f"{name} {start:.4f} -> {end:.4f} (data-free quality signal: lower is closer to source + LoRA)")
     if report.output:
         lines.append(f"  wrote {report.output['path']} ({report.output['format']})")
     return "\n".join(lines)

@@ -280,14 +280,18 @@ def _probe(sources: dict[str, _Source]) -> bool:
     return True
 
 
-def open_model(family: Family, ref: str | ModelRef, components: Optional[list[str]] = None) -> BaseWeights:
-    """Open a base model reference (local, or Hub through huggingface_hub and its cache)."""
+def open_model(family: Family, ref: str | ModelRef, components: Optional[list[str]] = None, *, with_configs: bool = False) -> BaseWeights:
+    """Open a base model reference (local, or Hub through huggingface_hub and its cache).
+
+    ``with_configs``: from the Hub, also fetch the configs, tokenizers and scheduler settings (the
+    small text files needed to run the model, not only to read its weights).
+    """
     ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
     if ref.path is not None:
         return open_local(family, ref.path, components)
     from .hub.pull import snapshot_for_family
 
-    local, revision = snapshot_for_family(family, ref.repo_id, ref.revision, components, path=ref.repo_path)
+    local, revision = snapshot_for_family(family, ref.repo_id, ref.revision, components, path=ref.repo_path, with_configs=with_configs)
     weights = open_local(family, local, components, revision)
     weights.ref = ref
     return weights

@@ -98,10 +98,37 @@ def test_unrelated_models_are_refused_without_the_flag(llamas, adapter, tmp_path
     assert res.report.refine["steps"] == 1
 
 
-def test_image_families_are_refused(adapter, tmp_path):
-    lora = make_lora("tiny-sdxl", r"attn[12]\.to_(q|k|v|out\.0)$", rank=4)
-    with pytest.raises(InputError, match="not implemented yet"):
-        lorareg.port(lora, source_model=str(tmp_path), target_model=str(tmp_path), **FAST)
+def test_language_model_to_image_model_is_refused(adapter, tmp_path):
+    with pytest.raises(InputError, match="two language models or two diffusion UNets"):
+        lorareg.port(adapter, to="tiny-sdxl", source_model=str(tmp_path), target_model=str(tmp_path), **FAST)
+
+
+def test_top_k_teacher_storage(llamas, adapter, tmp_path, monkeypatch):
+    """Large vocabularies keep the teacher's top-k log-probs plus a remainder bucket (forced here on a 300-token vocab)."""
+    from lorareg.refine import distill_lm
+
+    monkeypatch.setattr(distill_lm, "FULL_VOCAB_MAX", 64)
+    monkeypatch.setattr(distill_lm, "TOP_K", 16)
+    res = lorareg.port(adapter, source_model=str(llamas / "v1"), target_model=str(llamas / "v2"), cache_dir=tmp_path / "cache",
+                       **{**FAST, "refine_steps": 12})
+    r = res.report.refine
+    assert r["teacher_storage"] == "top-16+remainder"
+    assert r["kl_end"] < r["kl_start"]
+
+
+def test_top_k_kl_is_a_lower_bound_that_is_exact_on_the_full_support():
+    """Merging the tail into one bucket can only lose information: KL_topk <= KL_full, equal when k = vocab."""
+    from lorareg.refine.distill_lm import _kl
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.log_softmax(torch.randn(3, 5, 40, generator=g) * 3, dim=-1)
+    student = torch.randn(3, 5, 40, generator=g) * 3
+    full = float(_kl(student, teacher, None))
+    for k in (1, 4, 16):
+        v, idx = teacher.topk(k, dim=-1)
+        assert float(_kl(student, v, idx.to(torch.int32))) <= full + 1e-6
+    v, idx = teacher.topk(40, dim=-1)
+    assert abs(float(_kl(student, v, idx.to(torch.int32))) - full) < 1e-4
 
 
 def test_refine_needs_both_models(adapter):

@@ -275,10 +275,13 @@ def _method_lines(report: dict[str, Any]) -> str:
         rows.insert(1, ("per layer", ", ".join(f"`{m}` × {n}" for m, n in sorted(per_layer.items()))))
     refine = report.get("refine")
     if refine:
+        from ..refine.dispatch import loss_summary, samples_summary
+
+        name, start, end = loss_summary(refine)
         rows.append(("refinement", f"`{refine.get('method')}` from `{refine.get('start_method')}`: {refine.get('steps')} steps on "
-                                   f"{refine.get('samples')} teacher samples of {refine.get('sample_length')} tokens (seed {refine.get('seed')})"))
-        rows.append(("distillation KL (data-free quality signal)", f"**{refine.get('kl_start'):.4f} → {refine.get('kl_end'):.4f}**"
-                     if isinstance(refine.get("kl_start"), (int, float)) and isinstance(refine.get("kl_end"), (int, float)) else "n/a"))
+                                   f"{samples_summary(refine)} (seed {refine.get('seed')})"))
+        rows.append((f"distillation {name} (data-free quality signal)", f"**{start:.4f} → {end:.4f}**"
+                     if isinstance(start, (int, float)) and isinstance(end, (int, float)) else "n/a"))
     return "\n".join(f"- {k}: {v}" for k, v in rows)
 
 

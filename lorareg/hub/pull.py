@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..registry import Family
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+#: text files a model needs at run time besides its weights (never pickles; tokenizer.model is protobuf)
+CONFIG_SUFFIXES = ("config.json", "vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "generation_config.json")
 _PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 CARD = "README.md"
 
@@ -294,11 +297,12 @@ def _folder_weights(folder: str, names: list[str], index_files, weight_files) ->
 
 def snapshot_for_family(family: "Family", repo_id: str, revision: Optional[str], components: Optional[list[str]],
                         *, path: Optional[str] = None, endpoint: Optional[str] = None,
-                        token: Optional[str] = None) -> tuple[Path, str]:
+                        token: Optional[str] = None, with_configs: bool = False) -> tuple[Path, str]:
     """Download (or find in the cache) only the weight files a port needs: (local path, commit sha).
 
     The local path is the snapshot folder, or with ``path`` (a single-file checkpoint, or a subfolder
-    holding the model) that file or folder inside it.
+    holding the model) that file or folder inside it. ``with_configs`` adds the repo's small text
+    files (configs, tokenizers, scheduler settings: ``CONFIG_SUFFIXES``) that running the model needs.
     """
     where = f"{repo_id}@{revision}" if revision else repo_id
     endpoint = hub_endpoint(endpoint)
@@ -317,5 +321,7 @@ def snapshot_for_family(family: "Family", repo_id: str, revision: Optional[str],
             files = [f"{sub}/{f}" for f in select_weight_files(family, components, inside, f"{where}/{sub}")]
         else:
             files = select_weight_files(family, components, names, where)
+        if with_configs:
+            files += [n for n in names if n.endswith(CONFIG_SUFFIXES) and (not sub or n.startswith(sub + "/")) and n not in files]
         folder = _download(repo_id, "model", revision, files, endpoint=endpoint, token=token, offline=cached_only)
     return (folder / sub if sub else folder), folder.name

@@ -1,12 +1,15 @@
 """Optional refinement of a ported LoRA after the training-free projection (``lorareg port --refine``).
 
-* ``distill`` (language models): data-free self-distillation. Samples are generated once from the
-  source model with the source LoRA merged (the teacher); the ported LoRA's factors are then trained
-  on the target model to match the teacher's next-token distributions (KL) on those samples.
+``distill``: data-free self-distillation. The source model with the source LoRA merged is the
+teacher; it makes its own samples once (text for language models, latents for diffusion UNets),
+and the ported LoRA's factors are trained on the target model to match the teacher's outputs on
+them (KL of next-token distributions; MSE of noise predictions). The base weights stay frozen.
 """
 
+from .dispatch import RefineOptions
 from .distill_lm import RefineReport, refine_lm
+from .distill_unet import UnetRefineReport, refine_unet
 
 REFINE_METHODS = ("distill",)
 
-__all__ = ["REFINE_METHODS", "RefineReport", "refine_lm"]
+__all__ = ["REFINE_METHODS", "RefineOptions", "RefineReport", "UnetRefineReport", "refine_lm", "refine_unet"]

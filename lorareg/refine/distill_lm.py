@@ -17,21 +17,18 @@ porting one LoRA to several targets generates them once.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
 import time
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel
 
 from ..errors import InputError
-from ..io import DTYPES, LazyTensor
-from ..lora import Lora, Module
+from ..lora import Lora
+from .hooks import TrainableLora, merge
+from .train import Shuffled, thin, train_factors
+from .samples_cache import cached, lora_digest, model_digest
 
 PathLike = Union[str, Path]
 FULL_VOCAB_MAX = 4096
@@ -43,6 +40,8 @@ DEFAULT_BATCH = 16
 
 class RefineReport(BaseModel):
     method: str = "distill"
+    model: str = "language model"
+    loss: str = "kl"  # the report's <loss>_start / <loss>_end fields
     steps: int
     steps_requested: int
     samples: int
@@ -72,55 +71,7 @@ def _load(folder: PathLike, device: torch.device):
     return load_causal_lm(folder).to(device)
 
 
-def _linear(model, name: str):
-    from ..evaluate import _find_linear
-
-    mod = _find_linear(model, name)
-    if mod is None or not isinstance(mod, torch.nn.Linear):
-        raise InputError(f"{name}: no linear layer of that name in the model")
-    return mod
-
-
-def _merge(model, lora: Lora) -> None:
-    with torch.no_grad():
-        for m in lora.modules.values():
-            mod = _linear(model, m.name)
-            mod.weight.add_(m.delta_weight().reshape(mod.weight.shape).to(mod.weight.dtype, copy=False).to(mod.weight.device))
-
-
 # ---------------------------------------------------------------- teacher samples
-
-
-def _lora_digest(lora: Lora) -> str:
-    if lora.source_sha256:
-        return lora.source_sha256
-    h = hashlib.sha256()
-    for key in sorted(lora.modules):
-        m = lora.modules[key]
-        h.update(key.encode() + repr(m.alpha).encode())
-        for role in sorted(m.factors):
-            t = m.factors[role].torch().contiguous()
-            h.update(role.encode() + str(tuple(t.shape)).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _model_digest(folder: Path) -> str:
-    """Identity of a model folder: its weight and config files' names, sizes and mtimes (cheap)."""
-    items = []
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and (p.suffix in (".safetensors", ".json", ".model")):
-            st = p.stat()
-            items.append([p.name, st.st_size, st.st_mtime_ns])
-    return hashlib.sha256(json.dumps([str(folder.resolve()), items]).encode()).hexdigest()
-
-
-def _cache_path(cache_dir: Optional[PathLike], key: dict) -> Path:
-    from ..engine.cache import default_cache_root
-
-    root = Path(cache_dir) if cache_dir else default_cache_root()
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return root / "distill-samples" / f"{digest}.safetensors"
 
 
 def _cache_arg(model) -> str:
@@ -185,66 +136,20 @@ def _teacher_targets(model, ids: torch.Tensor, device: torch.device, batch: int 
 def teacher_samples(source_model: PathLike, source_lora: Lora, *, samples: int, sample_length: int, seed: int,
                     device: torch.device, cache_dir: Optional[PathLike] = None) -> tuple[dict[str, torch.Tensor], bool]:
     """(samples and the teacher's log-probs, whether they came from the cache)."""
-    from safetensors.torch import load_file, save_file
-
     folder = Path(source_model)
-    key = {"v": SAMPLES_VERSION, "model": _model_digest(folder), "lora": _lora_digest(source_lora), "samples": samples,
+    key = {"v": SAMPLES_VERSION, "model": model_digest(folder), "lora": lora_digest(source_lora), "samples": samples,
            "length": sample_length, "seed": seed, "full_max": FULL_VOCAB_MAX, "top_k": TOP_K}
-    path = _cache_path(cache_dir, key)
-    if path.exists():
-        try:
-            return load_file(str(path)), True
-        except Exception:  # a damaged cache entry: generate again
-            pass
-    teacher = _load(folder, device)
-    _merge(teacher, source_lora)
-    ids = _generate(teacher, samples, sample_length, seed, device)
-    data = _teacher_targets(teacher, ids, device)
-    del teacher
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in data.items()}, str(tmp))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache still works
-    return data, False
+
+    def make() -> dict[str, torch.Tensor]:
+        teacher = _load(folder, device)
+        merge(teacher, source_lora.modules)
+        ids = _generate(teacher, samples, sample_length, seed, device)
+        return _teacher_targets(teacher, ids, device)
+
+    return cached(cache_dir, "distill-samples", key, make)
 
 
 # ---------------------------------------------------------------- student
-
-
-class _Student:
-    """Forward hooks adding scale · x downᵀ upᵀ to each adapted linear layer; up/down trainable fp32."""
-
-    def __init__(self, model, lora: Lora, device: torch.device):
-        self.params: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
-        self.handles = []
-        for key, m in lora.modules.items():
-            if m.kind != "lora" or "mid" in m.factors:
-                raise InputError(f"{key}: distill refinement needs plain LoRA modules (got {m.type_name})")
-            mod = _linear(model, m.name)
-            up = m.factors["up"].float().reshape(mod.weight.shape[0], -1)
-            down = m.factors["down"].float().reshape(-1, mod.weight.shape[1])
-            pu = torch.nn.Parameter(up.clone().to(device))
-            pd = torch.nn.Parameter(down.clone().to(device))
-            self.params[key] = (pu, pd)
-            self.handles.append(mod.register_forward_hook(self._hook(pu, pd, m.scale)))
-
-    @staticmethod
-    def _hook(up, down, scale):
-        def hook(mod, inp, out):
-            return out + scale * F.linear(F.linear(inp[0].to(down.dtype), down), up).to(out.dtype)
-
-        return hook
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for pair in self.params.values() for p in pair]
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
 
 def _kl(student_logits: torch.Tensor, logp_t: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
@@ -296,8 +201,8 @@ def refine_lm(
     dev = torch.device(device)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    data, cached = teacher_samples(source_model, source_lora, samples=samples, sample_length=sample_length, seed=seed,
-                                   device=dev, cache_dir=cache_dir)
+    data, from_cache = teacher_samples(source_model, source_lora, samples=samples, sample_length=sample_length, seed=seed,
+                                       device=dev, cache_dir=cache_dir)
     t_sample = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -306,71 +211,27 @@ def refine_lm(
         p.requires_grad_(False)
     if int(student.config.vocab_size) != data["logp"].shape[-1] and "idx" not in data:
         raise InputError(f"vocabulary sizes differ: teacher {data['logp'].shape[-1]}, student {student.config.vocab_size}")
-    hooks = _Student(student, ported, dev)
+    hooks = TrainableLora(student, ported.modules, dev)
     params = hooks.parameters()
     kl_start = _kl_all(student, data, dev)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    g = torch.Generator().manual_seed(seed + 1)
-    n = data["ids"].shape[0]
-    b = min(batch, n)
-    order = torch.randperm(n, generator=g)
-    pos = 0
-    history: list[list[float]] = []
-    bar = None
-    if progress and steps:
-        from tqdm.auto import tqdm
+    batches = Shuffled(data["ids"].shape[0], batch, seed + 1)
 
-        bar = tqdm(total=steps, desc="distill", unit="step", leave=False)
-    done, stopped = 0, False
-    warmup = max(1, min(10, steps // 10))
-    for step in range(steps):
-        if budget_seconds is not None and time.perf_counter() - t0 > budget_seconds:
-            stopped = True
-            break
-        if pos + b > n:
-            order, pos = torch.randperm(n, generator=g), 0
-        sel = order[pos : pos + b]
-        pos += b
-        f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
-        for group in opt.param_groups:
-            group["lr"] = lr * max(f, 0.1)
-        x = data["ids"][sel].to(dev)
+    def loss_at(step: int) -> torch.Tensor:
+        sel = batches()
         idx = data["idx"][sel].to(dev) if "idx" in data else None
-        loss = _kl(student(input_ids=x).logits[:, :-1], data["logp"][sel].to(dev), idx)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        done += 1
-        value = float(loss.detach())
-        history.append([step, round(value, 6)])
-        if bar:
-            bar.update(1)
-            bar.set_postfix(kl=f"{value:.4f}")
-    if bar:
-        bar.close()
+        return _kl(student(input_ids=data["ids"][sel].to(dev)).logits[:, :-1], data["logp"][sel].to(dev), idx)
+
+    done, history, stopped = train_factors(params, loss_at, steps=steps, lr=lr, started=t0, budget_seconds=budget_seconds,
+                                           progress=progress, desc="distill", loss_name="kl")
     kl_end = _kl_all(student, data, dev)
     hooks.remove()
 
-    modules = {}
-    for key, m in ported.modules.items():
-        up, down = hooks.params[key]
-        st = m.factors["up"].dtype
-        td = DTYPES[st][0]
-        factors = dict(m.factors)
-        factors["up"] = LazyTensor.from_torch(up.detach().cpu().reshape(m.factors["up"].shape).to(td).contiguous())
-        factors["down"] = LazyTensor.from_torch(down.detach().cpu().reshape(m.factors["down"].shape).to(td).contiguous())
-        modules[key] = Module(m.component, m.name, m.kind, factors, m.alpha, m.dora_scale, m.weight_shape, list(m.source_keys))
-    del student
-    refined = Lora(family=ported.family, modules=modules, metadata=dict(ported.metadata), format_state=ported.format_state,
-                   source_path=ported.source_path, source_sha256=ported.source_sha256)
+    refined = hooks.into(ported)
     t_train = time.perf_counter() - t1
-    # keep the history short in the report: about 50 points
-    every = max(1, len(history) // 50)
     report = RefineReport(
-        steps=done, steps_requested=steps, samples=samples, sample_length=sample_length, batch=b, lr=lr, start_method=start_method,
-        kl_start=round(kl_start, 6), kl_end=round(kl_end, 6), kl_history=history[::every],
-        teacher_storage="full" if "idx" not in data else f"top-{TOP_K}+remainder", samples_cached=cached,
+        steps=done, steps_requested=steps, samples=samples, sample_length=sample_length, batch=batches.batch, lr=lr, start_method=start_method,
+        kl_start=round(kl_start, 6), kl_end=round(kl_end, 6), kl_history=thin(history),
+        teacher_storage="full" if "idx" not in data else f"top-{TOP_K}+remainder", samples_cached=from_cache,
         sample_s=round(t_sample, 3), train_s=round(t_train, 3), wall_s=round(time.perf_counter() - t0, 3), device=str(dev),
         seed=seed, stopped_by_budget=stopped,
     )

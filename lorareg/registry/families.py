@@ -63,6 +63,31 @@ class Detection(BaseModel):
     key_modules: list[str] = Field(default_factory=list)
 
 
+class NoiseSchedule(BaseModel):
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+
+
+class TextConditioning(BaseModel):
+    component: str
+    tokenizer: str
+    layer: Literal["last", "penultimate"] = "last"
+    pooled: bool = False
+
+
+class DiffusionSpec(BaseModel):
+    """What a denoiser needs to run as a distillation teacher or student (see family.schema.json)."""
+
+    latent_space: str
+    prediction_type: Literal["epsilon", "v_prediction"]
+    noise_schedule: NoiseSchedule
+    scheduler_path: str = "scheduler"
+    vae_scale_factor: int = 8
+    conditioning: list[TextConditioning] = Field(default_factory=list)
+
+
 class FamilySpec(BaseModel):
     """The hand-written family file."""
 
@@ -79,6 +104,7 @@ class FamilySpec(BaseModel):
     layouts: list[Layout] = Field(default_factory=list)
     components: dict[str, ComponentSpec]
     detection: Detection = Field(default_factory=Detection)
+    diffusion: Optional[DiffusionSpec] = None
 
 
 Target = Union[str, FusedModule]  # a canonical module name, or a fused original module

@@ -1,0 +1,133 @@
+"""Which refinement a port gets (language model or diffusion UNet), the checks before it, and the call."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import InputError
+from ..lora import Lora
+from ..registry.families import Family
+
+Kind = Literal["lm", "unet"]
+#: UNet config entries that must agree for a teacher's predictions to be a target for the student
+_UNET_INTERFACE = ("in_channels", "out_channels", "cross_attention_dim", "encoder_hid_dim", "addition_embed_type",
+                   "projection_class_embeddings_input_dim", "addition_time_embed_dim", "class_embed_type", "num_class_embeds")
+
+
+class RefineOptions(BaseModel):
+    """Settings of ``--refine distill``; the ones that do not apply to a model kind are ignored."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    steps: int = 100
+    samples: int = 64
+    lr: Optional[float] = None
+    seed: int = 0
+    budget_seconds: Optional[float] = None
+    batch: Optional[int] = None
+    # language models
+    sample_length: int = 128
+    # diffusion UNets
+    prompts: Optional[list[str]] = None
+    conditions: Optional[Any] = None  # a [P, L, D] tensor of contexts, for UNets without text encoders
+    latent_size: Optional[int] = None
+    sampler_steps: int = 8
+    noisings: int = 4
+    guidance: float = 5.0
+
+
+def check_pair(refine: str, src: Family, tgt: Family) -> Kind:
+    """The refinement kind for this pair of families, or an InputError saying why it cannot be refined."""
+    if refine != "distill":
+        raise InputError(f"unknown refinement {refine!r} (known: distill)")
+    if src.spec.kind == "text" and tgt.spec.kind == "text":
+        return "lm"
+    for fam in (src, tgt):
+        if fam.spec.kind == "video":
+            raise InputError(f"distill refinement is not implemented for video transformers ({fam.id}); "
+                             "it covers language models and diffusion UNets")
+        if fam.spec.kind == "text" or fam.spec.diffusion is None or "unet" not in fam.components:
+            raise InputError(f"distill refinement works between two language models or two diffusion UNets; "
+                             f"{src.id} ({src.spec.kind}) -> {tgt.id} ({tgt.spec.kind}) is neither")
+    a, b = src.spec.diffusion, tgt.spec.diffusion
+    if a.latent_space != b.latent_space:
+        raise InputError(f"{src.id} -> {tgt.id}: the latent spaces differ ({a.latent_space} vs {b.latent_space}); the teacher's "
+                         "latents mean nothing to the student, so this pair cannot be refined by distillation")
+    enc_a = [(c.component, c.layer, c.pooled, src.components[c.component].spec.architecture.config) for c in a.conditioning]
+    enc_b = [(c.component, c.layer, c.pooled, tgt.components[c.component].spec.architecture.config) for c in b.conditioning]
+    if enc_a != enc_b:
+        raise InputError(f"{src.id} -> {tgt.id}: the text encoders differ; the two UNets are conditioned on different embeddings, "
+                         "so this pair cannot be refined by distillation")
+    ca = src.components["unet"].spec.architecture.config
+    cb = tgt.components["unet"].spec.architecture.config
+    for key in _UNET_INTERFACE:
+        if ca.get(key) != cb.get(key):
+            raise InputError(f"{src.id} -> {tgt.id}: the UNets' inputs differ ({key}: {ca.get(key)} vs {cb.get(key)}); "
+                             "this pair cannot be refined by distillation")
+    return "unet"
+
+
+def check_models(kind: Kind, source_folder: Path, target_folder: Path) -> None:
+    """Model-level checks that need the files: the libraries, and the same tokenizer for language models."""
+    for lib in ("transformers",) if kind == "lm" else ("diffusers", "transformers"):
+        if importlib.util.find_spec(lib) is None:
+            raise InputError(f"--refine distill needs {lib} (pip install 'lorareg[refine]')")
+    if kind == "unet":
+        return
+    from ..evaluate import TOKENIZER_FILES
+
+    folders = [source_folder, target_folder]
+    configs = []
+    for f in folders:
+        try:
+            configs.append(json.loads((f / "config.json").read_text()))
+        except (OSError, ValueError):
+            raise InputError(f"{f}: --refine distill needs a transformers model folder with a config.json") from None
+    vocab = [c.get("vocab_size") for c in configs]
+    if vocab[0] != vocab[1]:
+        raise InputError(f"the two models have different vocabularies (vocab_size {vocab[0]} vs {vocab[1]}); "
+                         "distillation needs the same tokenizer on both sides")
+    for name in TOKENIZER_FILES:
+        a, b = folders[0] / name, folders[1] / name
+        if name != "tokenizer_config.json" and a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes():
+            raise InputError(f"the two models' {name} differ; distillation needs the same tokenizer on both sides")
+
+
+def run(kind: Kind, ported: Lora, *, source_lora: Lora, source_family: Family, target_family: Family, source_folder: Path,
+        target_folder: Path, options: RefineOptions, device: torch.device, progress: bool, start_method: Optional[str],
+        cache_dir: Optional[Path]) -> tuple[Lora, dict]:
+    o = options
+    common = dict(source_lora=source_lora, steps=o.steps, samples=o.samples, lr=o.lr, seed=o.seed, device=str(device),
+                  budget_seconds=o.budget_seconds, progress=progress, start_method=start_method, cache_dir=cache_dir)
+    if o.batch is not None:
+        common["batch"] = o.batch
+    if kind == "lm":
+        from .distill_lm import refine_lm
+
+        refined, report = refine_lm(ported, source_model=source_folder, target_model=target_folder, sample_length=o.sample_length, **common)
+    else:
+        from .distill_unet import refine_unet
+
+        refined, report = refine_unet(ported, source_family=source_family, target_family=target_family, source_model=source_folder,
+                                      target_model=target_folder, noisings=o.noisings, latent_size=o.latent_size,
+                                      sampler_steps=o.sampler_steps, guidance=o.guidance, prompts=o.prompts,
+                                      conditions=o.conditions, **common)
+    return refined, report.model_dump()
+
+
+def loss_summary(r: dict) -> tuple[str, Optional[float], Optional[float]]:
+    """(loss name, value before, value after) of a refinement report."""
+    name = r.get("loss", "kl")
+    return name.upper(), r.get(f"{name}_start"), r.get(f"{name}_end")
+
+
+def samples_summary(r: dict) -> str:
+    if r.get("model") == "diffusion unet":
+        return (f"{r['samples']} teacher latents of {r['latent_size']}x{r['latent_size']} ({r['sampler_steps']} DDIM steps), "
+                f"{r['noisings']} noisings each, prompts: {r['prompts_from']}")
+    return f"{r['samples']} teacher samples of {r['sample_length']} tokens"
