@@ -58,6 +58,7 @@ class RefineReport(BaseModel):
     train_s: float
     wall_s: float
     device: str
+    dtype: str = "float32"
     seed: int
     stopped_by_budget: bool = False
 
@@ -65,10 +66,14 @@ class RefineReport(BaseModel):
 # ---------------------------------------------------------------- models
 
 
+def _dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def _load(folder: PathLike, device: torch.device):
     from ..evaluate import load_causal_lm
 
-    return load_causal_lm(folder).to(device)
+    return load_causal_lm(folder, dtype=_dtype(device)).to(device)
 
 
 # ---------------------------------------------------------------- teacher samples
@@ -137,7 +142,7 @@ def teacher_samples(source_model: PathLike, source_lora: Lora, *, samples: int, 
                     device: torch.device, cache_dir: Optional[PathLike] = None) -> tuple[dict[str, torch.Tensor], bool]:
     """(samples and the teacher's log-probs, whether they came from the cache)."""
     folder = Path(source_model)
-    key = {"v": SAMPLES_VERSION, "model": model_digest(folder), "lora": lora_digest(source_lora), "samples": samples,
+    key = {"v": SAMPLES_VERSION, "model": model_digest(folder), "lora": lora_digest(source_lora), "samples": samples, "dtype": str(_dtype(device)),
            "length": sample_length, "seed": seed, "full_max": FULL_VOCAB_MAX, "top_k": TOP_K}
 
     def make() -> dict[str, torch.Tensor]:
@@ -233,6 +238,6 @@ def refine_lm(
         kl_start=round(kl_start, 6), kl_end=round(kl_end, 6), kl_history=thin(history),
         teacher_storage="full" if "idx" not in data else f"top-{TOP_K}+remainder", samples_cached=from_cache,
         sample_s=round(t_sample, 3), train_s=round(t_train, 3), wall_s=round(time.perf_counter() - t0, 3), device=str(dev),
-        seed=seed, stopped_by_budget=stopped,
+        dtype=str(_dtype(dev)).replace("torch.", ""), seed=seed, stopped_by_budget=stopped,
     )
     return refined, report
