@@ -313,3 +313,76 @@ def evaluate(root: Path, b: Budget, methods: list[str], thresholds: list[float],
         out["samples"][f"{target}: retrained"] = sample(model, deltas_of(retrained), b.sample_steps).tolist()
         log(f"diffusion: v1->{target}: none {none:.4f}, retrained {ref:.4f}, " + ", ".join(f"{m} {100 * r['gain']:.0f}%" for m, r in rows.items()))
     return out
+
+
+def evaluate_distill(root: Path, b: Budget, steps_list: list[int], log, lrs: tuple[float, ...] = (3e-4, 3e-3)) -> dict:
+    """lorareg port --refine distill of lora-v1 onto v2 and the distilled UNet at several step budgets.
+
+    The conditions are the ten one-hot class vectors (this UNet has no text encoder; they play the
+    part of prompts). All other settings are lorareg's defaults. Per budget: gain recovered, the
+    fraction of the teacher's own score (v1 + LoRA, read with the target's gain formula), the loss on
+    plain (not inverted) held-out digits as a side-effect check, the final MSE to the teacher, and the
+    wall time as a ratio to retraining the LoRA on the target (timed here with build()'s budget).
+    Extra rows at 100 steps (or the largest budget) with other learning rates.
+    """
+    ev = DenoiseEval(b.eval_repeats)
+    ev_plain = PlainEval(b.eval_repeats)
+    src_lora = lorareg.load(root / "lora-v1.safetensors", family=SRC_FAMILY)
+    v1 = load_unet(root / "v1")
+    teacher_loss = ev(v1, deltas_of(src_lora))
+    del v1
+    conditions = cond(torch.arange(10))
+    d = digits()
+    out = {"conditions": "10 one-hot class vectors", "pairs": {}}
+    for target, kind, fam in (("v2", "checkpoint upgrade", SRC_FAMILY), ("distilled", "distillation (SSD-1B-like)", DIST_FAMILY)):
+        model = load_unet(root / target)
+        none = ev(model)
+        ref = ev(model, deltas_of(lorareg.load(root / f"lora-{target}.safetensors", family=fam)))
+        t = time.perf_counter()
+        train_lora(load_unet(root / target), Batches(invert(d["x"]), d["y"], b.batch, seed=41), b, seed=42)
+        retrain_s = time.perf_counter() - t
+        teacher_gain = gain(none, teacher_loss, ref)
+        pair = {"kind": kind, "loss_none": none, "loss_retrained": ref, "loss_teacher": teacher_loss, "teacher_gain": teacher_gain,
+                "retrain_s": retrain_s, "plain_loss_none": ev_plain(model), "rows": []}
+        copy, _, _ = port(src_lora, root / "v1", root / target, "copy", root / "ported" / f"{target}-copy-d.safetensors", to=fam)
+        copy_loss = ev(model, deltas_of(copy))
+        pair["copy"] = {"loss": copy_loss, "gain": gain(none, copy_loss, ref), "plain_loss": ev_plain(model, deltas_of(copy))}
+        cache = root / "distill-cache"
+        sample_s = 0.0  # the teacher's latents are made once; later rows read them from the cache, and every row is charged for them
+        lr_steps = 100 if 100 in steps_list else steps_list[-1]
+        for steps, lr in [(s, None) for s in steps_list] + [(lr_steps, lr) for lr in lrs]:
+            dest = root / "ported" / f"{target}-distill-{steps}-{lr or 'default'}.safetensors"
+            t = time.perf_counter()
+            res = lorareg.port(src_lora, source_model=str(root / "v1"), target_model=str(root / target), to=fam, output=dest, force=True,
+                               progress=False, device="cpu", refine="distill", refine_steps=steps, refine_lr=lr,
+                               refine_conditions=conditions, cache_dir=cache)
+            wall = time.perf_counter() - t
+            refined = lorareg.load(dest, family=fam)
+            loss = ev(model, deltas_of(refined))
+            r = res.report.refine
+            if not r["samples_cached"]:
+                sample_s = r["sample_s"]
+            total_s = r["wall_s"] + (sample_s if r["samples_cached"] else 0.0)
+            g = gain(none, loss, ref)
+            pair["rows"].append({"steps": steps, "lr": r["lr"], "loss": loss, "gain": g, "teacher_fraction": g / teacher_gain,
+                                 "plain_loss": ev_plain(model, deltas_of(refined)), "mse_start": r["mse_start"], "mse_end": r["mse_end"],
+                                 "refine_s": r["wall_s"], "sample_s": r["sample_s"], "samples_cached": r["samples_cached"],
+                                 "port_s": wall, "refine_with_sampling_s": total_s, "time_ratio": total_s / retrain_s,
+                                 "settings": {k: r[k] for k in ("samples", "noisings", "sampler_steps", "latent_size", "batch", "guidance")}})
+            log(f"diffusion: distill v1->{target} {steps} steps lr {r['lr']:g}: gain {100 * g:.1f}% (copy {100 * pair['copy']['gain']:.1f}%), "
+                f"MSE {r['mse_start']:.4f} -> {r['mse_end']:.4f}, {total_s:.1f} s = {total_s / retrain_s:.2f}x retraining")
+        out["pairs"][f"v1->{target}"] = pair
+    return out
+
+
+class PlainEval(DenoiseEval):
+    """Held-out ε-prediction MSE on plain (not inverted) digits: what the style LoRA should leave alone."""
+
+    def __init__(self, repeats: int):
+        d = digits()
+        g = torch.Generator().manual_seed(8)
+        x0 = d["x_heldout"].repeat(repeats, 1, 1, 1)
+        self.y = d["y_heldout"].repeat(repeats)
+        self.t = torch.randint(0, T_TRAIN, (len(self.y),), generator=g)
+        self.noise = torch.randn(x0.shape, generator=g)
+        self.xt = noisy(x0, self.t, self.noise, alphas_cumprod())

@@ -1,8 +1,10 @@
 """Language-model pair: a byte-level Llama (GQA) trained on the Python standard library's sources.
 
 v1: trained on the stdlib's code; v2: v1 trained further on a shifted mix (half of it packages v1
-never saw); v3: the same recipe as v1 from another seed (negative control). The task LoRA learns
-English prose: the Python language reference shipped as ``pydoc_data.topics``, split by topic.
+never saw); v3: the same recipe as v1 from another seed (negative control); v4: v1 trained 3x longer
+than v2, at v1's learning rate, on a mix weighted further towards the new packages (the far pair).
+The task LoRA learns English prose: the Python language reference shipped as ``pydoc_data.topics``,
+split by topic.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ SKIP_DIRS = {"test", "tests", "idle_test", "pydoc_data", "encodings", "site-pack
 class Budget:
     v1_steps: int = 1200
     v2_steps: int = 400
+    v4_steps: int = 1200
     lora_steps: int = 250
     batch: int = 16
     seq: int = 128
@@ -43,7 +47,7 @@ class Budget:
     alpha: float = 16.0
 
 
-TINY = Budget(v1_steps=30, v2_steps=10, lora_steps=10, batch=8, seq=64, eval_windows=16)
+TINY = Budget(v1_steps=30, v2_steps=10, v4_steps=30, lora_steps=10, batch=8, seq=64, eval_windows=16)
 
 
 def corpora() -> dict[str, bytes]:
@@ -124,48 +128,66 @@ def train_lora(model, sampler: Sampler, b: Budget, seed: int) -> LoraHooks:
     return hooks
 
 
-def build(root: Path, b: Budget, log) -> dict:
-    """Train v1, v2, v3 and the task LoRAs; save them under root. Returns timing and data info."""
+def build(root: Path, b: Budget, log, reuse: bool = False) -> dict:
+    """Train v1..v4 and the task LoRAs; save them under root. Returns timing and data info.
+
+    With ``reuse``, models and LoRAs already saved under root are loaded instead of trained, so a work
+    folder from an earlier run only gets what it lacks (e.g. v4, added after v1..v3 were trained).
+    """
+    from lorareg.evaluate import load_causal_lm
+
     t0 = time.perf_counter()
     data = corpora()
     base, shift = as_ids(data["base"]), as_ids(data["shift"])
     task = as_ids(data["task_train"])
-    info = {"corpus_bytes": {k: len(v) for k, v in data.items()}}
+    info = {"corpus_bytes": {k: len(v) for k, v in data.items()}, "reused": []}
     timings = {}
 
-    t = time.perf_counter()
-    v1 = new_model(seed=1)
-    info["v1_final_train_loss"] = train(v1, list(v1.parameters()), Sampler([(base, 1.0)], b.seq, b.batch, seed=11), b.v1_steps, b.lr)
-    v1.save_pretrained(root / "v1")
-    timings["train_v1_s"] = time.perf_counter() - t
-    log(f"lm: v1 trained ({b.v1_steps} steps, {timings['train_v1_s']:.0f} s, last loss {info['v1_final_train_loss']:.3f})")
+    def get(name: str, make):
+        """root/name: loaded (reuse) or trained by make() -> (model, last train loss), saved and timed."""
+        if reuse and (root / name / "config.json").exists():
+            info["reused"].append(name)
+            return load_causal_lm(root / name)
+        t = time.perf_counter()
+        model, info[f"{name}_final_train_loss"] = make()
+        model.save_pretrained(root / name)
+        timings[f"train_{name}_s"] = time.perf_counter() - t
+        log(f"lm: {name} trained ({timings[f'train_{name}_s']:.0f} s, last loss {info[f'{name}_final_train_loss']:.3f})")
+        return model
 
-    t = time.perf_counter()
-    v2 = new_model(seed=1)
-    v2.load_state_dict(v1.state_dict())
-    info["v2_final_train_loss"] = train(v2, list(v2.parameters()), Sampler([(base, 0.5), (shift, 0.5)], b.seq, b.batch, seed=12), b.v2_steps, b.lr * 0.5)
-    v2.save_pretrained(root / "v2")
-    timings["train_v2_s"] = time.perf_counter() - t
+    def scratch(seed: int, sampler_seed: int):
+        model = new_model(seed=seed)
+        return model, train(model, list(model.parameters()), Sampler([(base, 1.0)], b.seq, b.batch, seed=sampler_seed), b.v1_steps, b.lr)
 
-    t = time.perf_counter()
-    v3 = new_model(seed=3)
-    info["v3_final_train_loss"] = train(v3, list(v3.parameters()), Sampler([(base, 1.0)], b.seq, b.batch, seed=13), b.v1_steps, b.lr)
-    v3.save_pretrained(root / "v3")
-    timings["train_v3_s"] = time.perf_counter() - t
-    log(f"lm: v2 (+{b.v2_steps} steps on the shifted mix) and v3 (another seed) trained")
+    def continued(mix, steps: int, lr: float, sampler_seed: int):
+        model = new_model(seed=1)
+        model.load_state_dict(v1.state_dict())
+        return model, train(model, list(model.parameters()), Sampler(mix, b.seq, b.batch, seed=sampler_seed), steps, lr)
+
+    v1 = get("v1", lambda: scratch(1, 11))
+    # v2: a short annealed continuation, half of it on packages v1 never saw (the checkpoint upgrade)
+    v2 = get("v2", lambda: continued([(base, 0.5), (shift, 0.5)], b.v2_steps, b.lr * 0.5, 12))
+    v3 = get("v3", lambda: scratch(3, 13))
+    # v4, the far pair: a new pre-training phase on the shifted mix (3x v2's steps, at v1's learning rate,
+    # three quarters of it on the new packages), like a code-specialised continuation of a general model
+    v4 = get("v4", lambda: continued([(base, 0.25), (shift, 0.75)], b.v4_steps, b.lr, 14))
 
     # task LoRAs: on v1 (the one to port), and retrained on each target with the same budget and data order
     t = time.perf_counter()
-    for name, model in (("v1", v1), ("v2", v2), ("v3", v3)):
+    for name, model in (("v1", v1), ("v2", v2), ("v3", v3), ("v4", v4)):
+        if reuse and (root / f"lora-{name}").exists():
+            info["reused"].append(f"lora-{name}")
+            continue
         hooks = train_lora(model, Sampler([(task, 1.0)], b.seq, b.batch, seed=21), b, seed=22)
         lorareg.save(hooks.to_lora(FAMILY, "model"), root / f"lora-{name}", format="peft", force=True)
     timings["train_loras_s"] = time.perf_counter() - t
-    info["weight_change_v1_v2"] = weight_change(v1.state_dict(), v2.state_dict())
-    info["weight_change_v1_v3"] = weight_change(v1.state_dict(), v3.state_dict())
+    for name, model in (("v2", v2), ("v3", v3), ("v4", v4)):
+        info[f"weight_change_v1_{name}"] = weight_change(v1.state_dict(), model.state_dict())
     (root / "heldout.txt").write_bytes(data["task_heldout"])
     info["timings"] = timings
     info["build_s"] = time.perf_counter() - t0
-    log(f"lm: LoRAs trained ({timings['train_loras_s']:.0f} s); ‖W2−W1‖/‖W1‖ = {info['weight_change_v1_v2']:.3f}")
+    log(f"lm: LoRAs ready ({timings['train_loras_s']:.0f} s" + (f"; reused {', '.join(info['reused'])}" if info["reused"] else "")
+        + f"); ‖W−W1‖/‖W1‖: v2 {info['weight_change_v1_v2']:.3f}, v3 {info['weight_change_v1_v3']:.3f}, v4 {info['weight_change_v1_v4']:.3f}")
     return info
 
 
@@ -215,13 +237,21 @@ def general_text() -> bytes:
     return b"\n\n".join(p.read_bytes() for p in files[:80])
 
 
-def evaluate_distill(root: Path, b: Budget, steps_list: list[int], log, lrs: tuple[float, ...] = (1e-3, 3e-3), target: str = "v2") -> dict:
+#: the targets `--refine distill` is measured on, and what each pair stands for
+DISTILL_KINDS = {"v2": "checkpoint upgrade", "v4": "far pair (3x longer on the shifted mix)", "v3": "negative control (another seed)"}
+
+
+def evaluate_distill(root: Path, b: Budget, steps_list: list[int], log, lrs: tuple[float, ...] = (1e-3, 3e-3), target: str = "v2",
+                     force_unrelated: bool = False) -> dict:
     """lorareg port --refine distill of lora-v1 onto ``target`` at several step budgets.
 
     Per budget: gain recovered on the task, wall time as a ratio to retraining the LoRA on the target
     (timed here, same budget as build()), the target's general-text loss with the refined LoRA, the
     fraction of the teacher's own score (v1 + LoRA, read with the target's gain formula) reached, and
     the final distillation KL. Extra rows at 50 steps with other learning rates.
+
+    Also whether lorareg flags the pair as unrelated and refuses to refine it; a refused pair gets
+    rows only with ``force_unrelated`` (the negative control: what distillation does there anyway).
     """
     from lorareg.evaluate import load_causal_lm
 
@@ -243,20 +273,35 @@ def evaluate_distill(root: Path, b: Budget, steps_list: list[int], log, lrs: tup
     retrain_s = time.perf_counter() - t
     del retrain_model
     teacher_gain = gain(none, teacher_loss, ref)
-    out = {"target": target, "sample_length": b.seq, "samples": 64, "loss_none": none, "loss_retrained": ref, "retrain_s": retrain_s, "loss_teacher": teacher_loss,
-           "teacher_gain": teacher_gain, "general_loss_none": ev_gen.loss(), "rows": []}
-    copy_ported, _, _ = port(src_lora, root / "v1", root / target, "copy", root / "ported" / f"{target}-copy-d")
+    out = {"target": target, "kind": DISTILL_KINDS.get(target, ""), "sample_length": b.seq, "samples": 64, "loss_none": none, "loss_retrained": ref,
+           "retrain_s": retrain_s, "loss_teacher": teacher_loss, "teacher_gain": teacher_gain, "general_loss_none": ev_gen.loss(), "rows": []}
+    copy_ported, copy_report, _ = port(src_lora, root / "v1", root / target, "copy", root / "ported" / f"{target}-copy-d")
     copy_loss = ev.loss(deltas_of(copy_ported))
     out["copy"] = {"loss": copy_loss, "gain": gain(none, copy_loss, ref), "general_loss": ev_gen.loss(deltas_of(copy_ported))}
+    out["related"], out["related_similarity"] = copy_report.totals.related, copy_report.totals.related_similarity
+    # a fresh sample cache per target, so the first row generates the samples and every row's time counts them
+    cache = root / "distill-cache" / target
+    shutil.rmtree(cache, ignore_errors=True)
+    common = dict(source_model=str(root / "v1"), target_model=str(root / target), force=True, progress=False, device="cpu",
+                  refine="distill", refine_seed=0)
+    # does lorareg refuse to refine this pair? Asked without force_unrelated, with a throw-away 1-sample set
+    # (the refusal comes before any sampling; a related pair costs a fraction of a second here)
+    try:
+        lorareg.port(src_lora, **common, refine_steps=0, refine_samples=1, refine_sample_length=2, cache_dir=root / "distill-cache" / "probe")
+        out["refused"] = None
+    except lorareg.InputError as e:
+        out["refused"] = str(e).splitlines()[0]
+        log(f"lm: distill v1->{target} refused: {out['refused']}")
+    out["forced"] = bool(out["refused"]) and force_unrelated
+    if out["refused"] and not out["forced"]:
+        return out
     runs = [(s, None) for s in steps_list] + [(50 if 50 in steps_list or not steps_list else steps_list[0], lr) for lr in lrs]
-    cache = root / "distill-cache"
     sample_s = 0.0  # generating the samples (once; later runs read them from the cache): counted in every row's time
     for steps, lr in runs:
         dest = root / "ported" / f"{target}-distill-{steps}-{lr or 'default'}"
         t = time.perf_counter()
-        res = lorareg.port(src_lora, source_model=str(root / "v1"), target_model=str(root / target), output=dest, force=True,
-                           progress=False, device="cpu", refine="distill", refine_steps=steps, refine_samples=64,
-                           refine_sample_length=b.seq, refine_lr=lr, refine_seed=0, cache_dir=cache)
+        res = lorareg.port(src_lora, **common, output=dest, refine_steps=steps, refine_samples=64, refine_sample_length=b.seq,
+                           refine_lr=lr, cache_dir=cache, force_unrelated=out["forced"])
         wall = time.perf_counter() - t
         refined = lorareg.load(dest, family=FAMILY)
         loss = ev.loss(deltas_of(refined))

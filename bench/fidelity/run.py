@@ -3,6 +3,8 @@
 
     python bench/fidelity/run.py            # full run (~15-20 min on 2 CPU cores), writes bench/fidelity/RESULTS.md + PNGs
     python bench/fidelity/run.py --tiny     # a few steps of everything (< 1 min): the pipeline, not the numbers
+    python bench/fidelity/run.py --only lm --work W --reuse-work --skip-methods --refine-steps 25,50,100,200
+                                            # only the `--refine distill` rows: results_distill.json + RESULTS.md's LM distill section
 
 Trains small models on real data that ships offline (the Python standard library's sources and its
 language reference; scikit-learn's digits), a task LoRA on each v1, ports it with every lorareg
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -45,6 +48,15 @@ def _methods() -> list[str]:
 THRESHOLDS = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 #: the similarity below which a pair is reported as "flagged" (not related enough to port)
 FLAG_THRESHOLD = 0.5
+#: the distill rows' step budget on the negative control (the budget that met the target on v2): it only has
+#: to show what refining an unrelated pair does, once lorareg has been forced past its refusal
+UNRELATED_STEPS = 100
+#: RESULTS.md's LM distill section starts with this heading and runs to the next "## " heading or the end of the
+#: file (--skip-methods rewrites only that section)
+DISTILL_HEADING = "## Refinement: data-free self-distillation (LM)"
+UNET_DISTILL_HEADING = "## Refinement: data-free self-distillation (UNet)"
+#: rows at lorareg's default learning rate of UNet distillation are the main rows; others are the extra learning-rate rows
+UNET_DEFAULT_LR = 1e-3  # = lorareg.refine.distill_unet.DEFAULT_LR (checked when the section is written)
 
 
 def _setup_env(work: Path) -> None:
@@ -56,8 +68,13 @@ def _setup_env(work: Path) -> None:
 
 
 def run(out: Path, *, tiny: bool = False, work: Path | None = None, threads: int | None = None, parts=("lm", "diffusion"),
-        write_example: bool = False, refine_steps: tuple[int, ...] = (), reuse: bool = False, skip_methods: bool = False, log=_log) -> dict:
-    """Build everything, evaluate, write results.json, RESULTS.md and plots into ``out``; returns the results."""
+        write_example: bool = False, refine_steps: tuple[int, ...] = (), refine_targets: tuple[str, ...] = ("v2", "v4", "v3"),
+        reuse: bool = False, skip_methods: bool = False, command: str = "python bench/fidelity/run.py", log=_log) -> dict:
+    """Build everything, evaluate, write results.json, RESULTS.md and plots into ``out``; returns the results.
+
+    ``skip_methods``: only the LM's distill rows (no training-free tables, no diffusion); they go to
+    results_distill.json and replace RESULTS.md's distill section, leaving the rest of both as they are.
+    """
     own_work = work is None
     work = Path(tempfile.mkdtemp(prefix="lorareg-fidelity-")) if own_work else Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -73,7 +90,7 @@ def run(out: Path, *, tiny: bool = False, work: Path | None = None, threads: int
 
     METHODS = _methods()
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    results = {"tiny": tiny, "threads": torch.get_num_threads(), "environment": {
+    results = {"tiny": tiny, "command": command, "threads": torch.get_num_threads(), "environment": {
         "python": platform.python_version(), "torch": torch.__version__, "lorareg": lorareg.__version__, "machine": platform.machine()},
         "methods": METHODS, "flag_threshold": FLAG_THRESHOLD}
     try:
@@ -82,21 +99,28 @@ def run(out: Path, *, tiny: bool = False, work: Path | None = None, threads: int
 
             b = lm.TINY if tiny else lm.Budget()
             t = time.perf_counter()
-            if reuse and (work / "lm" / "lora-v2").exists():
-                log(f"lm: reusing the models and LoRAs in {work / 'lm'} (--reuse-work)")
-                results["lm"] = {"budget": b.__dict__, "reused": str(work / "lm")}
-            else:
-                results["lm"] = {"budget": b.__dict__, "build": lm.build(work / "lm", b, log)}
+            if reuse:
+                log(f"lm: reusing the models and LoRAs in {work / 'lm'} (--reuse-work); training only what is missing")
+            results["lm"] = {"budget": b.__dict__, "build": lm.build(work / "lm", b, log, reuse=reuse)}
             if not skip_methods:
                 results["lm"].update(lm.evaluate(work / "lm", b, METHODS, THRESHOLDS, log))
             if refine_steps:
-                results["lm"]["distill"] = lm.evaluate_distill(work / "lm", b, list(refine_steps), log)
+                results["lm"]["distill"] = {}
+                for target in refine_targets:
+                    if "negative" in lm.DISTILL_KINDS.get(target, ""):
+                        steps = list(refine_steps[-1:]) if tiny else [UNRELATED_STEPS]
+                        kw = {"lrs": (), "force_unrelated": True}
+                    else:
+                        steps, kw = list(refine_steps), {}
+                    results["lm"]["distill"][target] = lm.evaluate_distill(work / "lm", b, steps, log, target=target, **kw)
             results["lm"]["wall_s"] = time.perf_counter() - t
             if write_example:
                 import export_example
 
                 export_example.export(work / "lm", log=log)
-        if "diffusion" in parts:
+        if "diffusion" in parts and skip_methods and not refine_steps:
+            log("diffusion: skipped (--skip-methods without --refine-steps)")
+        elif "diffusion" in parts:
             try:
                 import sklearn  # noqa: F401
             except ImportError:
@@ -107,8 +131,16 @@ def run(out: Path, *, tiny: bool = False, work: Path | None = None, threads: int
 
                 b = diffusion.TINY if tiny else diffusion.Budget()
                 t = time.perf_counter()
-                results["diffusion"] = {"budget": b.__dict__, "build": diffusion.build(work / "diffusion", b, log)}
-                results["diffusion"].update(diffusion.evaluate(work / "diffusion", b, METHODS, THRESHOLDS, log))
+                droot = work / "diffusion"
+                if reuse and (droot / "lora-distilled.safetensors").exists():
+                    log(f"diffusion: reusing the models and LoRAs in {droot} (--reuse-work)")
+                    results["diffusion"] = {"budget": b.__dict__, "build": {"reused": str(droot)}}
+                else:
+                    results["diffusion"] = {"budget": b.__dict__, "build": diffusion.build(droot, b, log)}
+                if not skip_methods:
+                    results["diffusion"].update(diffusion.evaluate(droot, b, METHODS, THRESHOLDS, log))
+                if refine_steps:
+                    results["diffusion"]["distill"] = diffusion.evaluate_distill(droot, b, list(refine_steps), log)
                 results["diffusion"]["wall_s"] = time.perf_counter() - t
         results["wall_s"] = time.perf_counter() - t_start
         results["cpu_s"] = time.process_time() - cpu_start
@@ -117,6 +149,11 @@ def run(out: Path, *, tiny: bool = False, work: Path | None = None, threads: int
         except OSError:
             pass
         samples = results.get("diffusion", {}).pop("samples", None)
+        if skip_methods:
+            # the training-free tables of results.json / RESULTS.md come from a full run: keep them
+            write_distill(results, out)
+            log(f"done in {results['wall_s']:.0f} s -> {out / 'results_distill.json'}, {out / 'RESULTS.md'} (distill section)")
+            return results
         (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
         (out / "RESULTS.md").write_text(report_markdown(results))
         try:
@@ -124,10 +161,7 @@ def run(out: Path, *, tiny: bool = False, work: Path | None = None, threads: int
         except ImportError:  # matplotlib missing
             log("plots: skipped (matplotlib is not installed)")
         else:
-            if skip_methods:
-                log("plots: skipped (--skip-methods)")
-            else:
-                plots.make_all(results, samples, out)
+            plots.make_all(results, samples, out)
         log(f"done in {results['wall_s']:.0f} s -> {out / 'RESULTS.md'}")
     finally:
         if own_work:
@@ -182,8 +216,6 @@ def report_markdown(results: dict) -> str:
           "Gain recovered = (loss_none − loss_port) / (loss_none − loss_retrained): 100% = as good as a LoRA retrained on the target "
           "with the same budget, 0% = no better than no adapter. Loss: held-out task loss (LM: nats/byte on held-out topics of the "
           "Python language reference; UNet: ε-prediction MSE on held-out inverted digits).", ""]
-    if "distill" in results.get("lm", {}):
-        L += distill_markdown(results["lm"]["distill"])
     methods = results["methods"] + (["copy (no block alignment)"] if "diffusion" in results and "pairs" in results["diffusion"] else [])
     L += ["## Gain recovered", "", "| pair | kind | loss none | loss retrained | " + " | ".join(methods) + " |",
           "|---|---|---|---|" + "---|" * len(methods)]
@@ -225,26 +257,135 @@ def report_markdown(results: dict) -> str:
                  + (f", ‖W₃−W₁‖/‖W₁‖ = {b['weight_change_v1_v3']:.3f}" if "weight_change_v1_v3" in b else "")
                  + f"; training {b['build_s']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in b['timings'].items())}); total {r['wall_s']:.0f} s")
     L.append("")
+    if "distill" in results.get("lm", {}):
+        L += distill_markdown(results)
+    if "distill" in results.get("diffusion", {}):
+        L += unet_distill_markdown(results)
     return "\n".join(L)
 
 
-def distill_markdown(d: dict) -> list[str]:
-    """The `--refine distill` table (LM pair)."""
-    L = [f"## Refinement: data-free self-distillation (LM v1->{d['target']})", "",
-         f"`lorareg port --refine distill` from the copied LoRA: 64 samples of {d['sample_length']} "
-         f"bytes generated once from v1 + LoRA (temperature 1), KL(teacher ‖ student) on the target. Copy alone: {_pct(d['copy']['gain'])}. "
-         f"Teacher (v1 + LoRA) scored with the target's formula: {_pct(d['teacher_gain'])} (the ceiling). Retraining the LoRA on the target "
-         f"(the reference) took {d['retrain_s']:.1f} s in this run. General-text loss (the standard library's test suite, never trained on): "
-         f"target without LoRA {_f(d['general_loss_none'], 4)}, with the copied LoRA {_f(d['copy']['general_loss'], 4)}.", "",
-         "| steps | lr | gain recovered | of the teacher's | task loss | general-text loss | KL start → end | wall time | × retraining |",
-         "|---|---|---|---|---|---|---|---|---|"]
-    for r in d["rows"]:
-        L.append(f"| {r['steps']} | {r['lr']:g} | {100 * r['gain']:.1f}% | {_pct(r['teacher_fraction'])} | {_f(r['loss'], 4)} | {_f(r['general_loss'], 4)} | "
-                 f"{r['kl_start']:.4f} → {r['kl_end']:.4f} | {r.get('refine_with_sampling_s', r['refine_s']):.1f} s | {r['time_ratio']:.2f} |")
-    L += ["", "Wall time: the refinement (generating the samples + training; the samples are generated once and cached, their time is "
-          "counted in every row), on the same machine and threads as the retraining. The general-text loss column is the target's "
-          "loss on general code with the refined LoRA applied (compare: without LoRA, with the copied LoRA above).", ""]
+def distill_markdown(results: dict) -> list[str]:
+    """The `--refine distill` section (LM pairs): a summary over the targets, then each target's rows."""
+    lm, targets = results["lm"], results["lm"]["distill"]
+    build = lm.get("build", {})
+    trained = [k[len("train_"):-len("_s")] for k in build.get("timings", {}) if k != "train_loras_s"]
+    L = [DISTILL_HEADING, "",
+         f"Produced by `{results['command']}` (fixed seeds) in {results['wall_s'] / 60:.1f} min on {results['threads']} CPU thread(s)"
+         + (f"; load average at the end {', '.join(f'{x:.1f}' for x in results['load_average'])}" if "load_average" in results else "")
+         + f"; Python {results['environment']['python']}, torch {results['environment']['torch']}. "
+         + (f"Reused from the work folder (trained earlier, same budget and seeds): {', '.join(build['reused'])}. " if build.get("reused") else "")
+         + (f"Trained by this command: {', '.join(trained)} and the missing LoRAs ({build['timings']['train_loras_s']:.0f} s). " if trained else "")
+         + "Gain recovered uses the same formula as above, with each target's own loss none / loss retrained; times are ratios "
+         "to retraining the LoRA on the same target, timed in the same run.", ""]
+    budgets = sorted({r["steps"] for d in targets.values() for r in d["rows"] if r["lr"] == d["rows"][0]["lr"]})
+    L += ["| pair | kind | ‖W−W₁‖/‖W₁‖ | mean similarity | related | `--refine distill` without force | copy | "
+          + " | ".join(f"{s} steps" for s in budgets) + " | teacher (ceiling) | × retraining at 100 steps |",
+          "|---|---|---|---|---|---|---|" + "---|" * len(budgets) + "---|---|"]
+    for t, d in targets.items():
+        default = [r for r in d["rows"] if r["lr"] == d["rows"][0]["lr"]] if d["rows"] else []
+        by_steps = {r["steps"]: r for r in default}
+        change = build.get(f"weight_change_v1_{t}")
+        refusal = f"refused{' (rows forced)' if d.get('forced') else ''}" if d.get("refused") else "runs"
+        ratio = f"{by_steps[100]['time_ratio']:.2f}" if 100 in by_steps else "–"
+        L.append(f"| LM v1->{t} | {d.get('kind', '')} | {_f(change)} | {_f(d.get('related_similarity'))} | "
+                 f"{'yes' if d.get('related') else '**no (flagged)**' if d.get('related') is False else '–'} | {refusal} | {_pct(d['copy']['gain'])} | "
+                 + " | ".join(f"{100 * by_steps[s]['gain']:.1f}%" if s in by_steps else "" for s in budgets)
+                 + f" | {_pct(d['teacher_gain'])} | {ratio} |")
+    L.append("")
+    for t, d in targets.items():
+        L += [f"### LM v1->{t}: {d.get('kind', '')}", "",
+              f"Loss none {_f(d['loss_none'], 4)}, retrained {_f(d['loss_retrained'], 4)}, teacher (v1 + LoRA on v1) {_f(d['loss_teacher'], 4)}. "
+              f"`lorareg port --refine distill` from the copied LoRA: {d['samples']} samples of {d['sample_length']} "
+              f"bytes generated once from v1 + LoRA (temperature 1), KL(teacher ‖ student) on the target. Copy alone: {_pct(d['copy']['gain'])}. "
+              f"Teacher (v1 + LoRA) scored with the target's formula: {_pct(d['teacher_gain'])} (the ceiling). Retraining the LoRA on the target "
+              f"(the reference) took {d['retrain_s']:.1f} s in this run. General-text loss (the standard library's test suite, never trained on): "
+              f"target without LoRA {_f(d['general_loss_none'], 4)}, with the copied LoRA {_f(d['copy']['general_loss'], 4)}.", ""]
+        if d.get("refused"):
+            L += [f"Port report: `totals.related` = {d['related']}, `totals.related_similarity` = {_f(d['related_similarity'])}. "
+                  f"Without `force_unrelated=True`, `lorareg.port(..., refine=\"distill\")` refuses: `{d['refused']}`"
+                  + (". The rows below are forced with `force_unrelated=True`." if d.get("forced") else "."), ""]
+        if not d["rows"]:
+            continue
+        L += ["| steps | lr | gain recovered | of the teacher's | task loss | general-text loss | KL start → end | wall time | × retraining |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            L.append(f"| {r['steps']} | {r['lr']:g} | {100 * r['gain']:.1f}% | {_pct(r['teacher_fraction'])} | {_f(r['loss'], 4)} | {_f(r['general_loss'], 4)} | "
+                     f"{r['kl_start']:.4f} → {r['kl_end']:.4f} | {r.get('refine_with_sampling_s', r['refine_s']):.1f} s | {r['time_ratio']:.2f} |")
+        L.append("")
+    L += ["Wall time: the refinement (generating the samples + training; the samples are generated once per target and cached, their "
+          "time is counted in every row), on the same machine and threads as the retraining. The general-text loss column is the target's "
+          "loss on general code with the refined LoRA applied (compare: without LoRA, with the copied LoRA). The extra rows at 50 steps "
+          "use other learning rates.", ""]
     return L
+
+
+def unet_distill_markdown(results: dict) -> list[str]:
+    """The `--refine distill` section of the diffusion pairs."""
+    from lorareg.refine.distill_unet import DEFAULT_LR
+
+    assert DEFAULT_LR == UNET_DEFAULT_LR, "update UNET_DEFAULT_LR"
+    d = results["diffusion"]["distill"]
+    L = [UNET_DISTILL_HEADING, "",
+         f"Produced by `{results['command']}` (fixed seeds) on {results['threads']} CPU thread(s)"
+         + (f"; load average at the end {', '.join(f'{x:.1f}' for x in results['load_average'])}" if "load_average" in results else "")
+         + ". `lorareg port --refine distill` from the copied LoRA with lorareg's default settings (teacher latents: DDIM from noise "
+         f"on the family's cosine schedule, each noised at random timesteps; MSE to the teacher's ε). Conditions: {d['conditions']} "
+         "(this UNet has no text encoder). Times are ratios to retraining the LoRA on the same target, timed in the same run.", "",
+         "| pair | kind | copy | " + " | ".join(f"{r['steps']} steps" for r in next(iter(d["pairs"].values()))["rows"] if r["lr"] == UNET_DEFAULT_LR)
+         + " | teacher (ceiling) | × retraining at 100 steps |"]
+    L.append("|---|---|---|" + "---|" * sum(1 for r in next(iter(d["pairs"].values()))["rows"] if r["lr"] == UNET_DEFAULT_LR) + "---|---|")
+    for name, p in d["pairs"].items():
+        default = [r for r in p["rows"] if r["lr"] == UNET_DEFAULT_LR]
+        at100 = next((r for r in default if r["steps"] == 100), None)
+        ratio = f"{at100['time_ratio']:.2f}" if at100 else "–"
+        L.append(f"| UNet {name} | {p['kind']} | {_pct(p['copy']['gain'])} | " + " | ".join(f"{100 * r['gain']:.1f}%" for r in default)
+                 + f" | {_pct(p['teacher_gain'])} | {ratio} |")
+    L.append("")
+    for name, p in d["pairs"].items():
+        L += [f"### UNet {name}: {p['kind']}", "",
+              f"Loss none {_f(p['loss_none'], 4)}, retrained {_f(p['loss_retrained'], 4)}, teacher (v1 + LoRA on v1) {_f(p['loss_teacher'], 4)}. "
+              f"Retraining the LoRA on the target took {p['retrain_s']:.1f} s in this run. Plain-digit loss (what the style LoRA should "
+              f"leave alone): no LoRA {_f(p['plain_loss_none'], 4)}, copied LoRA {_f(p['copy']['plain_loss'], 4)}.", "",
+              "| steps | lr | gain recovered | of the teacher's | task loss | plain-digit loss | MSE start → end | wall time | × retraining |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for r in p["rows"]:
+            L.append(f"| {r['steps']} | {r['lr']:g} | {100 * r['gain']:.1f}% | {_pct(r['teacher_fraction'])} | {_f(r['loss'], 4)} | "
+                     f"{_f(r['plain_loss'], 4)} | {r['mse_start']:.4f} → {r['mse_end']:.4f} | {r['refine_with_sampling_s']:.1f} s | {r['time_ratio']:.2f} |")
+        L.append("")
+    s0 = next(iter(d["pairs"].values()))["rows"][0]["settings"]
+    L += [f"Settings (lorareg's defaults): {', '.join(f'{k} {v}' for k, v in s0.items())}. The extra rows at 100 steps use other "
+          "learning rates.", ""]
+    return L
+
+
+def _replace_section(text: str, heading: str, section: str) -> str:
+    i = text.find(heading)
+    if i < 0:
+        return text.rstrip("\n") + "\n\n" + section
+    j = text.find("\n## ", i + 1)
+    return text[:i] + section + ("\n" + text[j + 1 :] if j >= 0 else "")
+
+
+def write_distill(results: dict, out: Path) -> None:
+    """results_distill.json, and RESULTS.md's distill sections replaced (or appended); the rest, and the part not run, kept."""
+    keep = ("command", "threads", "environment", "wall_s", "cpu_s", "load_average")
+    path = out / "results_distill.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    run_info = {k: results[k] for k in keep if k in results}
+    if "distill" in results.get("lm", {}):
+        lm = results["lm"]
+        data.update({"lm_distill": lm["distill"], "lm_budget": lm.get("budget"), "lm_build": lm.get("build"), **run_info})
+    if "distill" in results.get("diffusion", {}):
+        dif = results["diffusion"]
+        data["diffusion_distill"] = {**dif["distill"], "budget": dif.get("budget"), "run": run_info}
+    path.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    md = out / "RESULTS.md"
+    text = md.read_text() if md.exists() else "# Fidelity benchmark: do ported LoRAs work?\n\n"
+    if "distill" in results.get("lm", {}):
+        text = _replace_section(text, DISTILL_HEADING, "\n".join(distill_markdown(results)))
+    if "distill" in results.get("diffusion", {}):
+        text = _replace_section(text, UNET_DISTILL_HEADING, "\n".join(unet_distill_markdown(results)))
+    md.write_text(text)
 
 
 def main(argv=None) -> int:
@@ -255,16 +396,19 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, 1 with --tiny; use 1 on a busy machine)")
     ap.add_argument("--only", choices=["lm", "diffusion"], help="run one half")
     ap.add_argument("--write-example", action="store_true", help="also export the LM pair as lorareg's embedded example (lorareg/examples/lm)")
-    ap.add_argument("--refine-steps", default="", help="also evaluate `port --refine distill` on the LM pair at these step budgets, e.g. 25,50,100")
-    ap.add_argument("--reuse-work", action="store_true", help="reuse models and LoRAs already trained in --work (skip training)")
-    ap.add_argument("--skip-methods", action="store_true", help="skip the training-free method table (with --refine-steps: only the distill rows)")
+    ap.add_argument("--refine-steps", default="", help="also evaluate `port --refine distill` on the LM pairs at these step budgets, e.g. 25,50,100")
+    ap.add_argument("--refine-targets", default="v2,v4,v3", help=f"the LM targets of the distill rows (default: all; the negative control v3 at {UNRELATED_STEPS} steps, forced)")
+    ap.add_argument("--reuse-work", action="store_true", help="reuse models and LoRAs already trained in --work (train only the missing ones)")
+    ap.add_argument("--skip-methods", action="store_true", help="skip the training-free tables and diffusion: only the distill rows, into results_distill.json and RESULTS.md's distill section")
     args = ap.parse_args(argv)
     out = args.out or (Path(tempfile.mkdtemp(prefix="lorareg-fidelity-out-")) if args.tiny else HERE)
     parts = (args.only,) if args.only else ("lm", "diffusion")
     threads = args.threads or (1 if args.tiny else None)
     steps = tuple(int(x) for x in args.refine_steps.split(",") if x.strip())
+    targets = tuple(x.strip() for x in args.refine_targets.split(",") if x.strip())
+    command = shlex.join(["python", "bench/fidelity/run.py", *(sys.argv[1:] if argv is None else argv)])
     run(out, tiny=args.tiny, work=args.work, threads=threads, parts=parts, write_example=args.write_example,
-        refine_steps=steps, reuse=args.reuse_work, skip_methods=args.skip_methods)
+        refine_steps=steps, refine_targets=targets, reuse=args.reuse_work, skip_methods=args.skip_methods, command=command)
     return 0
 
 
