@@ -119,6 +119,10 @@ def test_sdxl_to_ssd_distill_through_the_resolved_pairs(unets, sdxl_lora, tmp_pa
     assert _sha(sdxl_lora) == before
     report = json.loads((tmp_path / "refined.report.json").read_text())
     assert report["refine"]["mse_end"] == r["mse_end"]
+    from lorareg.hub.card import CardInfo, build_card
+
+    card = build_card(res.report.model_dump(), CardInfo(repo_id="me/style-ssd", weight_name="refined.safetensors", output_format="kohya/default"))
+    assert "distillation MSE" in card and f"{r['mse_end']:.4f}" in card and "teacher latents of 8x8" in card
     # deterministic, and the teacher's latents come from the cache the second time
     again = lorareg.port(sdxl_lora, **kw, **FAST)
     assert again.report.refine["samples_cached"] and again.report.refine["mse_end"] == r["mse_end"]
