@@ -46,3 +46,18 @@ def test_tiny_fidelity_benchmark(tmp_path):
     if importlib.util.find_spec("matplotlib"):
         for png in ("gain_recovered.png", "loss_vs_threshold.png", "digits_grid.png"):
             assert (out / png).stat().st_size > 1000, png
+    # the `--refine distill` rows on the same (tiny) models: LM v2 / far v4 / unrelated v3, UNet v2 / distilled
+    res = subprocess.run([sys.executable, str(RUN), "--tiny", "--out", str(out), "--work", str(tmp_path / "work"), "--reuse-work",
+                          "--skip-methods", "--refine-steps", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    distill = json.loads((out / "results_distill.json").read_text())
+    assert set(distill["lm_distill"]) == {"v2", "v4", "v3"}
+    assert distill["lm_distill"]["v3"]["related"] is False and "unrelated" in distill["lm_distill"]["v3"]["refused"]
+    for target, d in distill["lm_distill"].items():
+        assert all(math.isfinite(r["gain"]) and r["kl_end"] >= 0 for r in d["rows"]), target
+    if "diffusion" in domains:
+        assert set(distill["diffusion_distill"]["pairs"]) == {"v1->v2", "v1->distilled"}
+        for name, p in distill["diffusion_distill"]["pairs"].items():
+            assert p["rows"] and all(math.isfinite(r["gain"]) and r["mse_end"] <= r["mse_start"] for r in p["rows"]), name
+    text = (out / "RESULTS.md").read_text()
+    assert "## Refinement: data-free self-distillation (LM)" in text and "## Gain recovered" in text
