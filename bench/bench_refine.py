@@ -97,8 +97,7 @@ def bench_unet(work: Path, src: str, tgt: str, steps: int, latent: int, device, 
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     import lorareg
-    from lora_factory import make_lora
-    from test_refine_unet import _tokenizer_folder
+    from lora_factory import clip_tokenizer_folder, make_lora
 
     torch.manual_seed(0)
     for fam, name in ((src, "src"), (tgt, "tgt")):
@@ -107,8 +106,8 @@ def bench_unet(work: Path, src: str, tgt: str, steps: int, latent: int, device, 
         te2 = _cfg(fam, "text_encoder_2")
         CLIPTextModel(CLIPTextConfig(**te1)).to(dtype).save_pretrained(work / name / "text_encoder")
         CLIPTextModelWithProjection(CLIPTextConfig(**te2)).to(dtype).save_pretrained(work / name / "text_encoder_2")
-        _tokenizer_folder(work / name / "tokenizer")
-        _tokenizer_folder(work / name / "tokenizer_2")
+        clip_tokenizer_folder(work / name / "tokenizer")
+        clip_tokenizer_folder(work / name / "tokenizer_2")
     lora = make_lora(src, r"unet:.*attn[12]\.to_(q|k|v|out\.0)$", rank=16, alpha=16.0, dtype=torch.bfloat16, seed=2)
     for m in lora.modules.values():
         m.factors["up"] = type(m.factors["up"]).from_torch((m.factors["up"].torch().float() * 1e-3).to(torch.bfloat16))

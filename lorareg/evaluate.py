@@ -16,6 +16,7 @@ what the original LoRA achieves on its own base model ("gain retained").
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
@@ -24,6 +25,7 @@ from pydantic import BaseModel
 
 from .errors import InputError
 from .lora import Lora
+from .refine.hooks import find_module
 
 PathLike = Union[str, Path]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -61,6 +63,19 @@ def gain(loss_none: float, loss: float, loss_reference: float) -> Optional[float
 # ---------------------------------------------------------------- models and tokens
 
 
+@contextmanager
+def quiet_progress_bars(library_logging):
+    """Silence a library's own progress bars (transformers' or diffusers' ``utils.logging``) while it loads
+    a model: only lorareg's bars are shown, and --json output stays clean."""
+    bars = library_logging.is_progress_bar_enabled()
+    library_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            library_logging.enable_progress_bar()
+
+
 def load_causal_lm(ref: PathLike, dtype: torch.dtype = torch.float32):
     """A transformers causal LM from a local folder (config.json + weights), in eval mode."""
     path = Path(ref)
@@ -69,13 +84,8 @@ def load_causal_lm(ref: PathLike, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_progress_bars(hf_logging):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     model.eval()
     return model
 
@@ -126,30 +136,15 @@ def lm_loss(model, batches: torch.Tensor, batch_size: int = 32) -> float:
 # ---------------------------------------------------------------- LoRA deltas
 
 
-def _find_linear(model, name: str):
-    candidates = [name]
-    if name.startswith("model."):
-        candidates.append(name[len("model."):])
-    else:
-        candidates.append("model." + name)
-    for cand in candidates:
-        try:
-            mod = model.get_submodule(cand)
-        except AttributeError:
-            continue
-        if hasattr(mod, "weight"):
-            return mod
-    return None
-
-
 def lora_deltas(model, lora: Lora) -> dict[str, torch.Tensor]:
     """Dense ΔW (scale included) of each LoRA module, keyed by the model's parameter name."""
     names = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, torch.Tensor] = {}
     missing = []
     for m in lora.modules.values():
-        mod = _find_linear(model, m.name)
-        if mod is None:
+        try:
+            mod = find_module(model, m.name)
+        except InputError:
             missing.append(m.name)
             continue
         dw = m.delta_weight()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import string
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,6 +32,35 @@ def tiny_family_config(family: str, component: str) -> dict:
             os.environ.pop("LORAREG_DATA_PATH", None)
         else:
             os.environ["LORAREG_DATA_PATH"] = old
+
+
+def ssd_like(sdxl, ssd, kept: list[int], noise: float = 0.01):
+    """``ssd`` (a tiny-ssd UNet) loaded from ``sdxl`` (a tiny-sdxl one) the way SSD-1B was made: of each shortened
+    attention's transformer blocks only ``kept`` remain; every weight is the teacher's plus a little noise."""
+    sa, sb = sdxl.state_dict(), ssd.state_dict()
+    for k in sb:
+        src = k
+        m = re.match(r"(down_blocks\.1\.attentions\.\d+\.transformer_blocks\.|up_blocks\.0\.attentions\.\d+\.transformer_blocks\.)(\d+)(\..*)", k)
+        if m:
+            src = m.group(1) + str(kept[int(m.group(2))]) + m.group(3)
+        if src in sa and sa[src].shape == sb[k].shape:
+            sb[k] = sa[src] + noise * torch.randn_like(sa[src])
+    ssd.load_state_dict(sb)
+    return ssd
+
+
+def clip_tokenizer_folder(path: Path) -> None:
+    """A CLIP BPE tokenizer with a tiny character vocabulary (78 symbols + BOS/EOS), as diffusers pipelines store it."""
+    path.mkdir(parents=True)
+    chars = list(string.ascii_lowercase + string.digits + ",.!")
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": 78, "<|endoftext|>": 79})
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 16, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
 
 
 def make_lora(

@@ -1,7 +1,6 @@
 """lorareg port end to end on small models built from configs (test families in tests/data)."""
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import lorareg
 from lorareg.cli import main
-from lora_factory import make_lora, tiny_family_config, write
+from lora_factory import make_lora, ssd_like, tiny_family_config, write
 
 pytestmark = pytest.mark.usefixtures("tiny_families")
 KEPT = [0, 2, 5]  # the SSD-like model keeps these of the SDXL-like model's 6 blocks per attention
@@ -30,16 +29,7 @@ def models(tmp_path_factory):
     cfg = lambda fid: tiny_family_config(fid, "unet")  # noqa: E731
     sdxl = UNet2DConditionModel.from_config(cfg("tiny-sdxl"))
     sdxl.save_pretrained(root / "sdxl" / "unet")
-    ssd = UNet2DConditionModel.from_config(cfg("tiny-ssd"))
-    sa, sb = sdxl.state_dict(), ssd.state_dict()
-    for k in sb:
-        src = k
-        m = re.match(r"(down_blocks\.1\.attentions\.\d+\.transformer_blocks\.|up_blocks\.0\.attentions\.\d+\.transformer_blocks\.)(\d+)(\..*)", k)
-        if m:
-            src = m.group(1) + str(KEPT[int(m.group(2))]) + m.group(3)
-        if src in sa and sa[src].shape == sb[k].shape:
-            sb[k] = sa[src] + 0.01 * torch.randn_like(sa[src])
-    ssd.load_state_dict(sb)
+    ssd = ssd_like(sdxl, UNet2DConditionModel.from_config(cfg("tiny-ssd")), KEPT)
     ssd.save_pretrained(root / "ssd" / "unet")
     llama_cfg = tiny_family_config("tiny-llama", "model")
     v1 = LlamaForCausalLM(LlamaConfig(**llama_cfg))

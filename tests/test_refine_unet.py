@@ -5,8 +5,6 @@ The noise schedule and sampler are checked against diffusers' own schedulers.
 
 import hashlib
 import json
-import re
-import string
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ import lorareg
 from lorareg.cli import main
 from lorareg.errors import InputError
 from lorareg.registry import get_registry
-from lora_factory import make_lora, tiny_family_config
+from lora_factory import clip_tokenizer_folder, make_lora, ssd_like, tiny_family_config
 
 pytestmark = pytest.mark.usefixtures("tiny_families")
 pytest.importorskip("diffusers")
@@ -24,20 +22,6 @@ KEPT = [0, 2, 5]  # the SSD-like UNet keeps these of the SDXL-like UNet's 6 bloc
 ATTN = r"unet:.*attn[12]\.to_(q|k|v|out\.0)$"
 FAST = dict(refine="distill", refine_steps=8, refine_samples=4, refine_noisings=2, refine_sampler_steps=2, refine_batch=4,
             progress=False, device="cpu")
-
-
-def _tokenizer_folder(path):
-    """A CLIP BPE tokenizer with a tiny character vocabulary (78 symbols + BOS/EOS), as diffusers pipelines store it."""
-    path.mkdir(parents=True)
-    chars = list(string.ascii_lowercase + string.digits + ",.!")
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": 78, "<|endoftext|>": 79})
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 16, "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +34,7 @@ def unets(tmp_path_factory):
     cfg = lambda fid, c="unet": tiny_family_config(fid, c)  # noqa: E731
     sdxl = UNet2DConditionModel.from_config(cfg("tiny-sdxl"))
     sdxl.save_pretrained(root / "sdxl" / "unet")
-    ssd = UNet2DConditionModel.from_config(cfg("tiny-ssd"))
-    sa, sb = sdxl.state_dict(), ssd.state_dict()
-    for k in sb:
-        src = k
-        m = re.match(r"(down_blocks\.1\.attentions\.\d+\.transformer_blocks\.|up_blocks\.0\.attentions\.\d+\.transformer_blocks\.)(\d+)(\..*)", k)
-        if m:
-            src = m.group(1) + str(KEPT[int(m.group(2))]) + m.group(3)
-        if src in sa and sa[src].shape == sb[k].shape:
-            sb[k] = sa[src] + 0.01 * torch.randn_like(sa[src])
-    ssd.load_state_dict(sb)
+    ssd = ssd_like(sdxl, UNet2DConditionModel.from_config(cfg("tiny-ssd")), KEPT)
     ssd.save_pretrained(root / "ssd" / "unet")
     # a text-conditioned pipeline (two CLIP encoders, SDXL-style pooled + size conditioning), v2 = v1 moved a little
     for name in ("xl-v1", "xl-v2"):
@@ -76,8 +51,8 @@ def unets(tmp_path_factory):
         unet.save_pretrained(root / name / "unet")
         te1.save_pretrained(root / name / "text_encoder")
         te2.save_pretrained(root / name / "text_encoder_2")
-        _tokenizer_folder(root / name / "tokenizer")
-        _tokenizer_folder(root / name / "tokenizer_2")
+        clip_tokenizer_folder(root / name / "tokenizer")
+        clip_tokenizer_folder(root / name / "tokenizer_2")
     return root
 
 

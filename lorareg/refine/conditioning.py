@@ -141,12 +141,9 @@ def _text_encoder(family: Family, path: Path, component: str, dtype: torch.dtype
         raise InputError(f"{path}: no config.json; --refine distill needs the model as a diffusers folder with its text encoders")
     from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # our own bars (or --json) only
-    try:
+    from ..evaluate import quiet_progress_bars
+
+    with quiet_progress_bars(hf_logging):
         model = cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True)  # never a pickle
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     model.eval()
     return model

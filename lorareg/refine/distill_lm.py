@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from pydantic import BaseModel
 
 from ..errors import InputError
 from ..lora import Lora
 from .hooks import TrainableLora, merge
+from .report import RefineReportBase
 from .train import Shuffled, thin, train_factors
 from .samples_cache import cached, lora_digest, model_digest
 
@@ -38,29 +38,14 @@ DEFAULT_LR = 2e-3
 DEFAULT_BATCH = 16
 
 
-class RefineReport(BaseModel):
-    method: str = "distill"
+class RefineReport(RefineReportBase):
     model: str = "language model"
-    loss: str = "kl"  # the report's <loss>_start / <loss>_end fields
-    steps: int
-    steps_requested: int
-    samples: int
+    loss: str = "kl"
     sample_length: int
-    batch: int
-    lr: float
-    start_method: Optional[str] = None
     kl_start: float
     kl_end: float
     kl_history: list[list[float]] = []
     teacher_storage: str
-    samples_cached: bool
-    sample_s: float
-    train_s: float
-    wall_s: float
-    device: str
-    dtype: str = "float32"
-    seed: int
-    stopped_by_budget: bool = False
 
 
 # ---------------------------------------------------------------- models

@@ -21,13 +21,13 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
 
 from ..errors import InputError
 from ..lora import Lora
 from ..registry.families import Family
 from .conditioning import TextConditioner, component_folder, metadata_prompts
 from .hooks import TrainableLora, merge, modules_of
+from .report import RefineReportBase
 from .noise import Schedule, add_noise, alphas_cumprod, ddim_sample, read_schedule
 from .samples_cache import cached, lora_digest, model_digest, tensor_digest
 from .train import Shuffled, thin, train_factors
@@ -43,13 +43,9 @@ DEFAULT_GUIDANCE = 5.0
 CHECKPOINT_ABOVE = 300_000_000
 
 
-class UnetRefineReport(BaseModel):
-    method: str = "distill"
+class UnetRefineReport(RefineReportBase):
     model: str = "diffusion unet"
-    loss: str = "mse"  # the report's <loss>_start / <loss>_end fields
-    steps: int
-    steps_requested: int
-    samples: int
+    loss: str = "mse"
     noisings: int
     latent_size: int
     sampler_steps: int
@@ -57,20 +53,9 @@ class UnetRefineReport(BaseModel):
     prompts: int
     prompts_from: str
     prediction_type: str
-    batch: int
-    lr: float
-    start_method: Optional[str] = None
     mse_start: float
     mse_end: float
     mse_history: list[list[float]] = []
-    samples_cached: bool
-    sample_s: float
-    train_s: float
-    wall_s: float
-    device: str
-    dtype: str
-    seed: int
-    stopped_by_budget: bool = False
 
 
 def load_unet(family: Family, folder: Path, dtype: torch.dtype):
@@ -82,16 +67,13 @@ def load_unet(family: Family, folder: Path, dtype: torch.dtype):
     import diffusers
     from diffusers.utils import logging as dlog
 
+    from ..evaluate import quiet_progress_bars
+
     cls = getattr(diffusers, arch.class_, None)
     if cls is None:
         raise InputError(f"{family.id}: UNet class {arch.class_} is not in this diffusers version")
-    bars = dlog.is_progress_bar_enabled()
-    dlog.disable_progress_bar()  # our own bars (or --json) only
-    try:
+    with quiet_progress_bars(dlog):
         model = cls.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)  # never a pickle
-    finally:
-        if bars:
-            dlog.enable_progress_bar()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -13,7 +13,7 @@ from ..lora import Lora, Module
 
 
 def find_module(model: torch.nn.Module, name: str, prefixes: Iterable[str] = ("model.", "text_model.")) -> torch.nn.Module:
-    """The submodule called ``name``, allowing for a wrapper prefix present on one side only.
+    """The submodule (a layer with a weight) called ``name``, allowing for a wrapper prefix present on one side only.
 
     Checkpoints and library versions disagree on such prefixes: transformers 5 builds CLIP text
     models without ``text_model.``, and causal LMs put the decoder under ``model.``.
@@ -26,9 +26,9 @@ def find_module(model: torch.nn.Module, name: str, prefixes: Iterable[str] = ("m
             mod = model.get_submodule(cand)
         except AttributeError:
             continue
-        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+        if isinstance(getattr(mod, "weight", None), torch.Tensor):
             return mod
-    raise InputError(f"{name}: no linear or conv layer of that name in the model")
+    raise InputError(f"{name}: no layer with a weight of that name in the model")
 
 
 def modules_of(lora: Lora, component: Optional[str]) -> dict[str, Module]:
@@ -57,6 +57,8 @@ class TrainableLora:
             if m.kind != "lora" or "mid" in m.factors:
                 raise InputError(f"{key}: distill refinement needs plain LoRA modules (got {m.type_name})")
             mod = find_module(model, m.name)
+            if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+                raise InputError(f"{key}: distill refinement trains LoRA on linear and conv layers, not {type(mod).__name__}")
             up = m.factors["up"].float()
             down = m.factors["down"].float()
             if isinstance(mod, torch.nn.Linear):
