@@ -2,6 +2,12 @@
 
 __version__ = "0.1.0"
 
+import warnings  # noqa: E402
+
+# torch warns on import when numpy is absent; lorareg does not use numpy (not a dependency), so the
+# warning would only alarm users of a plain install
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+
 from .api import Inspection, convert, detect, inspect, load, save  # noqa: E402
 from .hub import HubError, PushResult, push  # noqa: E402
 from .errors import ConversionError, DetectionError, InputError, LoraregError, RegistryError  # noqa: E402
