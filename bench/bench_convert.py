@@ -118,8 +118,8 @@ def main() -> None:
 
         def lorareg_bare_path():
             # the same read + write without the SHA-256 provenance hash and the NaN/Inf scan
-            from lorareg.api import _detect
-            from lorareg.reader import assemble
+            from lorareg.formats.api import _detect
+            from lorareg.formats.reader import assemble
 
             det, result, tensors, metadata, peft, _ = _detect(src, None, None)
             lora = assemble(result, tensors, metadata, peft)

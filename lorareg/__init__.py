@@ -2,12 +2,12 @@
 
 __version__ = "0.1.0"
 
-from .api import Inspection, convert, detect, inspect, load, save  # noqa: E402
+from .formats.api import Inspection, convert, detect, inspect, load, save  # noqa: E402
 from .hub import HubError, PushResult, push  # noqa: E402
-from .errors import ConversionError, DetectionError, InputError, LoraregError, RegistryError  # noqa: E402
-from .lora import Lora, Module  # noqa: E402
-from .port import PortReport, PortResult, port  # noqa: E402
-from .resolve import Pair, resolve_pairs as pairs  # noqa: E402
+from .core.errors import ConversionError, DetectionError, InputError, LoraregError, RegistryError  # noqa: E402
+from .core.lora import Lora, Module  # noqa: E402
+from .port.run import PortReport, PortResult, port  # noqa: E402
+from .port.pairs import Pair, resolve_pairs as pairs  # noqa: E402
 from .registry import get_registry  # noqa: E402
 
 __all__ = [

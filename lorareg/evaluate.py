@@ -23,8 +23,8 @@ from typing import Optional, Union
 import torch
 from pydantic import BaseModel
 
-from .errors import InputError
-from .lora import Lora
+from .core.errors import InputError
+from .core.lora import Lora
 from .refine.hooks import find_module
 
 PathLike = Union[str, Path]
@@ -188,7 +188,7 @@ class LossEvaluator:
 def _as_lora(lora: Union[Lora, PathLike], family: Optional[str] = None) -> Lora:
     if isinstance(lora, Lora):
         return lora
-    from .api import load
+    from .formats.api import load
 
     return load(lora, family=family)
 
@@ -197,7 +197,7 @@ def _registry_for(paths):
     """The embedded example's family is visible when evaluating the example's own files."""
     from contextlib import nullcontext
 
-    from .demo import example_registry, lm_example_path
+    from .apps.demo import example_registry, lm_example_path
 
     ex = lm_example_path().resolve()
     for p in paths:

@@ -13,8 +13,8 @@ import yaml
 from click.testing import CliRunner
 
 import lorareg
-from lorareg.cli import main
-from lorareg.io import read_header
+from lorareg.apps.cli.main import main
+from lorareg.core.io import read_header
 from hub_server import HubServer
 from lora_factory import make_lora, write
 

@@ -7,8 +7,8 @@ import torch
 from click.testing import CliRunner
 
 import lorareg
-from lorareg.cli import main
-from lorareg.errors import InputError
+from lorareg.apps.cli.main import main
+from lorareg.core.errors import InputError
 from lora_factory import make_lora, tiny_family_config
 
 pytestmark = pytest.mark.usefixtures("tiny_families")
@@ -118,7 +118,7 @@ def test_top_k_teacher_storage(llamas, adapter, tmp_path, monkeypatch):
 
 def test_top_k_kl_is_a_lower_bound_that_is_exact_on_the_full_support():
     """Merging the tail into one bucket can only lose information: KL_topk <= KL_full, equal when k = vocab."""
-    from lorareg.refine.distill_lm import _kl
+    from lorareg.refine.lm import _kl
 
     g = torch.Generator().manual_seed(0)
     teacher = torch.log_softmax(torch.randn(3, 5, 40, generator=g) * 3, dim=-1)

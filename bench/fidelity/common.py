@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import lorareg
-from lorareg.io import LazyTensor
-from lorareg.lora import Lora, Module
+from lorareg.core.io import LazyTensor
+from lorareg.core.lora import Lora, Module
 
 HERE = Path(__file__).resolve().parent
 DATA_ROOT = HERE / "data"

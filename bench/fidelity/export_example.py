@@ -25,8 +25,8 @@ HELDOUT_BYTES = 16384
 
 def _fp16_lora(src: Path, dst: Path) -> None:
     import lorareg
-    from lorareg.io import LazyTensor
-    from lorareg.lora import Lora, Module
+    from lorareg.core.io import LazyTensor
+    from lorareg.core.lora import Lora, Module
 
     lo = lorareg.load(src, family="fid-llama")
     mods = {}

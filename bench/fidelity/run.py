@@ -41,7 +41,7 @@ def _methods() -> list[str]:
     import inspect
 
     from lorareg.engine import METHODS as ENGINE
-    from lorareg.port import port
+    from lorareg.port.run import port
 
     default = inspect.signature(port).parameters["method"].default
     return list(dict.fromkeys([default, "copy", *ENGINE]))
@@ -321,7 +321,7 @@ def distill_markdown(results: dict) -> list[str]:
 
 def unet_distill_markdown(results: dict) -> list[str]:
     """The `--refine distill` section of the diffusion pairs."""
-    from lorareg.refine.distill_unet import DEFAULT_LR
+    from lorareg.refine.unet import DEFAULT_LR
 
     assert DEFAULT_LR == UNET_DEFAULT_LR, "update UNET_DEFAULT_LR"
     d = results["diffusion"]["distill"]

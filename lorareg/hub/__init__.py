@@ -12,7 +12,7 @@ import os
 import re
 from typing import Iterator, Optional
 
-from ..errors import InputError, LoraregError
+from ..core.errors import InputError, LoraregError
 
 AUTH_FAILED = "authentication failed (check HF_TOKEN / huggingface-cli login)"
 _TOKENISH = re.compile(r"hf_[A-Za-z0-9]{8,}")
@@ -119,6 +119,6 @@ def _has_token(token: Optional[str]) -> bool:
 
 
 from .push import PushResult, push  # noqa: E402
-from .refs import HubRef, parse_hub_ref  # noqa: E402
+from ..sources.refs import HubRef, parse_hub_ref  # noqa: E402
 
 __all__ = ["HubError", "HubRef", "PushResult", "parse_hub_ref", "push"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import __version__
-from .refs import looks_like_hub_ref, parse_hub_ref
+from ..sources.refs import looks_like_hub_ref, parse_hub_ref
 
 TEMPLATE = "card_template.md"
 #: volatile report fields emptied in the published copy (they change on every run)
@@ -275,7 +275,7 @@ def _method_lines(report: dict[str, Any]) -> str:
         rows.insert(1, ("per layer", ", ".join(f"`{m}` × {n}" for m, n in sorted(per_layer.items()))))
     refine = report.get("refine")
     if refine:
-        from ..refine.dispatch import loss_summary, samples_summary
+        from ..refine.checks import loss_summary, samples_summary
 
         name, start, end = loss_summary(refine)
         rows.append(("refinement", f"`{refine.get('method')}` from `{refine.get('start_method')}`: {refine.get('steps')} steps on "

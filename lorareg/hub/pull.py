@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from ..errors import InputError
+from ..core.errors import InputError
 from . import hub_endpoint, is_offline, translate_errors
-from .refs import HubRef, looks_like_hub_ref, parse_hub_ref
+from ..sources.refs import HubRef, looks_like_hub_ref, parse_hub_ref
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..registry import Family
@@ -257,7 +257,7 @@ def lookup_lora(text: Optional[str]) -> Optional[PulledLora]:
 
 def select_weight_files(family: "Family", components: Optional[list[str]], names: list[str], where: str) -> list[str]:
     """The weight files (and indexes) the family's layouts need for ``components``; never pickles."""
-    from ..weights import INDEX_FILES, WEIGHT_FILES
+    from ..sources.weights import INDEX_FILES, WEIGHT_FILES
 
     wanted = components or list(family.components)
     for layout in family.spec.layouts:

@@ -17,11 +17,11 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel
 
-from ..errors import InputError
-from ..io import PEFT_CONFIG, PEFT_WEIGHTS, read_header
+from ..core.errors import InputError
+from ..core.io import PEFT_CONFIG, PEFT_WEIGHTS, read_header
 from . import hub_endpoint, is_offline, translate_errors
 from .card import CardInfo, build_card, license_of, model_repo_id, public_report, report_bytes, trigger_words
-from .refs import parse_repo_id
+from ..sources.refs import parse_repo_id
 
 REPORT = "report.json"
 CARD = "README.md"
@@ -71,7 +71,7 @@ def _locate(path: Path) -> tuple[Path, Path]:
 
 
 def _bundle(obj: Any) -> _Bundle:
-    from ..port import PortReport, PortResult
+    from ..port.run import PortReport, PortResult
 
     if isinstance(obj, PortResult):
         if obj.output is None:

@@ -6,9 +6,9 @@ and the ported LoRA's factors are trained on the target model to match the teach
 them (KL of next-token distributions; MSE of noise predictions). The base weights stay frozen.
 """
 
-from .dispatch import RefineOptions
-from .distill_lm import RefineReport, refine_lm
-from .distill_unet import UnetRefineReport, refine_unet
+from .checks import RefineOptions
+from .lm import RefineReport, refine_lm
+from .unet import UnetRefineReport, refine_unet
 
 REFINE_METHODS = ("distill",)
 

@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from ..errors import InputError
-from ..lora import Lora
+from ..core.errors import InputError
+from ..core.lora import Lora
 from ..registry.families import Family
 from .hooks import merge, modules_of
 

@@ -7,9 +7,9 @@ from typing import Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
-from ..io import DTYPES, LazyTensor
-from ..lora import Lora, Module
+from ..core.errors import InputError
+from ..core.io import DTYPES, LazyTensor
+from ..core.lora import Lora, Module
 
 
 def find_module(model: torch.nn.Module, name: str, prefixes: Iterable[str] = ("model.", "text_model.")) -> torch.nn.Module:

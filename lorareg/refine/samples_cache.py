@@ -13,7 +13,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..lora import Lora
+from ..core.lora import Lora
 
 PathLike = Union[str, Path]
 _MODEL_FILES = (".safetensors", ".json", ".model", ".txt")

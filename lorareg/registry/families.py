@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import RegistryError
+from ..core.errors import RegistryError
 from .naming import FusedModule, Scheme, flatten
 
 CANONICAL = "canonical"

@@ -16,10 +16,10 @@ from typing import Optional
 
 import torch
 
-from .errors import InputError
-from .io import LazyTensor, SafetensorsHeader, read_header
-from .registry import CANONICAL, Family
-from .registry.families import Component
+from ..core.errors import InputError
+from ..core.io import LazyTensor, SafetensorsHeader, read_header
+from ..registry import CANONICAL, Family
+from ..registry.families import Component
 
 _HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@([\w.\-/%]+))?$")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -45,7 +45,7 @@ class ModelRef:
         if m and not text.startswith((".", "/", "~")):
             return cls(text, repo_id=m.group(1), revision=m.group(2))
         if text.startswith(("hf://", "hf:/")):
-            from .hub.refs import parse_hub_ref
+            from .refs import parse_hub_ref
 
             ref = parse_hub_ref(text)
             return cls(text, repo_id=ref.repo_id, revision=ref.revision, repo_path=ref.path)
@@ -289,7 +289,7 @@ def open_model(family: Family, ref: str | ModelRef, components: Optional[list[st
     ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
     if ref.path is not None:
         return open_local(family, ref.path, components)
-    from .hub.pull import snapshot_for_family
+    from ..hub.pull import snapshot_for_family
 
     local, revision = snapshot_for_family(family, ref.repo_id, ref.revision, components, path=ref.repo_path, with_configs=with_configs)
     weights = open_local(family, local, components, revision)

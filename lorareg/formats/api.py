@@ -11,11 +11,11 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, Field
 
-from . import __version__
-from .convert import ConversionReport, DroppedItem, check_target, plan_for
+from .. import __version__
+from .refactor import ConversionReport, DroppedItem, check_target, plan_for
 from .detect import Detection, detect_tensors
-from .errors import ConversionError, DetectionError, InputError
-from .io import (
+from ..core.errors import ConversionError, DetectionError, InputError
+from ..core.io import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
     LazyTensor,
@@ -27,9 +27,9 @@ from .io import (
     scan_nonfinite,
     write_safetensors,
 )
-from .lora import Lora
+from ..core.lora import Lora
 from .reader import LORA_ADAPTER_METADATA, assemble
-from .registry import Registry, get_registry
+from ..registry import Registry, get_registry
 from .writer import write_modules
 
 PathLike = Union[str, Path]
@@ -38,10 +38,10 @@ PathLike = Union[str, Path]
 def _read_source(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str], str, Optional[dict], SafetensorsHeader]:
     """tensors, metadata, container, PEFT config, the weights file's header."""
     if not path.exists():
-        from .hub.refs import looks_like_hub_ref
+        from ..sources.refs import looks_like_hub_ref
 
         if looks_like_hub_ref(str(path)):  # hf://org/repo/file.safetensors@rev or org/repo[@rev]
-            from .hub.pull import resolve_lora_ref
+            from ..hub.pull import resolve_lora_ref
 
             path = resolve_lora_ref(str(path))
     if path.is_dir():

@@ -23,8 +23,8 @@ from typing import Optional, Union
 
 import torch
 
-from ..errors import InputError
-from ..lora import Lora
+from ..core.errors import InputError
+from ..core.lora import Lora
 from .hooks import TrainableLora, merge
 from .report import RefineReportBase
 from .train import Shuffled, thin, train_factors

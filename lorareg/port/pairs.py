@@ -12,9 +12,9 @@ from typing import Callable, Iterable, Optional
 
 from pydantic import BaseModel
 
-from .errors import InputError
-from .registry import Family, Registry, get_registry
-from .registry.naming import Pattern, render
+from ..core.errors import InputError
+from ..registry import Family, Registry, get_registry
+from ..registry.naming import Pattern, render
 
 
 class Pair(BaseModel):

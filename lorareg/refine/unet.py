@@ -22,8 +22,8 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
-from ..lora import Lora
+from ..core.errors import InputError
+from ..core.lora import Lora
 from ..registry.families import Family
 from .conditioning import TextConditioner, component_folder, metadata_prompts
 from .hooks import TrainableLora, merge, modules_of

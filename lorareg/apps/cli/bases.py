@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from .engine import BasisCache
-from .port import _Bases, _progress, resolve_device
-from .registry import get_registry
-from .weights import open_model
+from ...engine import BasisCache
+from ...port.run import _Bases, _progress, resolve_device
+from ...registry import get_registry
+from ...sources.weights import open_model
 
 
 def build_bases(model: str, family: str, components: Optional[list[str]], match: Optional[str], rank_k: Optional[int],

@@ -1,4 +1,4 @@
-"""The GitHub Action's logic (``action.yml`` runs ``python -m lorareg.action``).
+"""The GitHub Action's logic (``action.yml`` runs ``python -m lorareg.apps.action``).
 
 Inputs come from environment variables that ``action.yml`` sets from its inputs (``env:`` only, so
 no input is ever interpolated into a shell script):
@@ -159,7 +159,7 @@ def parse_targets(text: str, known_families: Optional[set[str]] = None) -> list[
 
 def expand_loras(text: str, cwd: Optional[Path] = None) -> list[str]:
     """Each line: an ``hf://`` path or Hub id (kept), an existing path, or a glob (sorted matches)."""
-    from .hub.refs import looks_like_hub_ref
+    from ..sources.refs import looks_like_hub_ref
 
     cwd = Path(cwd or Path.cwd())
     found: list[str] = []
@@ -199,8 +199,8 @@ def sanitize(part: str) -> str:
 
 def render_repo_id(template: str, values: Mapping[str, str]) -> str:
     """Fill ``{owner}``-style placeholders (each value sanitized; the template itself is taken literally)."""
-    from .errors import InputError
-    from .hub.refs import parse_repo_id
+    from ..core.errors import InputError
+    from ..sources.refs import parse_repo_id
 
     def fill(m: re.Match) -> str:
         key = m.group(1)
@@ -217,7 +217,7 @@ def render_repo_id(template: str, values: Mapping[str, str]) -> str:
 
 
 def read_inputs(env: Mapping[str, str], cwd: Optional[Path] = None) -> Inputs:
-    from .registry import get_registry
+    from ..registry import get_registry
 
     lora_text = _get(env, "LORA")
     if not lora_text:
@@ -258,8 +258,8 @@ def read_inputs(env: Mapping[str, str], cwd: Optional[Path] = None) -> Inputs:
 
 
 def _one_line(exc: BaseException, token: Optional[str]) -> str:
-    from .errors import LoraregError
-    from .hub import scrub
+    from ..core.errors import LoraregError
+    from ..hub import scrub
 
     text = str(exc).strip()
     if not isinstance(exc, LoraregError):
@@ -419,7 +419,7 @@ def _flat(text: str) -> str:
 
 
 def _scrub_all(text: str, token: Optional[str]) -> str:
-    from .hub import scrub
+    from ..hub import scrub
 
     return scrub(text, token) if text.strip() else text
 
@@ -477,7 +477,7 @@ def summary_markdown(outcomes: list[Outcome], fatal: Optional[str] = None) -> st
 
 
 def combined_report(outcomes: list[Outcome], fatal: Optional[str] = None) -> dict[str, Any]:
-    from . import __version__
+    from .. import __version__
 
     return {
         "lorareg_version": __version__,
@@ -526,7 +526,7 @@ def main(env: Optional[Mapping[str, str]] = None, cwd: Optional[Path] = None) ->
         inputs = read_inputs(env, cwd)
     except Exception as exc:  # noqa: BLE001
         fatal = str(exc) if isinstance(exc, ActionInputError) else _one_line(exc, token)
-        from .hub import scrub
+        from ..hub import scrub
 
         fatal = scrub(fatal, token)
         print(f"::error title=lorareg action::{_escape_command(fatal)}")

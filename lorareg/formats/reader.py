@@ -14,11 +14,11 @@ from typing import Mapping, Optional
 
 import torch
 
-from .errors import InputError
-from .io import LazyTensor
-from .lora import REQUIRED_ROLES, FormatState, Lora, Module
-from .registry import Family, Variant
-from .registry.naming import FusedModule, flatten
+from ..core.errors import InputError
+from ..core.io import LazyTensor
+from ..core.lora import REQUIRED_ROLES, FormatState, Lora, Module
+from ..registry import Family, Variant
+from ..registry.naming import FusedModule, flatten
 
 LORA_ADAPTER_METADATA = "lora_adapter_metadata"
 

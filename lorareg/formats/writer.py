@@ -10,12 +10,12 @@ from typing import Optional
 
 import torch
 
-from .errors import ConversionError
-from .io import DTYPES, LazyTensor
-from .lora import FormatState, Lora, Module
+from ..core.errors import ConversionError
+from ..core.io import DTYPES, LazyTensor
+from ..core.lora import FormatState, Lora, Module
 from .reader import LORA_ADAPTER_METADATA
-from .registry import CANONICAL, Family, Variant
-from .registry.naming import FusedModule, flatten
+from ..registry import CANONICAL, Family, Variant
+from ..registry.naming import FusedModule, flatten
 
 
 @dataclass

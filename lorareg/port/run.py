@@ -17,22 +17,22 @@ from typing import Any, Optional, Union
 import torch
 from pydantic import BaseModel, Field
 
-from . import __version__
-from .convert import fold_tucker, to_plain_lora
-from .engine import DEFAULT_METHOD, DEFAULT_MISMATCH_METHOD, METHODS, BasisCache, PortError, default_k, get_method, top_k_batched, weight_digest
-from .engine.bases import BASES_VERSION, Basis
-from .engine.lowrank import energy
-from .engine.similarity import subspace_similarity
-from .errors import InputError
-from .io import DTYPES, LazyTensor, atomic_write_text
-from .lora import Lora, Module
-from .refine.dispatch import RefineOptions, loss_summary, samples_summary
-from .refine.dispatch import check_models as check_refine_models
-from .refine.dispatch import check_pair as check_refine_pair
-from .refine.dispatch import run as run_refine
-from .registry import Family, get_registry
-from .resolve import Pair, align_groups, resolve_pairs
-from .weights import BaseWeights, open_model
+from .. import __version__
+from ..formats.refactor import fold_tucker, to_plain_lora
+from ..engine import DEFAULT_METHOD, DEFAULT_MISMATCH_METHOD, METHODS, BasisCache, PortError, default_k, get_method, top_k_batched, weight_digest
+from ..engine.bases import BASES_VERSION, Basis
+from ..engine.lowrank import energy
+from ..engine.similarity import subspace_similarity
+from ..core.errors import InputError
+from ..core.io import DTYPES, LazyTensor, atomic_write_text
+from ..core.lora import Lora, Module
+from ..refine.checks import RefineOptions, loss_summary, samples_summary
+from ..refine.checks import check_models as check_refine_models
+from ..refine.checks import check_pair as check_refine_pair
+from ..refine.checks import run as run_refine
+from ..registry import Family, get_registry
+from .pairs import Pair, align_groups, resolve_pairs
+from ..sources.weights import BaseWeights, open_model
 
 DEFAULT_THRESHOLD = 0.0
 #: below this mean subspace similarity the two base models look unrelated (bench/fidelity: unrelated
@@ -145,7 +145,7 @@ class _Bases:
     def get_many(self, model: BaseWeights, side: int, modules: list[tuple[str, str]], progress=None) -> None:
         """Fill the memo for these modules: cache hits first, then batched randomized SVDs."""
         pending: list[tuple[tuple[int, str, str], torch.Tensor, str, int]] = []
-        from .engine.cache import BasisKey
+        from ..engine.cache import BasisKey
 
         for cid, name in modules:
             key = (side, cid, name)
@@ -201,7 +201,7 @@ class _Bases:
     def _build(self, pending, progress) -> None:
         if not pending:
             return
-        from .engine.cache import BasisKey
+        from ..engine.cache import BasisKey
 
         t0 = time.perf_counter()
         by_k: dict[int, list] = {}
@@ -270,7 +270,7 @@ def port(
     ``refine_conditions``, ``refine_latent_size``, ``refine_sampler_steps``, ``refine_noisings`` and
     ``refine_guidance`` to UNets.
     """
-    from .api import _check_output, load, save
+    from ..formats.api import _check_output, load, save
 
     t_start = time.perf_counter()
     if method != AUTO and method not in METHODS:
@@ -443,7 +443,7 @@ def _resolve_with_weights(pairs, src_fam, tgt_fam, src_w, tgt_w, bases: _Bases, 
     tgt_mods = {(p.target_component, p.target_module) for p in live if p.target_shape}
     if align and src_fam.id != tgt_fam.id:
         # candidate blocks of searched groups need target bases too
-        from .resolve import correspondence
+        from .pairs import correspondence
 
         doc = correspondence(get_registry(), src_fam.id, tgt_fam.id)
         if doc and doc.get("search"):
@@ -467,7 +467,7 @@ def _resolve_with_weights(pairs, src_fam, tgt_fam, src_w, tgt_w, bases: _Bases, 
 
 
 def _group_candidates(doc, pairs, tgt_fam) -> set[tuple[str, str]]:
-    from .registry.naming import Pattern
+    from ..registry.naming import Pattern
 
     out = set()
     for search in doc["search"]:

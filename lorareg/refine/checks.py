@@ -10,8 +10,8 @@ from typing import Any, Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import InputError
-from ..lora import Lora
+from ..core.errors import InputError
+from ..core.lora import Lora
 from ..registry.families import Family
 
 Kind = Literal["lm", "unet"]
@@ -107,11 +107,11 @@ def run(kind: Kind, ported: Lora, *, source_lora: Lora, source_family: Family, t
     if o.batch is not None:
         common["batch"] = o.batch
     if kind == "lm":
-        from .distill_lm import refine_lm
+        from .lm import refine_lm
 
         refined, report = refine_lm(ported, source_model=source_folder, target_model=target_folder, sample_length=o.sample_length, **common)
     else:
-        from .distill_unet import refine_unet
+        from .unet import refine_unet
 
         refined, report = refine_unet(ported, source_family=source_family, target_family=target_family, source_model=source_folder,
                                       target_model=target_folder, noisings=o.noisings, latent_size=o.latent_size,

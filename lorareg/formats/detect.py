@@ -11,10 +11,10 @@ from typing import Mapping, Optional
 
 from pydantic import BaseModel, Field
 
-from .errors import DetectionError
-from .io import LazyTensor
+from ..core.errors import DetectionError
+from ..core.io import LazyTensor
 from .reader import ParseResult, SplitKey, parse_keys, split_keys
-from .registry import Family, Registry
+from ..registry import Family, Registry
 
 SAMPLE_KEYS = 96
 METADATA_HINT_KEYS = ("ss_base_model_version", "modelspec.architecture", "base_model_name_or_path", "ss_sd_model_name")

@@ -19,8 +19,8 @@ from typing import Optional
 
 from pydantic import BaseModel
 
-from . import api
-from .io import open_tensors
+from ..formats import api
+from ..core.io import open_tensors
 
 EXAMPLE = "sd15-kohya-example.safetensors"
 LM_EXAMPLE = "lm"
@@ -101,8 +101,8 @@ def demo_methods() -> list[str]:
     """`lorareg port`'s default method, plain copy and the default projection, side by side."""
     import inspect
 
-    from .engine import DEFAULT_PROJECTION
-    from .port import port
+    from ..engine import DEFAULT_PROJECTION
+    from ..port.run import port
 
     default = inspect.signature(port).parameters["method"].default
     return list(dict.fromkeys([default, "copy", DEFAULT_PROJECTION]))
@@ -111,8 +111,8 @@ def demo_methods() -> list[str]:
 def run_port_demo(out: Path, methods: Optional[list[str]] = None) -> PortDemo:
     import time
 
-    from .evaluate import LossEvaluator, gain, load_causal_lm, lora_deltas, tokenize, windows
-    from .port import port
+    from ..evaluate import LossEvaluator, gain, load_causal_lm, lora_deltas, tokenize, windows
+    from ..port.run import port
 
     t0 = time.perf_counter()
     ex = lm_example_path()

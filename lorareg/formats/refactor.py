@@ -13,10 +13,10 @@ from typing import Optional
 import torch
 from pydantic import BaseModel, Field
 
-from .errors import ConversionError
-from .io import LazyTensor
-from .lora import Lora, Module
-from .registry import Variant
+from ..core.errors import ConversionError
+from ..core.io import LazyTensor
+from ..core.lora import Lora, Module
+from ..registry import Variant
 
 
 class Refactored(BaseModel):
@@ -80,7 +80,7 @@ def _factored(m: Module) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def to_plain_lora(m: Module, rank: int) -> tuple[Module, float]:
     """Best rank-``rank`` plain LoRA of any module (truncated SVD of its ΔW); scale folded in."""
-    from .engine.lowrank import recompress, relative_error
+    from ..engine.lowrank import recompress, relative_error
 
     shape = tuple(m.weight_shape) if m.weight_shape else tuple(m.delta_weight().shape)
     factored = _factored(m)

@@ -10,9 +10,10 @@ from typing import Optional
 
 import click
 
-from . import __version__, api
-from .errors import InputError, LoraregError
-from .registry import get_registry
+from ... import __version__
+from ...formats import api
+from ...core.errors import InputError, LoraregError
+from ...registry import get_registry
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -219,8 +220,8 @@ def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, 
          refine_guidance, refine_batch, refine_lr, refine_seed, refine_budget_seconds, force_unrelated, as_json,
          push_to, private, create_pr, revision, commit_message, instance_prompt) -> None:
     """Port a LoRA to another base model, training-free; writes the LoRA and a report.json."""
-    from .port import port as run_port
-    from .refine.conditioning import read_prompts
+    from ...port.run import port as run_port
+    from ...refine.conditioning import read_prompts
 
     if not push_to and (private or create_pr or revision or commit_message or instance_prompt):
         raise InputError("--private, --create-pr, --revision, --commit-message and --instance-prompt need --push")
@@ -237,7 +238,7 @@ def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, 
     if not push_to:
         _emit(as_json, result.report.model_dump(), text)
         return
-    from .hub import push as run_push
+    from ...hub import push as run_push
 
     pushed = run_push(result, push_to, private=private, create_pr=create_pr, revision=revision,
                       commit_message=commit_message, instance_prompt=instance_prompt, command=_command_line())
@@ -289,7 +290,7 @@ def _push_text(pushed) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def push_cmd(path, repo_id, private, create_pr, revision, commit_message, instance_prompt, license_, as_json) -> None:
     """Upload a `lorareg port` output (file or PEFT folder) with a model card and report.json, in one commit."""
-    from .hub import push as run_push
+    from ...hub import push as run_push
 
     pushed = run_push(path, repo_id, private=private, create_pr=create_pr, revision=revision,
                       commit_message=commit_message, instance_prompt=instance_prompt, license=license_)
@@ -311,7 +312,7 @@ def basis() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def basis_build(model, family, components, match, rank_k, device, as_json) -> None:
     """Compute and cache the top-k bases of a model's 2-D weights ahead of any port."""
-    from .bases_cli import build_bases
+    from .bases import build_bases
 
     stats = build_bases(model, family, list(components) or None, match, rank_k, device, progress=not as_json)
     _emit(as_json, stats, f"{stats['modules']} modules: {stats['cached']} already cached, {stats['built']} built in {stats['seconds']:.1f} s -> {stats['cache']}")
@@ -325,7 +326,7 @@ def basis_build(model, family, components, match, rank_k, device, as_json) -> No
 @click.option("--json", "as_json", is_flag=True)
 def pairs(source: str, target: str, component: Optional[str], show_all: bool, as_json: bool) -> None:
     """Show which target module each source module maps to, with shapes and the rule used."""
-    from .resolve import resolve_pairs
+    from ...port.pairs import resolve_pairs
 
     reg = get_registry()
     src = reg.family(source)
@@ -351,7 +352,7 @@ def pairs(source: str, target: str, component: Optional[str], show_all: bool, as
 @click.option("--json", "as_json", is_flag=True)
 def demo(out_dir: Optional[Path], no_port: bool, as_json: bool) -> None:
     """Offline demo on the embedded examples: port an LM LoRA v1 -> v2 and measure it; convert kohya -> diffusers -> kohya."""
-    from .demo import port_summary, run_demo
+    from ..demo import port_summary, run_demo
 
     res = run_demo(out_dir, port=not no_port)
     lines = port_summary(res.port) if res.port else ([f"port      skipped: {res.port_skipped}"] if res.port_skipped else [])
@@ -384,8 +385,8 @@ def eval_(lora, target_model, data, base_only, reference_lora, source_model, sou
 
     gain recovered = (loss_none - loss_lora) / (loss_none - loss_reference).
     """
-    from .errors import InputError
-    from .evaluate import evaluate, summarize
+    from ...core.errors import InputError
+    from ...evaluate import evaluate, summarize
 
     if lora is None and not base_only:
         raise InputError("give a LORA, or --base-only")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import quote, unquote
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 _NAME = r"[A-Za-z0-9][\w.\-]*"
 _REPO_ID = re.compile(rf"^{_NAME}/{_NAME}$")
