@@ -105,7 +105,7 @@ def test_language_model_to_image_model_is_refused(adapter, tmp_path):
 
 def test_top_k_teacher_storage(llamas, adapter, tmp_path, monkeypatch):
     """Large vocabularies keep the teacher's top-k log-probs plus a remainder bucket (forced here on a 300-token vocab)."""
-    from lorareg.refine import distill_lm
+    from lorareg.refine import lm as distill_lm
 
     monkeypatch.setattr(distill_lm, "FULL_VOCAB_MAX", 64)
     monkeypatch.setattr(distill_lm, "TOP_K", 16)

@@ -30,7 +30,6 @@ import html
 import json
 import os
 import re
-import shlex
 import sys
 import traceback
 import uuid
@@ -38,7 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-REPORT_NAME = "lorareg-action-report.json"
+from ..core.version import __version__
+from ..core.errors import InputError, LoraregError
+from ..core.io import atomic_write_text
+from ..hub.client import scrub
+from ..hub.push import push
+from ..port import PortOptions, port
+from ..registry import get_registry
+from ..sources.refs import looks_like_hub_ref, parse_repo_id
+
+ACTION_REPORT_NAME = "lorareg-action-report.json"
 DEFAULT_OUTPUT_DIR = "lorareg-ported"
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _FAMILY_PREFIX = re.compile(r"^([A-Za-z0-9][\w.\-]*):(?!//)(.*)$")
@@ -159,8 +167,6 @@ def parse_targets(text: str, known_families: Optional[set[str]] = None) -> list[
 
 def expand_loras(text: str, cwd: Optional[Path] = None) -> list[str]:
     """Each line: an ``hf://`` path or Hub id (kept), an existing path, or a glob (sorted matches)."""
-    from ..sources.refs import looks_like_hub_ref
-
     cwd = Path(cwd or Path.cwd())
     found: list[str] = []
     for line in _lines(text):
@@ -199,9 +205,6 @@ def sanitize(part: str) -> str:
 
 def render_repo_id(template: str, values: Mapping[str, str]) -> str:
     """Fill ``{owner}``-style placeholders (each value sanitized; the template itself is taken literally)."""
-    from ..core.errors import InputError
-    from ..sources.refs import parse_repo_id
-
     def fill(m: re.Match) -> str:
         key = m.group(1)
         if key not in _PLACEHOLDERS:
@@ -217,8 +220,6 @@ def render_repo_id(template: str, values: Mapping[str, str]) -> str:
 
 
 def read_inputs(env: Mapping[str, str], cwd: Optional[Path] = None) -> Inputs:
-    from ..registry import get_registry
-
     lora_text = _get(env, "LORA")
     if not lora_text:
         raise ActionInputError("lora: required")
@@ -258,34 +259,10 @@ def read_inputs(env: Mapping[str, str], cwd: Optional[Path] = None) -> Inputs:
 
 
 def _one_line(exc: BaseException, token: Optional[str]) -> str:
-    from ..core.errors import LoraregError
-    from ..hub import scrub
-
     text = str(exc).strip()
     if not isinstance(exc, LoraregError):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return scrub(text, token) or type(exc).__name__
-
-
-def _command(lora: str, inputs: Inputs, target: Target, out_name: str) -> str:
-    """The equivalent `lorareg port` command for the model card, with local paths cut to their names."""
-
-    def public(ref: str) -> str:
-        if ref.startswith(("hf://", "hf:/")) or not (Path(ref).exists() or ref.startswith(("/", ".", "~"))):
-            return ref
-        return Path(ref).name
-
-    args = ["lorareg", "port", public(lora)]
-    if inputs.source_model and target.ref:
-        args += ["--source-model", public(inputs.source_model), "--target-model", public(target.ref)]
-    if target.family:
-        args += ["--to", target.family]
-    if inputs.method != "auto":
-        args += ["--method", inputs.method]
-    if inputs.threshold:
-        args += ["--threshold", f"{inputs.threshold:g}"]
-    args += ["-o", out_name]
-    return shlex.join(args)
 
 
 def _out_path(inputs: Inputs, lora: str, name: str, target: Target, used: set[str]) -> Path:
@@ -343,8 +320,6 @@ def _shown(lora: str, cwd: Path) -> str:
 
 def run_targets(inputs: Inputs, env: Mapping[str, str], log=print, cwd: Optional[Path] = None) -> list[Outcome]:
     """Port (and push) every LoRA to every target; never raises for a target's failure."""
-    import lorareg
-
     owner = env.get("GITHUB_REPOSITORY_OWNER") or (env.get("GITHUB_REPOSITORY") or "").partition("/")[0]
     repo = (env.get("GITHUB_REPOSITORY") or "").partition("/")[2]
     oidc = _OidcScope(inputs.token)
@@ -365,27 +340,17 @@ def run_targets(inputs: Inputs, env: Mapping[str, str], log=print, cwd: Optional
                         "family": target.family or "", "ref": ref_basename(target.ref or ""),
                     })
                     if o.repo_id in seen_repos:
-                        raise lorareg.InputError(f"push-to renders to {o.repo_id} for {seen_repos[o.repo_id]} too; "
+                        raise InputError(f"push-to renders to {o.repo_id} for {seen_repos[o.repo_id]} too; "
                                                  "add {target} or {name} to it")
                     seen_repos[o.repo_id] = where
-                if target.ref and not inputs.source_model and inputs.method not in ("auto", "copy"):
-                    raise lorareg.InputError(f"method {inputs.method} needs source-model and a model for each target")
                 if target.ref and not inputs.source_model:
-                    raise lorareg.InputError(f"target {target.ref} names a model, so source-model is needed too "
+                    raise InputError(f"target {target.ref} names a model, so source-model is needed too "
                                              f"(or write '{target.family or 'family'}:' to port by module names)")
                 out = _out_path(inputs, lora, name, target, used)
-                result = lorareg.port(
-                    lora,
-                    source_model=inputs.source_model if target.ref else None,
-                    target_model=target.ref,
-                    to=target.family,
-                    method=inputs.method,
-                    threshold=inputs.threshold,
-                    device=inputs.device,
-                    output=out,
-                    force=True,
-                    progress=False,
-                )
+                options = PortOptions(source_model=inputs.source_model if target.ref else None, target_model=target.ref,
+                                      to=target.family, method=inputs.method, threshold=inputs.threshold, device=inputs.device,
+                                      output=out, force=True, progress=False)
+                result = port(lora, options)
                 rep = result.report
                 o.output, o.report_path = str(result.output), str(result.report_path)
                 o.totals = rep.totals.model_dump()
@@ -397,9 +362,9 @@ def run_targets(inputs: Inputs, env: Mapping[str, str], log=print, cwd: Optional
                 log(f"ported {where}: {rep.totals.ported} of {rep.totals.layers} layers -> {result.output}")
                 if o.repo_id:
                     with oidc(o.repo_id):
-                        pushed = lorareg.push(
+                        pushed = push(
                             result, o.repo_id, create_pr=inputs.create_pr, token=inputs.token,
-                            command=_command(lora, inputs, target, Path(result.output).name),
+                            command=options.command(lora, Path(result.output).name),
                         )
                     o.push = pushed.model_dump()
                     what = pushed.pr_url or pushed.commit_url if pushed.changed else f"unchanged ({pushed.commit_oid})"
@@ -408,7 +373,7 @@ def run_targets(inputs: Inputs, env: Mapping[str, str], log=print, cwd: Optional
             except Exception as exc:  # noqa: BLE001 - one target's failure must not hide the others
                 o.error = _one_line(exc, inputs.token)
                 log(f"::error title=lorareg port failed::{_escape_command(f'{where}: {o.error}')}")
-                if not isinstance(exc, lorareg.LoraregError):
+                if not isinstance(exc, LoraregError):
                     for line in traceback.format_exc().splitlines():
                         log(_scrub_all(line, inputs.token))
     return outcomes
@@ -419,8 +384,6 @@ def _flat(text: str) -> str:
 
 
 def _scrub_all(text: str, token: Optional[str]) -> str:
-    from ..hub import scrub
-
     return scrub(text, token) if text.strip() else text
 
 
@@ -477,8 +440,6 @@ def summary_markdown(outcomes: list[Outcome], fatal: Optional[str] = None) -> st
 
 
 def combined_report(outcomes: list[Outcome], fatal: Optional[str] = None) -> dict[str, Any]:
-    from .. import __version__
-
     return {
         "lorareg_version": __version__,
         "error": fatal,
@@ -526,8 +487,6 @@ def main(env: Optional[Mapping[str, str]] = None, cwd: Optional[Path] = None) ->
         inputs = read_inputs(env, cwd)
     except Exception as exc:  # noqa: BLE001
         fatal = str(exc) if isinstance(exc, ActionInputError) else _one_line(exc, token)
-        from ..hub import scrub
-
         fatal = scrub(fatal, token)
         print(f"::error title=lorareg action::{_escape_command(fatal)}")
         out_dir = cwd / (_get(env, "OUTPUT_DIR") or DEFAULT_OUTPUT_DIR)
@@ -535,10 +494,10 @@ def main(env: Optional[Mapping[str, str]] = None, cwd: Optional[Path] = None) ->
         out_dir = inputs.output_dir
         outcomes = run_targets(inputs, env, cwd=cwd)
     report = combined_report(outcomes, fatal)
-    report_path = out_dir / REPORT_NAME
+    report_path = out_dir / ACTION_REPORT_NAME
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
     except OSError as exc:
         print(f"::error title=lorareg action::cannot write {report_path}: {_escape_command(str(exc))}")
     _append(env.get("GITHUB_STEP_SUMMARY"), summary_markdown(outcomes, fatal))

@@ -10,45 +10,20 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
-from contextlib import contextmanager
-from importlib import resources
+import time
 from pathlib import Path
 from typing import Optional
 
 from pydantic import BaseModel
 
-from ..formats import api
 from ..core.io import open_tensors
-
-EXAMPLE = "sd15-kohya-example.safetensors"
-LM_EXAMPLE = "lm"
-
-
-def example_path() -> Path:
-    return Path(str(resources.files("lorareg") / "examples" / EXAMPLE))
-
-
-def lm_example_path() -> Path:
-    return Path(str(resources.files("lorareg") / "examples" / LM_EXAMPLE))
-
-
-@contextmanager
-def example_registry():
-    """Make the LM example's registry family (its own data root) visible while the block runs."""
-    root = str(lm_example_path() / "data")
-    old = os.environ.get("LORAREG_DATA_PATH")
-    parts = [p for p in (old or "").split(os.pathsep) if p]
-    os.environ["LORAREG_DATA_PATH"] = os.pathsep.join(parts + ([root] if root not in parts else []))
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("LORAREG_DATA_PATH", None)
-        else:
-            os.environ["LORAREG_DATA_PATH"] = old
-
+from ..engine import DEFAULT_PROJECTION
+from ..evaluate import LossEvaluator, gain, lora_deltas, tokenize, windows
+from ..formats import api
+from ..port import PortOptions, port
+from ..refine.runtime import load_causal_lm
+from ..registry.examples import example_path, example_registry, lm_example_path
 
 class DemoStep(BaseModel):
     action: str
@@ -99,21 +74,11 @@ class DemoResult(BaseModel):
 
 def demo_methods() -> list[str]:
     """`lorareg port`'s default method, plain copy and the default projection, side by side."""
-    import inspect
-
-    from ..engine import DEFAULT_PROJECTION
-    from ..port.run import port
-
-    default = inspect.signature(port).parameters["method"].default
+    default = PortOptions.model_fields["method"].default
     return list(dict.fromkeys([default, "copy", DEFAULT_PROJECTION]))
 
 
 def run_port_demo(out: Path, methods: Optional[list[str]] = None) -> PortDemo:
-    import time
-
-    from ..evaluate import LossEvaluator, gain, load_causal_lm, lora_deltas, tokenize, windows
-    from ..port.run import port
-
     t0 = time.perf_counter()
     ex = lm_example_path()
     meta = json.loads((ex / "example.json").read_text(encoding="utf-8"))

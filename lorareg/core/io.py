@@ -310,14 +310,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
 
 
-def sha256_file(path: Union[str, Path]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class NonFinite:
     name: str

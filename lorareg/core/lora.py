@@ -13,6 +13,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from .io import LazyTensor
+from .names import numel
 
 AdapterType = Literal["lora", "loha", "lokr", "full"]
 
@@ -96,16 +97,9 @@ class Module:
             dw = _kron(f)
         else:
             dw = f["diff"]
-        if self.weight_shape is not None and dw.numel() == _numel(self.weight_shape):
+        if self.weight_shape is not None and dw.numel() == numel(self.weight_shape):
             dw = dw.reshape(self.weight_shape)
         return dw * self.scale
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _lora_product(f: dict[str, torch.Tensor]) -> torch.Tensor:

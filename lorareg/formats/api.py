@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, Field
 
-from .. import __version__
+from ..core.version import __version__
 from .refactor import ConversionReport, DroppedItem, check_target, plan_for
 from .detect import Detection, detect_tensors
 from ..core.errors import ConversionError, DetectionError, InputError
@@ -28,7 +28,9 @@ from ..core.io import (
     write_safetensors,
 )
 from ..core.lora import Lora
-from .reader import LORA_ADAPTER_METADATA, assemble
+from ..hub.pull import resolve_lora_ref
+from ..sources.refs import looks_like_hub_ref
+from .reader import LORA_ADAPTER_METADATA, assemble, parse_keys
 from ..registry import Registry, get_registry
 from .writer import write_modules
 
@@ -37,13 +39,8 @@ PathLike = Union[str, Path]
 
 def _read_source(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str], str, Optional[dict], SafetensorsHeader]:
     """tensors, metadata, container, PEFT config, the weights file's header."""
-    if not path.exists():
-        from ..sources.refs import looks_like_hub_ref
-
-        if looks_like_hub_ref(str(path)):  # hf://org/repo/file.safetensors@rev or org/repo[@rev]
-            from ..hub.pull import resolve_lora_ref
-
-            path = resolve_lora_ref(str(path))
+    if not path.exists() and looks_like_hub_ref(str(path)):  # hf://org/repo/file.safetensors@rev or org/repo[@rev]
+        path = resolve_lora_ref(str(path))
     if path.is_dir():
         peft = read_peft_directory(path)
         tensors, metadata, header = open_tensors(peft.weights)
@@ -82,25 +79,30 @@ def _detect(path: Path, format: Optional[str], family: Optional[str], registry: 
     return det, result, tensors, metadata, peft_config, weights
 
 
-def load(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None) -> Lora:
-    """Read a LoRA file (or PEFT folder) of any known format into canonical modules."""
+def load(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None, hash: bool = True) -> Lora:
+    """Read a LoRA file (or PEFT folder) of any known format into canonical modules.
+
+    ``hash=False`` skips the source file's SHA-256 (``source_sha256`` stays None): provenance is then unknown.
+    """
     path = Path(path)
+    if not hash:
+        return _read_lora(path, format, family)[0]
     # the provenance hash runs beside the rest: hashlib releases the GIL on large buffers
     with ThreadPoolExecutor(max_workers=1) as pool:
-        lora, digest = _load_hashing(path, format, family, pool)
+        lora, digest = _read_lora(path, format, family, lambda w: pool.submit(w.sha256))
         lora.source_sha256 = digest.result()
     return lora
 
 
-def _load_hashing(path: Path, format: Optional[str], family: Optional[str], pool: ThreadPoolExecutor):
-    """Load, with the source file's SHA-256 computing in ``pool`` (a future the caller awaits)."""
+def _read_lora(path: Path, format: Optional[str], family: Optional[str], before_assembly=None):
+    """Detect and assemble; ``before_assembly(header)`` starts work (the hash) before the factors are read."""
     det, result, tensors, metadata, peft_config, weights = _detect(path, format, family)
-    digest = pool.submit(weights.sha256)
+    started = before_assembly(weights) if before_assembly else weights
     if result.unmapped:
         _refuse_mixed(det, result, tensors, metadata)
     lora = assemble(result, tensors, metadata, peft_config)
     lora.source_path = str(path)
-    return lora, digest
+    return lora, started
 
 
 def _refuse_mixed(det: Detection, result, tensors, metadata) -> None:
@@ -108,8 +110,6 @@ def _refuse_mixed(det: Detection, result, tensors, metadata) -> None:
     others = [c for c in det.candidates if c.format != det.format and c.family == det.family]
     if not others:
         return
-    from .reader import parse_keys
-
     registry = get_registry()
     other = others[0]
     variant = registry.format(other.format).variant(other.variant)
@@ -177,7 +177,7 @@ def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[st
     )
 
 
-def _check_output(src: Optional[Path], dst: Path, force: bool) -> None:
+def check_output(src: Optional[Path], dst: Path, force: bool) -> None:
     if src is not None and (same_file(src, dst) or (src.is_dir() and same_file(src / PEFT_WEIGHTS, dst))):
         raise InputError(f"{dst}: output would overwrite the input")
     if dst.exists() and not force:
@@ -198,7 +198,7 @@ def save(
     registry = get_registry()
     path = Path(path)
     src = Path(lora.source_path) if lora.source_path else None
-    _check_output(src, path, force)
+    check_output(src, path, force)
     fmt_id = format or (lora.format_state.format if lora.format_state else None)
     if fmt_id is None:
         raise InputError("no output format given")
@@ -302,11 +302,11 @@ def convert(
 ) -> ConversionReport:
     """Convert a LoRA file or PEFT folder to another key format."""
     source, output = Path(source), Path(output)
-    _check_output(source, output, force)
+    check_output(source, output, force)
     registry = get_registry()
     registry.format(to)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        lora, digest = _load_hashing(source, None, family, pool)
+        lora, digest = _read_lora(source, None, family, lambda w: pool.submit(w.sha256))
         if lora.unmapped and not allow_unmapped:
             key, reason = next(iter(lora.unmapped.items()))
             raise ConversionError(

@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from ..core.errors import ConversionError
+from ..engine.lowrank import recompress, relative_error
 from ..core.io import LazyTensor
 from ..core.lora import Lora, Module
 from ..registry import Variant
@@ -80,8 +81,6 @@ def _factored(m: Module) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def to_plain_lora(m: Module, rank: int) -> tuple[Module, float]:
     """Best rank-``rank`` plain LoRA of any module (truncated SVD of its ΔW); scale folded in."""
-    from ..engine.lowrank import recompress, relative_error
-
     shape = tuple(m.weight_shape) if m.weight_shape else tuple(m.delta_weight().shape)
     factored = _factored(m)
     if factored is not None:

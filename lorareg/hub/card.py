@@ -7,15 +7,17 @@ Same port, same card: nothing here depends on the time, the machine or where fil
 from __future__ import annotations
 
 import json
-import shlex
 import string
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from .. import __version__
-from ..sources.refs import looks_like_hub_ref, parse_hub_ref
+from ..core.version import __version__
+from ..port.options import PortOptions
+from ..registry import get_registry
+from ..refine.report import loss_summary, samples_summary
+from ..sources.refs import is_local, parse_hub_ref, public_lora_ref, public_model_ref
 
 TEMPLATE = "card_template.md"
 #: volatile report fields emptied in the published copy (they change on every run)
@@ -44,31 +46,9 @@ def load_template() -> str:
 # --------------------------------------------------------------------------- references
 
 
-def is_local(text: str) -> bool:
-    return Path(text).expanduser().exists() or not looks_like_hub_ref(text)
-
-
-def display_lora_ref(text: Optional[str]) -> Optional[str]:
-    """A LoRA reference as published: the canonical hf:// form, or a local file's name."""
-    if not text:
-        return None
-    if is_local(text):
-        return Path(text).name
-    return parse_hub_ref(text).uri
-
-
-def display_model_ref(text: Optional[str]) -> Optional[str]:
-    """A model reference as published: ``org/name[@rev]``, or a local folder/file's name."""
-    if not text:
-        return None
-    if Path(text).expanduser().exists() or text.startswith((".", "/", "~")):
-        return Path(text).name
-    return text[5:] if text.startswith("hf://") else text
-
-
 def model_repo_id(text: Optional[str]) -> Optional[str]:
     """The Hub repo id of a model reference, or None for a local one."""
-    shown = display_model_ref(text)
+    shown = public_model_ref(text)
     if not shown or shown != text.removeprefix("hf://"):
         return None
     try:
@@ -92,13 +72,13 @@ def public_report(report: dict[str, Any], weight_name: str, source_commit: Optio
         r["refine"] = {k: v for k, v in r["refine"].items() if k not in REFINE_VOLATILE}
     src = r.get("source_lora")
     if isinstance(src, dict):
-        src["path"] = display_lora_ref(src.get("path"))
+        src["path"] = public_lora_ref(src.get("path"))
         if source_commit:
             src["commit"] = source_commit
     for key in ("source_model", "target_model"):
         m = r.get(key)
         if isinstance(m, dict) and m.get("ref"):
-            m["ref"] = display_model_ref(m["ref"])
+            m["ref"] = public_model_ref(m["ref"])
     if isinstance(r.get("output"), dict):
         r["output"]["path"] = weight_name
     return r
@@ -176,8 +156,6 @@ def build_card(report: dict[str, Any], info: CardInfo, registry=None) -> str:
     """The README.md text: YAML front matter + the body from ``card_template.md``."""
     import yaml
 
-    from ..registry import get_registry
-
     registry = registry or get_registry()
     tgt = report.get("target_model") or {}
     src = report.get("source_model") or {}
@@ -241,7 +219,7 @@ def _model_cell(m: dict[str, Any]) -> str:
     fam = m.get("family", "?")
     if not ref:
         return f"not read (family `{fam}`)"
-    shown = display_model_ref(ref)
+    shown = public_model_ref(ref)
     where = "Hub" if model_repo_id(ref) else "local"
     out = f"`{shown}` ({where}, family `{fam}`"
     if m.get("layout"):
@@ -275,8 +253,6 @@ def _method_lines(report: dict[str, Any]) -> str:
         rows.insert(1, ("per layer", ", ".join(f"`{m}` × {n}" for m, n in sorted(per_layer.items()))))
     refine = report.get("refine")
     if refine:
-        from ..refine.checks import loss_summary, samples_summary
-
         name, start, end = loss_summary(refine)
         rows.append(("refinement", f"`{refine.get('method')}` from `{refine.get('start_method')}`: {refine.get('steps')} steps on "
                                    f"{samples_summary(refine)} (seed {refine.get('seed')})"))
@@ -340,26 +316,14 @@ def usage(info: CardInfo, family) -> str:
 
 
 def reconstruct_command(report: dict[str, Any], weight_name: str) -> str:
-    """The ``lorareg port`` command that gives this output, from the report's parameters."""
-    src = report.get("source_model") or {}
-    tgt = report.get("target_model") or {}
-    lora = (report.get("source_lora") or {}).get("path")
-    args = ["lorareg", "port", display_lora_ref(lora) or "LORA"]
-    if src.get("ref"):
-        args += ["--source-model", display_model_ref(src["ref"])]
-    if tgt.get("ref"):
-        args += ["--target-model", display_model_ref(tgt["ref"])]
-    if tgt.get("family") and tgt.get("family") != src.get("family"):
-        args += ["--to", tgt["family"]]
-    args += ["--method", str(report.get("method"))]
-    if report.get("rank_k") is not None:
-        args += ["--rank-k", str(report["rank_k"])]
-    if report.get("threshold"):
-        args += ["--threshold", str(report["threshold"])]
-    if report.get("rank") is not None:
-        args += ["--rank", str(report["rank"])]
-    out = report.get("output") or {}
-    if out.get("format"):
-        args += ["--format", str(out["format"]).split("/")[0]]
-    args += ["-o", weight_name if not weight_name.startswith("adapter_model") else "adapter"]
-    return shlex.join(args)
+    """The ``lorareg port`` command that gives this output, from the options the report recorded."""
+    recorded = dict(report.get("options") or {})
+    if not report.get("options"):  # a report written before options were recorded: its top-level fields
+        recorded = {k: report[k] for k in ("method", "rank_k", "threshold", "rank") if report.get(k) not in (None, 0, 0.0)}
+        src, tgt = report.get("source_model") or {}, report.get("target_model") or {}
+        recorded.update(source_model=src.get("ref"), target_model=tgt.get("ref"))
+        if tgt.get("family") and tgt.get("family") != src.get("family"):
+            recorded["to"] = tgt["family"]
+    options = PortOptions.model_validate(recorded)
+    lora = (report.get("source_lora") or {}).get("path") or "LORA"
+    return options.command(lora, weight_name if not weight_name.startswith("adapter_model") else "adapter")

@@ -19,12 +19,14 @@ from pydantic import BaseModel
 
 from ..core.errors import InputError
 from ..core.io import PEFT_CONFIG, PEFT_WEIGHTS, read_header
-from . import hub_endpoint, is_offline, translate_errors
-from .card import CardInfo, build_card, license_of, model_repo_id, public_report, report_bytes, trigger_words
+from ..core.names import CARD_NAME, REPORT_NAME
+from ..port.report import PortReport, PortResult
+from ..registry import get_registry
 from ..sources.refs import parse_repo_id
+from .card import CardInfo, build_card, license_of, model_repo_id, public_report, report_bytes, trigger_words
+from .client import hub_endpoint, is_offline, translate_errors
+from .pull import lookup_lora
 
-REPORT = "report.json"
-CARD = "README.md"
 
 
 class PushResult(BaseModel):
@@ -54,11 +56,11 @@ def _locate(path: Path) -> tuple[Path, Path]:
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
         if (path / PEFT_CONFIG).exists():
-            return path, path / REPORT
+            return path, path / REPORT_NAME
         pairs = sorted(
-            (r.with_name(r.name[: -len("." + REPORT)] + ".safetensors"), r)
-            for r in path.glob("*." + REPORT)
-            if r.with_name(r.name[: -len("." + REPORT)] + ".safetensors").exists()
+            (r.with_name(r.name[: -len("." + REPORT_NAME)] + ".safetensors"), r)
+            for r in path.glob("*." + REPORT_NAME)
+            if r.with_name(r.name[: -len("." + REPORT_NAME)] + ".safetensors").exists()
         )
         if len(pairs) == 1:
             return pairs[0]
@@ -67,12 +69,10 @@ def _locate(path: Path) -> tuple[Path, Path]:
         raise InputError(f"{path}: {len(pairs)} port outputs here; name the .safetensors file to push")
     if path.suffix != ".safetensors":
         raise InputError(f"{path}: expected a .safetensors file or a PEFT folder written by `lorareg port`")
-    return path, path.with_name(path.stem + "." + REPORT)
+    return path, path.with_name(path.stem + "." + REPORT_NAME)
 
 
 def _bundle(obj: Any) -> _Bundle:
-    from ..port.run import PortReport, PortResult
-
     if isinstance(obj, PortResult):
         if obj.output is None:
             raise InputError("this port result was not written to disk (port with output=...); nothing to push")
@@ -124,8 +124,6 @@ def prepare(
     command: Optional[str] = None,
 ) -> tuple[dict[str, Union[Path, bytes]], CardInfo]:
     """The files a push uploads (path in repo -> local file or bytes) and the card's inputs; no network."""
-    from .pull import lookup_lora
-
     bundle = _bundle(result_or_dir)
     metadata = read_header(bundle.weights).metadata
     report = bundle.report
@@ -134,8 +132,6 @@ def prepare(
     if base_model is None:
         base_model = model_repo_id(tgt.get("ref"))
     if base_model is None:
-        from ..registry import get_registry
-
         try:
             base_model = get_registry().family(tgt.get("family")).spec.hub.default_repo
         except Exception:
@@ -152,8 +148,8 @@ def prepare(
     )
     card = build_card(report, info)
     files: dict[str, Union[Path, bytes]] = dict(sorted(bundle.files.items()))
-    files[CARD] = card.encode("utf-8")
-    files[REPORT] = report_bytes(public_report(report, bundle.weight_name, info.source_commit))
+    files[CARD_NAME] = card.encode("utf-8")
+    files[REPORT_NAME] = report_bytes(public_report(report, bundle.weight_name, info.source_commit))
     return files, info
 
 
@@ -200,7 +196,7 @@ def push(
             repo_id,
             ops,
             commit_message=message,
-            commit_description=f"Ported with lorareg; see {CARD} and {REPORT}.",
+            commit_description=f"Ported with lorareg; see {CARD_NAME} and {REPORT_NAME}.",
             revision=revision,
             create_pr=create_pr,
             parent_commit=head,

@@ -1,591 +1,173 @@
 """`lorareg port`: move a LoRA onto another base model, layer by layer, training-free.
 
-read LoRA -> resolve source/target module pairs -> read the two base weights of each pair (lazily)
--> top-k bases from the cache (randomized SVD on a miss, batched) -> similarity filter -> project in
-low-rank form -> write the ported LoRA, report.json and a summary.
+load the LoRA -> resolve source/target module pairs -> open both base models (lazily) -> bases from
+the cache (randomized SVD on a miss) and distilled blocks re-paired -> project each layer -> report
+-> optionally refine -> write the LoRA, report.json and a summary.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from pydantic import BaseModel, Field
 
-from .. import __version__
-from ..formats.refactor import fold_tucker, to_plain_lora
-from ..engine import DEFAULT_METHOD, DEFAULT_MISMATCH_METHOD, METHODS, BasisCache, PortError, default_k, get_method, top_k_batched, weight_digest
-from ..engine.bases import BASES_VERSION, Basis
-from ..engine.lowrank import energy
-from ..engine.similarity import subspace_similarity
+from ..core.device import resolve_device
 from ..core.errors import InputError
-from ..core.io import DTYPES, LazyTensor, atomic_write_text
-from ..core.lora import Lora, Module
-from ..refine.checks import RefineOptions, loss_summary, samples_summary
-from ..refine.checks import check_models as check_refine_models
-from ..refine.checks import check_pair as check_refine_pair
-from ..refine.checks import run as run_refine
+from ..core.io import atomic_write_text
+from ..core.lora import Lora
+from ..core.names import REPORT_NAME
+from ..core.progress import progress_bar
+from ..engine import BasisCache
+from ..formats.api import check_output, load, save
+from .. import refine as refinement
 from ..registry import Family, get_registry
-from .pairs import Pair, align_groups, resolve_pairs
 from ..sources.weights import BaseWeights, open_model
+from .bases import BasesStore
+from .layers import project_layers
+from .options import PortOptions
+from .pairs import resolve_pairs
+from .plan import plan_with_weights
+from .report import PortReport, PortResult, model_info, provenance_metadata, source_lora_info, summarize, totals, unrelated_warning
 
-DEFAULT_THRESHOLD = 0.0
-#: below this mean subspace similarity the two base models look unrelated (bench/fidelity: unrelated
-#: models < 0.3, related checkpoints and distillations >= 0.79): the port is flagged
-RELATED_MIN_SIMILARITY = 0.5
-#: methods that return ΔW unchanged when the target weight is the source weight (docs/methods.md)
-IDENTITY_ON_SAME_WEIGHT = ("copy", "prolora-full")
-REPORT_NAME = "report.json"
-
-
-AUTO = "auto"
-
-
-class LayerReport(BaseModel):
-    source: str
-    method: Optional[str] = None
-    target: Optional[str] = None
-    source_shape: list[int]
-    target_shape: Optional[list[int]] = None
-    rule: str
-    similarity: Optional[float] = None
-    similarity_in: Optional[float] = None
-    similarity_out: Optional[float] = None
-    kept_energy: Optional[float] = None
-    rank_in: Optional[int] = None
-    rank_out: Optional[int] = None
-    skipped: Optional[str] = None
-
-
-class ModelInfo(BaseModel):
-    ref: Optional[str] = None
-    family: str
-    revision: Optional[str] = None
-    layout: Optional[str] = None
-
-
-class PortTotals(BaseModel):
-    layers: int
-    ported: int
-    skipped: int
-    mean_similarity: Optional[float] = None
-    min_similarity: Optional[float] = None
-    energy_kept: Optional[float] = Field(None, description="‖ΔW_out‖² / ‖ΔW_in‖² summed over ported layers")
-    related: Optional[bool] = Field(None, description=f"mean similarity of the compared layers >= {RELATED_MIN_SIMILARITY}")
-    related_similarity: Optional[float] = Field(None, description="mean similarity over every compared layer, ported or not")
-
-
-class PortReport(BaseModel):
-    lorareg_version: str = __version__
-    method: str
-    rank_k: Optional[int] = Field(None, description="subspace size k (None: per-layer default)")
-    threshold: float
-    rank: Optional[int] = None
-    device: str
-    source_lora: dict[str, Any]
-    source_model: ModelInfo
-    target_model: ModelInfo
-    output: Optional[dict[str, Any]] = None
-    layers: list[LayerReport]
-    totals: PortTotals
-    timings: dict[str, float]
-    cache: dict[str, int]
-    refine: Optional[dict[str, Any]] = None
-    warnings: list[str] = Field(default_factory=list)
+_DTYPE_ALIASES = {"fp16": "F16", "float16": "F16", "bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "F32"}
 
 
 @dataclass
-class PortResult:
-    lora: Lora
-    report: PortReport
-    output: Optional[Path] = None
-    report_path: Optional[Path] = None
-    summary: str = ""
+class _Models:
+    source: Optional[BaseWeights]
+    target: Optional[BaseWeights]
+    seconds: float = 0.0
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda asked for, but torch sees no CUDA device")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InputError(f"unknown device {device!r} (auto, cpu, cuda)")
-    return torch.device(device)
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1)
-
-
-def _flat_shape(shape) -> tuple[int, int]:
-    return (shape[0], math.prod(shape[1:]))
-
-
-@dataclass
-class _Bases:
-    """Top-k bases of base-model weights, through the content-addressed cache, built in batches."""
-
-    cache: BasisCache
-    device: torch.device
-    k: Optional[int]
-    built: int = 0
-    seconds_read: float = 0.0
-    seconds_build: float = 0.0
-    memo: dict[tuple[int, str, str], Basis] = field(default_factory=dict)
-    digests: dict[tuple[int, str, str], str] = field(default_factory=dict)
-
-    def k_for(self, shape) -> int:
-        return self.k if self.k else default_k(shape)
-
-    def get_many(self, model: BaseWeights, side: int, modules: list[tuple[str, str]], progress=None) -> None:
-        """Fill the memo for these modules: cache hits first, then batched randomized SVDs."""
-        pending: list[tuple[tuple[int, str, str], torch.Tensor, str, int]] = []
-        from ..engine.cache import BasisKey
-
-        for cid, name in modules:
-            key = (side, cid, name)
-            if key in self.memo:
-                continue
-            t0 = time.perf_counter()
-            shape = model.family.components[cid].modules[name]
-            k = min(self.k_for(_flat_shape(shape)), min(_flat_shape(shape)))
-            fp = model.fingerprint(cid, name)
-            digest = self._known_digest(fp)
-            w = None
-            if digest is None:
-                w = _flat(model.weight(cid, name))
-                digest = weight_digest(w)
-                self._remember_digest(fp, digest)
-            self.digests[key] = digest
-            self.seconds_read += time.perf_counter() - t0
-            hit = self.cache.get(BasisKey(digest, k, BASES_VERSION))
-            if hit is not None:
-                self.memo[key] = hit
-                if progress:
-                    progress.update(1)
-                continue
-            if w is None:
-                w = _flat(model.weight(cid, name))
-            pending.append((key, w, digest, k))
-            if sum(p[1].numel() for p in pending) > 64 * 2**20:
-                self._build(pending, progress)
-                pending = []
-        self._build(pending, progress)
-
-    def _digest_path(self, fp: str) -> Path:
-        return self.cache.root / "digests" / fp[:2] / fp
-
-    def _known_digest(self, fp: Optional[str]) -> Optional[str]:
-        """The content digest remembered for a weight fingerprint (skips re-hashing known files)."""
-        if fp is None:
-            return None
-        try:
-            text = self._digest_path(fp).read_text().strip()
-        except OSError:
-            return None
-        return text if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else None
-
-    def _remember_digest(self, fp: Optional[str], digest: str) -> None:
-        if fp is None:
-            return
-        try:
-            atomic_write_text(self._digest_path(fp), digest + "\n")
-        except OSError:
-            pass  # a read-only cache still works, it just hashes again next time
-
-    def _build(self, pending, progress) -> None:
-        if not pending:
-            return
-        from ..engine.cache import BasisKey
-
-        t0 = time.perf_counter()
-        by_k: dict[int, list] = {}
-        for item in pending:
-            by_k.setdefault(item[3], []).append(item)
-        for k, items in by_k.items():
-            bases = top_k_batched([w for _, w, _, _ in items], k, self.device)
-            for (key, _, digest, _), basis in zip(items, bases):
-                basis = basis.to("cpu")
-                self.cache.put(BasisKey(digest, k, BASES_VERSION), basis)
-                self.memo[key] = basis
-                self.built += 1
-                if progress:
-                    progress.update(1)
-        self.seconds_build += time.perf_counter() - t0
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled or total == 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="layer", leave=False)
-
-
-def port(
-    lora: Union[str, Path, Lora],
-    *,
-    source_model: Optional[str] = None,
-    target_model: Optional[str] = None,
-    to: Optional[str] = None,
-    method: str = AUTO,
-    rank_k: Optional[int] = None,
-    threshold: float = DEFAULT_THRESHOLD,
-    rank: Optional[int] = None,
-    device: str = "auto",
-    dtype: Optional[str] = None,
-    output: Optional[Union[str, Path]] = None,
-    format: Optional[str] = None,
-    force: bool = False,
-    cache_dir: Optional[Union[str, Path]] = None,
-    align_blocks: bool = True,
-    progress: bool = True,
-    refine: Optional[str] = None,
-    refine_steps: int = 100,
-    refine_samples: int = 64,
-    refine_sample_length: int = 128,
-    refine_lr: Optional[float] = None,
-    refine_seed: int = 0,
-    refine_budget_seconds: Optional[float] = None,
-    refine_batch: Optional[int] = None,
-    refine_prompts: Optional[list[str]] = None,
-    refine_conditions: Optional[torch.Tensor] = None,
-    refine_latent_size: Optional[int] = None,
-    refine_sampler_steps: int = 8,
-    refine_noisings: int = 4,
-    refine_guidance: float = 5.0,
-    force_unrelated: bool = False,
-) -> PortResult:
+def port(lora: Union[str, Path, Lora], options: Optional[PortOptions] = None, **kwargs: Any) -> PortResult:
     """Port a LoRA from its base model to a target model; write it (and report.json) if ``output``.
 
-    ``refine="distill"``: after the projection, train the ported LoRA on the target to match the
-    source model + LoRA on samples the source generates itself (data-free self-distillation, for
-    language models and diffusion UNets; see lorareg.refine). Refused on unrelated base models unless
-    ``force_unrelated``. ``refine_sample_length`` applies to language models; ``refine_prompts``,
-    ``refine_conditions``, ``refine_latent_size``, ``refine_sampler_steps``, ``refine_noisings`` and
-    ``refine_guidance`` to UNets.
+    Settings are a :class:`PortOptions` or its fields as keyword arguments (``refine_<x>`` for the
+    refinement's; see :class:`lorareg.refine.RefineOptions`). ``refine="distill"``: after the
+    projection, train the ported LoRA on the target to match the source model + LoRA on samples the
+    source generates itself (data-free). Refused on unrelated base models unless ``force_unrelated``.
     """
-    from ..formats.api import _check_output, load, save
-
+    opts = options.model_copy(update=kwargs) if options is not None else PortOptions.from_kwargs(**kwargs)
     t_start = time.perf_counter()
-    if method != AUTO and method not in METHODS:
-        raise InputError(f"unknown method {method!r} (known: {AUTO}, {', '.join(METHODS)})")
-    if not 0.0 <= threshold <= 1.0:
-        raise InputError("--threshold must be between 0 and 1")
-    if output is not None:
-        out_path = Path(output)
-        if isinstance(lora, (str, Path)):
-            _check_output(Path(lora), out_path, force)
-        elif out_path.exists() and not force:
-            raise InputError(f"{out_path}: already exists (use --force to replace it)")
-    src_lora = lora if isinstance(lora, Lora) else load(lora)
-    registry = get_registry()
-    if src_lora.family is None:
-        raise InputError("the LoRA's family is unknown; load it with family=...")
-    src_fam = registry.family(src_lora.family)
-    tgt_fam = registry.family(to) if to else src_fam
-    dev = resolve_device(device)
-    needs_weights = method not in ("copy", AUTO)
-    if needs_weights and (source_model is None or target_model is None):
-        raise InputError(f"--method {method} needs --source-model and --target-model (copy and auto need neither)")
-    if (source_model is None) != (target_model is None):
-        raise InputError("give both --source-model and --target-model, or neither")
-    out_dtype = _dtype_name(dtype) if dtype else None
-    refine_kind = check_refine_pair(refine, src_fam, tgt_fam) if refine is not None else None
+    opts.check()
+    src_lora = _load_source(lora, opts)
+    src_fam, tgt_fam = _families(src_lora, opts)
+    device = resolve_device(opts.device)
+    out_dtype = _dtype_name(opts.dtype) if opts.dtype else None
+    refine_kind = refinement.check_pair(opts.refine, src_fam, tgt_fam) if opts.refine is not None else None
 
-    with_models = source_model is not None
     pairs = resolve_pairs(src_fam, tgt_fam, [(m.component, m.name) for m in src_lora.modules.values()],
-                          allow_shape_mismatch=(method == "align" or (method == AUTO and with_models)))
-    t0 = time.perf_counter()
-    configs = refine is not None  # a refinement runs the models: it needs their configs and tokenizers too
-    src_w = open_model(src_fam, source_model, src_lora.components, with_configs=configs) if source_model else None
-    tgt_components = sorted({p.target_component for p in pairs if p.target_component})
-    tgt_w = open_model(tgt_fam, target_model, tgt_components, with_configs=configs) if target_model else None
-    t_open = time.perf_counter() - t0
+                          allow_shape_mismatch=(opts.method == "align" or (opts.method == "auto" and opts.with_models)))
+    models = _open_models(src_lora, src_fam, tgt_fam, sorted({p.target_component for p in pairs if p.target_component}), opts)
     if refine_kind is not None:
-        if src_w is None or tgt_w is None:
-            raise InputError("--refine distill needs --source-model and --target-model")
-        check_refine_models(refine_kind, src_w.folder(), tgt_w.folder())
+        refinement.check_models(refine_kind, models.source.folder(), models.target.folder())
+    cache = BasisCache(opts.cache_dir) if opts.cache_dir else BasisCache()
+    bases = BasesStore(cache, device, opts.rank_k) if models.source is not None else None
+    if bases is not None:
+        pairs = plan_with_weights(pairs, src_fam, tgt_fam, models.source, models.target, bases, opts.align_blocks, opts.progress)
 
-    cache = BasisCache(cache_dir) if cache_dir else BasisCache()
-    bases = _Bases(cache, dev, rank_k)
-    with_weights = src_w is not None and tgt_w is not None
-    if with_weights:
-        pairs = _resolve_with_weights(pairs, src_fam, tgt_fam, src_w, tgt_w, bases, align_blocks, progress)
-
-    layers: list[LayerReport] = []
-    out_modules: dict[str, Module] = {}
-    t_proj = 0.0
-    bar = _progress(len(pairs), "projecting", progress)
-    for pair in pairs:
-        m = src_lora.modules[pair.key]
-        layer_method = method if method != AUTO else (DEFAULT_METHOD if pair.same_shape else DEFAULT_MISMATCH_METHOD)
-        rep = LayerReport(source=pair.key, method=layer_method, target=_tkey(pair), source_shape=pair.source_shape,
-                          target_shape=pair.target_shape, rule=pair.rule, rank_in=m.rank, skipped=pair.skipped)
-        layers.append(rep)
-        if bar:
-            bar.update(1)
-        if pair.skipped:
-            continue
-        if m.kind != "lora" or "mid" in m.factors:
-            if rank is None and m.kind != "lora":
-                rep.skipped = f"{m.type_name} module: pass --rank to refactor it to plain LoRA before porting"
-                continue
-            m, _ = to_plain_lora(m, rank or m.rank or 1) if m.kind != "lora" else (fold_tucker(m), 0.0)
-        up = _flat(m.factors["up"].float())
-        down = _flat(m.factors["down"].float())
-        sb = bases.memo.get((0, pair.source_component, pair.source_module)) if with_weights else None
-        tb = bases.memo.get((1, pair.target_component, pair.target_module)) if with_weights else None
-        d_s = bases.digests.get((0, pair.source_component, pair.source_module))
-        if (layer_method in IDENTITY_ON_SAME_WEIGHT and d_s is not None and d_s == bases.digests.get((1, pair.target_component, pair.target_module))
-                and rank in (None, m.rank) and out_dtype in (None, m.factors["up"].dtype) and pair.same_shape):
-            # the very same base weight: these methods return ΔW unchanged, so keep the factors' bits
-            rep.similarity = rep.similarity_in = rep.similarity_out = rep.kept_energy = 1.0
-            rep.rank_out = m.rank
-            new = Module(pair.target_component, pair.target_module, "lora", dict(m.factors), m.alpha, None, tuple(pair.target_shape), [])
-            out_modules[new.key] = new
-            continue
-        t1 = time.perf_counter()
-        try:
-            proj = get_method(layer_method)(up.to(dev), down.to(dev), source=sb, target=tb, rank=rank or m.rank)
-        except PortError as e:
-            rep.skipped = str(e).splitlines()[0]
-            continue
-        t_proj += time.perf_counter() - t1
-        sim = proj.similarity
-        if sim is None and sb is not None and tb is not None and sb.U.shape == tb.U.shape:
-            sim = min(subspace_similarity(sb.U, tb.U), subspace_similarity(sb.V, tb.V))
-        rep.similarity, rep.similarity_in, rep.similarity_out = _r(sim), _r(proj.similarity_in), _r(proj.similarity_out)
-        rep.kept_energy = _r(proj.kept_energy)
-        if sim is not None and sim < threshold:
-            rep.skipped = f"similarity {sim:.3f} below threshold {threshold}"
-            continue
-        new = _to_module(m, pair, proj.up.cpu(), proj.down.cpu(), out_dtype, tgt_fam)
-        rep.rank_out = new.rank
-        out_modules[new.key] = new
+    bar = progress_bar(len(pairs), "projecting", opts.progress)
+    projected = project_layers(src_lora, pairs, bases, opts, out_dtype, device, bar)
     if bar:
         bar.close()
-
-    ported = Lora(family=tgt_fam.id, modules=out_modules, metadata=dict(src_lora.metadata),
-                  format_state=src_lora.format_state, source_path=src_lora.source_path, source_sha256=src_lora.source_sha256)
-    totals = _totals(layers, src_lora)
-    warnings = []
-    if totals.related is False:
-        warnings.append(
-            f"the base models look unrelated: mean subspace similarity {totals.related_similarity:.2f} < {RELATED_MIN_SIMILARITY}; "
-            "a training-free port is unlikely to carry the LoRA's effect (use --threshold to skip such layers)"
-        )
-    report = PortReport(
-        method=method,
-        rank_k=rank_k,
-        threshold=threshold,
-        rank=rank,
-        device=str(dev),
-        source_lora={"path": src_lora.source_path, "sha256": src_lora.source_sha256, "family": src_fam.id,
-                     "format": f"{src_lora.format_state.format}/{src_lora.format_state.variant}" if src_lora.format_state else None,
-                     "modules": len(src_lora.modules)},
-        source_model=_model_info(src_w, src_fam, source_model),
-        target_model=_model_info(tgt_w, tgt_fam, target_model),
-        layers=layers,
-        totals=totals,
-        timings={"open_s": round(t_open, 3), "read_weights_s": round(bases.seconds_read, 3),
-                 "build_bases_s": round(bases.seconds_build, 3), "project_s": round(t_proj, 3)},
-        cache={"hits": cache.hits, "misses": cache.misses, "built": bases.built},
-        warnings=warnings,
-    )
-    if refine is not None:
-        if totals.related is False and not force_unrelated:
-            raise InputError(
-                f"the base models look unrelated (mean similarity {totals.related_similarity:.2f}); distillation would retrain "
-                "the LoRA, not port it; pass --force-unrelated to refine anyway")
-        if not out_modules:
-            raise InputError("no layer could be ported (see the report: every layer was skipped); nothing to refine")
-        options = RefineOptions(steps=refine_steps, samples=refine_samples, sample_length=refine_sample_length, lr=refine_lr,
-                                seed=refine_seed, budget_seconds=refine_budget_seconds, batch=refine_batch, prompts=refine_prompts,
-                                conditions=refine_conditions, latent_size=refine_latent_size, sampler_steps=refine_sampler_steps,
-                                noisings=refine_noisings, guidance=refine_guidance)
-        t3 = time.perf_counter()
-        ported, refine_report = run_refine(refine_kind, ported, source_lora=src_lora, source_family=src_fam, target_family=tgt_fam,
-                                           source_folder=src_w.folder(), target_folder=tgt_w.folder(), options=options, device=dev,
-                                           progress=progress, start_method=method, cache_dir=Path(cache_dir) if cache_dir else None)
-        out_modules = ported.modules
-        report.refine = refine_report
-        report.timings["refine_s"] = round(time.perf_counter() - t3, 3)
+    report = _report(src_lora, src_fam, tgt_fam, models, projected, bases, cache, opts, device)
+    ported = Lora(family=tgt_fam.id, modules=projected.modules, metadata=dict(src_lora.metadata), format_state=src_lora.format_state,
+                  source_path=src_lora.source_path, source_sha256=src_lora.source_sha256)
+    if refine_kind is not None:
+        ported = _refine(refine_kind, ported, src_lora, src_fam, tgt_fam, models, report, opts, device)
     result = PortResult(lora=ported, report=report)
-    if output is not None:
-        if not out_modules:
-            raise InputError("no layer could be ported (see the report: every layer was skipped); nothing written")
-        out_path = Path(output)
-        meta = _provenance(report, method)
-        t2 = time.perf_counter()
-        conv = save(ported, out_path, format=format or (src_lora.format_state.format if src_lora.format_state else "diffusers"),
-                    force=True, extra_metadata=meta)
-        report.output = {"path": str(out_path), "format": conv.target_format, "dropped": [d.model_dump() for d in conv.dropped]}
-        report.timings["write_s"] = round(time.perf_counter() - t2, 3)
-        report.timings["total_s"] = round(time.perf_counter() - t_start, 3)
-        report_path = (out_path if out_path.is_dir() else out_path.parent) / (REPORT_NAME if out_path.is_dir() else out_path.stem + "." + REPORT_NAME)
-        atomic_write_text(report_path, report.model_dump_json(indent=2) + "\n")
-        result.output, result.report_path = out_path, report_path
-    else:
-        report.timings["total_s"] = round(time.perf_counter() - t_start, 3)
+    if opts.output is not None:
+        _write(result, src_lora, opts)
+    report.timings["total_s"] = round(time.perf_counter() - t_start, 3)
+    if result.report_path is not None:  # the written report carries the final timings too
+        atomic_write_text(result.report_path, report.model_dump_json(indent=2) + "\n")
     result.summary = summarize(report)
     return result
 
 
-def _resolve_with_weights(pairs, src_fam, tgt_fam, src_w, tgt_w, bases: _Bases, align: bool, progress) -> list[Pair]:
-    live = [p for p in pairs if not p.skipped or p.target_module]
-    src_mods = [(p.source_component, p.source_module) for p in live]
-    tgt_mods = {(p.target_component, p.target_module) for p in live if p.target_shape}
-    if align and src_fam.id != tgt_fam.id:
-        # candidate blocks of searched groups need target bases too
-        from .pairs import correspondence
-
-        doc = correspondence(get_registry(), src_fam.id, tgt_fam.id)
-        if doc and doc.get("search"):
-            tgt_mods |= _group_candidates(doc, pairs, tgt_fam)
-    bar = _progress(len(src_mods) + len(tgt_mods), "bases", progress)
-    bases.get_many(src_w, 0, src_mods, bar)
-    bases.get_many(tgt_w, 1, sorted(tgt_mods), bar)
-    if bar:
-        bar.close()
-    if align and src_fam.id != tgt_fam.id:
-
-        def sim(pair: Pair, candidate: str) -> Optional[float]:
-            sb = bases.memo.get((0, pair.source_component, pair.source_module))
-            tb = bases.memo.get((1, pair.target_component or pair.source_component, candidate))
-            if sb is None or tb is None or sb.U.shape != tb.U.shape:
-                return None
-            return subspace_similarity(sb.U, tb.U)
-
-        pairs = align_groups(pairs, src_fam, tgt_fam, sim)
-    return pairs
+def _load_source(lora: Union[str, Path, Lora], opts: PortOptions) -> Lora:
+    if opts.output is not None:
+        if isinstance(lora, (str, Path)):
+            check_output(Path(lora), Path(opts.output), opts.force)
+        else:
+            check_output(None, Path(opts.output), opts.force)
+    return lora if isinstance(lora, Lora) else load(lora)
 
 
-def _group_candidates(doc, pairs, tgt_fam) -> set[tuple[str, str]]:
-    from ..registry.naming import Pattern
-
-    out = set()
-    for search in doc["search"]:
-        tcid = doc["components"].get(search["component"])
-        comp = tgt_fam.components.get(tcid or "")
-        if comp is None:
-            continue
-        pattern = Pattern.parse("^" + search["group"])
-        leaves = set()
-        for p in pairs:
-            found = pattern.search(p.source_module.split(".")) if p.source_component == search["component"] else None
-            if found:
-                leaves.add(".".join(p.source_module.split(".")[found[0] + len(pattern.segments):]))
-        for name in comp.modules:
-            found = pattern.search(name.split("."))
-            if found and ".".join(name.split(".")[found[0] + len(pattern.segments):]) in leaves:
-                out.add((tcid, name))
-    return out
+def _families(lora: Lora, opts: PortOptions) -> tuple[Family, Family]:
+    if lora.family is None:
+        raise InputError("the LoRA's family is unknown; load it with family=...")
+    registry = get_registry()
+    src = registry.family(lora.family)
+    return src, (registry.family(opts.to) if opts.to else src)
 
 
-def _tkey(pair: Pair) -> Optional[str]:
-    return f"{pair.target_component}:{pair.target_module}" if pair.target_module else None
+def _open_models(lora: Lora, src_fam: Family, tgt_fam: Family, tgt_components: list[str], opts: PortOptions) -> _Models:
+    if not opts.with_models:
+        return _Models(None, None)
+    t0 = time.perf_counter()
+    configs = opts.refine is not None  # a refinement runs the models: it needs their configs and tokenizers too
+    src = open_model(src_fam, opts.source_model, lora.components, with_configs=configs)
+    tgt = open_model(tgt_fam, opts.target_model, tgt_components, with_configs=configs)
+    return _Models(src, tgt, time.perf_counter() - t0)
 
 
-def _r(x: Optional[float]) -> Optional[float]:
-    return None if x is None else round(float(x), 6)
-
-
-def _dtype_name(name: str) -> str:
-    aliases = {"fp16": "F16", "float16": "F16", "bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "F32"}
-    st = aliases.get(name.lower(), name.upper())
-    if st not in ("F16", "BF16", "F32"):
-        raise InputError(f"unsupported --dtype {name!r} (fp16, bf16, fp32)")
-    return st
-
-
-def _to_module(m: Module, pair: Pair, up: torch.Tensor, down: torch.Tensor, out_dtype: Optional[str], fam: Family) -> Module:
-    tshape = tuple(pair.target_shape)
-    r = up.shape[1]
-    if len(tshape) == 4:
-        down = down.reshape(r, *tshape[1:])
-        up = up.reshape(tshape[0], r, 1, 1)
-    st = out_dtype or m.factors["up"].dtype
-    torch_dtype = DTYPES[st][0]
-    alpha = None if m.alpha is None else m.scale * r  # the scale (alpha / rank) is kept
-    return Module(pair.target_component, pair.target_module, "lora",
-                  {"down": LazyTensor.from_torch(down.to(torch_dtype).contiguous()), "up": LazyTensor.from_torch(up.to(torch_dtype).contiguous())},
-                  alpha, None, tshape, [])
-
-
-def _totals(layers: list[LayerReport], lora: Lora) -> PortTotals:
-    ported = [l for l in layers if not l.skipped]
-    sims = [l.similarity for l in ported if l.similarity is not None]
-    energy_in = {l.source: _energy(lora.modules[l.source]) for l in layers}
-    energy_out = sum(energy_in[l.source] * l.kept_energy for l in ported if l.kept_energy is not None)
-    all_in = sum(energy_in.values())
-    compared = [l.similarity for l in layers if l.similarity is not None]
-    related_sim = sum(compared) / len(compared) if compared else None
-    return PortTotals(
-        related=None if related_sim is None else related_sim >= RELATED_MIN_SIMILARITY,
-        related_similarity=_r(related_sim),
-        layers=len(layers),
-        ported=len(ported),
-        skipped=len(layers) - len(ported),
-        mean_similarity=_r(sum(sims) / len(sims)) if sims else None,
-        min_similarity=_r(min(sims)) if sims else None,
-        energy_kept=_r(energy_out / all_in) if all_in > 0 else None,
+def _report(lora: Lora, src_fam: Family, tgt_fam: Family, models: _Models, projected, bases: Optional[BasesStore],
+            cache: BasisCache, opts: PortOptions, device: torch.device) -> PortReport:
+    t = totals(projected.layers, lora)
+    return PortReport(
+        method=opts.method, rank_k=opts.rank_k, threshold=opts.threshold, rank=opts.rank, options=opts.recorded(), device=str(device),
+        source_lora=source_lora_info(lora, src_fam),
+        source_model=model_info(models.source, src_fam, opts.source_model),
+        target_model=model_info(models.target, tgt_fam, opts.target_model),
+        layers=projected.layers, totals=t,
+        timings={"open_s": round(models.seconds, 3), "read_weights_s": round(bases.seconds_read if bases else 0.0, 3),
+                 "build_bases_s": round(bases.seconds_build if bases else 0.0, 3), "project_s": round(projected.seconds, 3)},
+        cache={"hits": cache.hits, "misses": cache.misses, "built": bases.built if bases else 0},
+        warnings=unrelated_warning(t),
     )
 
 
-def _energy(m: Module) -> float:
-    if m.kind != "lora":
-        return 0.0
-    return energy(_flat(m.factors["up"].float()), _flat(m.factors["down"].float())) * m.scale**2
+def _refine(kind, ported: Lora, src_lora: Lora, src_fam: Family, tgt_fam: Family, models: _Models, report: PortReport,
+            opts: PortOptions, device: torch.device) -> Lora:
+    if report.totals.related is False and not opts.force_unrelated:
+        raise InputError(
+            f"the base models look unrelated (mean similarity {report.totals.related_similarity:.2f}); distillation would retrain "
+            "the LoRA, not port it; pass --force-unrelated to refine anyway")
+    if not ported.modules:
+        raise InputError("no layer could be ported (see the report: every layer was skipped); nothing to refine")
+    job = refinement.RefineJob(source_lora=src_lora, source_family=src_fam, target_family=tgt_fam, source_model=models.source.folder(),
+                               target_model=models.target.folder(), device=device, progress=opts.progress, start_method=opts.method,
+                               cache_dir=Path(opts.cache_dir) if opts.cache_dir else None)
+    t0 = time.perf_counter()
+    refined, report.refine = refinement.run(kind, ported, job, opts.refine_options)
+    report.timings["refine_s"] = round(time.perf_counter() - t0, 3)
+    return refined
 
 
-def _model_info(w: Optional[BaseWeights], fam: Family, ref: Optional[str]) -> ModelInfo:
-    return ModelInfo(ref=str(ref) if ref else None, family=fam.id, revision=w.revision if w else None, layout=w.layout if w else None)
+def _write(result: PortResult, src_lora: Lora, opts: PortOptions) -> None:
+    if not result.lora.modules:
+        raise InputError("no layer could be ported (see the report: every layer was skipped); nothing written")
+    out_path = Path(opts.output)
+    report = result.report
+    t0 = time.perf_counter()
+    default_format = src_lora.format_state.format if src_lora.format_state else "diffusers"
+    conv = save(result.lora, out_path, format=opts.format or default_format, force=True, extra_metadata=provenance_metadata(report))
+    report.output = {"path": str(out_path), "format": conv.target_format, "dropped": [d.model_dump() for d in conv.dropped]}
+    report.timings["write_s"] = round(time.perf_counter() - t0, 3)
+    result.output, result.report_path = out_path, report_path(out_path)
 
 
-def _provenance(report: PortReport, method: str) -> dict[str, str]:
-    t = report.totals
-    return {
-        "lorareg.port.method": method,
-        "lorareg.port.source_model": report.source_model.ref or "",
-        "lorareg.port.source_revision": report.source_model.revision or "",
-        "lorareg.port.target_model": report.target_model.ref or "",
-        "lorareg.port.target_revision": report.target_model.revision or "",
-        "lorareg.port.target_family": report.target_model.family,
-        "lorareg.port.layers": json.dumps({"ported": t.ported, "skipped": t.skipped, "mean_similarity": t.mean_similarity, "energy_kept": t.energy_kept}),
-        "lorareg.port.params": json.dumps({"rank_k": report.rank_k, "threshold": report.threshold, "rank": report.rank}),
-    }
+def report_path(output: Path) -> Path:
+    """Where the report of an output lies: ``report.json`` in a PEFT folder, ``<stem>.report.json`` beside a file."""
+    return output / REPORT_NAME if output.is_dir() else output.parent / f"{output.stem}.{REPORT_NAME}"
 
 
-def summarize(report: PortReport) -> str:
-    t = report.totals
-    lines = [
-        f"ported {report.source_lora.get('path')} ({report.source_model.family}) -> {report.target_model.family} with {report.method}",
-        f"  layers: {t.ported} ported, {t.skipped} skipped of {t.layers}",
-    ]
-    if t.mean_similarity is not None:
-        lines.append(f"  subspace similarity: mean {t.mean_similarity:.3f}, min {t.min_similarity:.3f}")
-    if t.energy_kept is not None:
-        lines.append(f"  energy of the LoRA kept: {100 * t.energy_kept:.1f}%")
-    reasons: dict[str, int] = {}
-    for l in report.layers:
-        if l.skipped:
-            reasons[l.skipped] = reasons.get(l.skipped, 0) + 1
-    for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]:
-        lines.append(f"  skipped {n}: {why}")
-    for w in report.warnings:
-        lines.append(f"  WARNING: {w}")
-    lines.append(f"  bases: {report.cache.get('hits', 0)} from cache, {report.cache.get('built', 0)} built; time {report.timings.get('total_s', 0):.2f} s")
-    if report.refine:
-        r = report.refine
-        name, start, end = loss_summary(r)
-        lines.append(f"  refined ({r['method']}, {r['steps']} steps, {samples_summary(r)}, {r['wall_s']:.1f} s): "
-                     f"{name} {start:.4f} -> {end:.4f} (data-free quality signal: lower is closer to source + LoRA)")
-    if report.output:
-        lines.append(f"  wrote {report.output['path']} ({report.output['format']})")
-    return "\n".join(lines)
+def _dtype_name(name: str) -> str:
+    st = _DTYPE_ALIASES.get(name.lower(), name.upper())
+    if st not in ("F16", "BF16", "F32"):
+        raise InputError(f"unsupported --dtype {name!r} (fp16, bf16, fp32)")
+    return st

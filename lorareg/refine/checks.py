@@ -1,44 +1,20 @@
-"""Which refinement a port gets (language model or diffusion UNet), the checks before it, and the call."""
+"""Which refinement a pair of families gets (language model or diffusion UNet), and the checks before it."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
-
-import torch
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
 
 from ..core.errors import InputError
-from ..core.lora import Lora
 from ..registry.families import Family
+from .runtime import TOKENIZER_FILES
 
 Kind = Literal["lm", "unet"]
 #: UNet config entries that must agree for a teacher's predictions to be a target for the student
 _UNET_INTERFACE = ("in_channels", "out_channels", "cross_attention_dim", "encoder_hid_dim", "addition_embed_type",
                    "projection_class_embeddings_input_dim", "addition_time_embed_dim", "class_embed_type", "num_class_embeds")
-
-
-class RefineOptions(BaseModel):
-    """Settings of ``--refine distill``; the ones that do not apply to a model kind are ignored."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-    steps: int = 100
-    samples: int = 64
-    lr: Optional[float] = None
-    seed: int = 0
-    budget_seconds: Optional[float] = None
-    batch: Optional[int] = None
-    # language models
-    sample_length: int = 128
-    # diffusion UNets
-    prompts: Optional[list[str]] = None
-    conditions: Optional[Any] = None  # a [P, L, D] tensor of contexts, for UNets without text encoders
-    latent_size: Optional[int] = None
-    sampler_steps: int = 8
-    noisings: int = 4
-    guidance: float = 5.0
 
 
 def check_pair(refine: str, src: Family, tgt: Family) -> Kind:
@@ -79,8 +55,6 @@ def check_models(kind: Kind, source_folder: Path, target_folder: Path) -> None:
             raise InputError(f"--refine distill needs {lib} (pip install 'lorareg[refine]')")
     if kind == "unet":
         return
-    from ..evaluate import TOKENIZER_FILES
-
     folders = [source_folder, target_folder]
     configs = []
     for f in folders:
@@ -96,38 +70,3 @@ def check_models(kind: Kind, source_folder: Path, target_folder: Path) -> None:
         a, b = folders[0] / name, folders[1] / name
         if name != "tokenizer_config.json" and a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes():
             raise InputError(f"the two models' {name} differ; distillation needs the same tokenizer on both sides")
-
-
-def run(kind: Kind, ported: Lora, *, source_lora: Lora, source_family: Family, target_family: Family, source_folder: Path,
-        target_folder: Path, options: RefineOptions, device: torch.device, progress: bool, start_method: Optional[str],
-        cache_dir: Optional[Path]) -> tuple[Lora, dict]:
-    o = options
-    common = dict(source_lora=source_lora, steps=o.steps, samples=o.samples, lr=o.lr, seed=o.seed, device=str(device),
-                  budget_seconds=o.budget_seconds, progress=progress, start_method=start_method, cache_dir=cache_dir)
-    if o.batch is not None:
-        common["batch"] = o.batch
-    if kind == "lm":
-        from .lm import refine_lm
-
-        refined, report = refine_lm(ported, source_model=source_folder, target_model=target_folder, sample_length=o.sample_length, **common)
-    else:
-        from .unet import refine_unet
-
-        refined, report = refine_unet(ported, source_family=source_family, target_family=target_family, source_model=source_folder,
-                                      target_model=target_folder, noisings=o.noisings, latent_size=o.latent_size,
-                                      sampler_steps=o.sampler_steps, guidance=o.guidance, prompts=o.prompts,
-                                      conditions=o.conditions, **common)
-    return refined, report.model_dump()
-
-
-def loss_summary(r: dict) -> tuple[str, Optional[float], Optional[float]]:
-    """(loss name, value before, value after) of a refinement report."""
-    name = r.get("loss", "kl")
-    return name.upper(), r.get(f"{name}_start"), r.get(f"{name}_end")
-
-
-def samples_summary(r: dict) -> str:
-    if r.get("model") == "diffusion unet":
-        return (f"{r['samples']} teacher latents of {r['latent_size']}x{r['latent_size']} ({r['sampler_steps']} DDIM steps), "
-                f"{r['noisings']} noisings each, prompts: {r['prompts_from']}")
-    return f"{r['samples']} teacher samples of {r['sample_length']} tokens"

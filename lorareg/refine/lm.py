@@ -26,7 +26,9 @@ import torch
 from ..core.errors import InputError
 from ..core.lora import Lora
 from .hooks import TrainableLora, merge
+from .options import RefineJob, RefineOptions
 from .report import RefineReportBase
+from .runtime import load_causal_lm
 from .train import Shuffled, thin, train_factors
 from .samples_cache import cached, lora_digest, model_digest
 
@@ -56,8 +58,6 @@ def _dtype(device: torch.device) -> torch.dtype:
 
 
 def _load(folder: PathLike, device: torch.device):
-    from ..evaluate import load_causal_lm
-
     return load_causal_lm(folder, dtype=_dtype(device)).to(device)
 
 
@@ -166,25 +166,14 @@ def _kl_all(model, data: dict[str, torch.Tensor], device: torch.device, batch: i
     return total / n
 
 
-def refine_lm(
-    ported: Lora,
-    *,
-    source_model: PathLike,
-    target_model: PathLike,
-    source_lora: Lora,
-    steps: int = 100,
-    samples: int = 64,
-    sample_length: int = 128,
-    lr: Optional[float] = None,
-    batch: int = DEFAULT_BATCH,
-    seed: int = 0,
-    device: Union[str, torch.device] = "cpu",
-    budget_seconds: Optional[float] = None,
-    progress: bool = True,
-    start_method: Optional[str] = None,
-    cache_dir: Optional[PathLike] = None,
-) -> tuple[Lora, RefineReport]:
-    """Refine ``ported`` (a LoRA on ``target_model``) by distilling ``source_model`` + ``source_lora``."""
+def refine_lm(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lora, RefineReport]:
+    """Refine ``ported`` (a LoRA on the job's target model) by distilling the source model + source LoRA."""
+    o = options
+    steps, samples, sample_length, seed, budget_seconds = o.steps, o.samples, o.sample_length, o.seed, o.budget_seconds
+    batch = DEFAULT_BATCH if o.batch is None else o.batch
+    source_model, target_model, source_lora = job.source_model, job.target_model, job.source_lora
+    device, progress, start_method, cache_dir = job.device, job.progress, job.start_method, job.cache_dir
+    lr = o.lr
     if steps < 0 or samples < 1 or sample_length < 2 or batch < 1:
         raise InputError("distill needs steps >= 0, samples >= 1, sample length >= 2, batch >= 1")
     lr = DEFAULT_LR if lr is None else float(lr)

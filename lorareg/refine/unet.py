@@ -27,7 +27,9 @@ from ..core.lora import Lora
 from ..registry.families import Family
 from .conditioning import TextConditioner, component_folder, metadata_prompts
 from .hooks import TrainableLora, merge, modules_of
+from .options import RefineJob, RefineOptions
 from .report import RefineReportBase
+from .runtime import quiet_progress_bars
 from .noise import Schedule, add_noise, alphas_cumprod, ddim_sample, read_schedule
 from .samples_cache import cached, lora_digest, model_digest, tensor_digest
 from .train import Shuffled, thin, train_factors
@@ -36,9 +38,6 @@ PathLike = Union[str, Path]
 SAMPLES_VERSION = 2
 DEFAULT_LR = 1e-3
 DEFAULT_BATCH = 4
-DEFAULT_SAMPLER_STEPS = 8
-DEFAULT_NOISINGS = 4
-DEFAULT_GUIDANCE = 5.0
 #: above this many parameters the student recomputes activations in the backward pass (SDXL-sized UNets)
 CHECKPOINT_ABOVE = 300_000_000
 
@@ -66,8 +65,6 @@ def load_unet(family: Family, folder: Path, dtype: torch.dtype):
     arch = family.components["unet"].spec.architecture
     import diffusers
     from diffusers.utils import logging as dlog
-
-    from ..evaluate import quiet_progress_bars
 
     cls = getattr(diffusers, arch.class_, None)
     if cls is None:
@@ -174,36 +171,19 @@ def _teacher_data(src_fam: Family, src_folder: Path, source_lora: Lora, prompts:
     return {"xt": torch.cat(xs), "t": torch.cat(ts), "prompt": torch.cat(ps), "target": torch.cat(targets)}
 
 
-def refine_unet(
-    ported: Lora,
-    *,
-    source_family: Family,
-    target_family: Family,
-    source_model: PathLike,
-    target_model: PathLike,
-    source_lora: Lora,
-    steps: int = 100,
-    samples: int = 64,
-    noisings: int = DEFAULT_NOISINGS,
-    latent_size: Optional[int] = None,
-    sampler_steps: int = DEFAULT_SAMPLER_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
-    prompts: Optional[list[str]] = None,
-    conditions: Optional[torch.Tensor] = None,
-    lr: Optional[float] = None,
-    batch: int = DEFAULT_BATCH,
-    seed: int = 0,
-    device: Union[str, torch.device] = "cpu",
-    budget_seconds: Optional[float] = None,
-    progress: bool = True,
-    start_method: Optional[str] = None,
-    cache_dir: Optional[PathLike] = None,
-) -> tuple[Lora, UnetRefineReport]:
-    """Refine ``ported`` (a LoRA on ``target_model``'s UNet) by distilling ``source_model`` + ``source_lora``.
+def refine_unet(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lora, UnetRefineReport]:
+    """Refine ``ported`` (a LoRA on the job's target UNet) by distilling the source model + source LoRA.
 
-    ``prompts``: text prompts (default: from the LoRA's metadata, else the empty prompt).
-    ``conditions``: instead of prompts, the context tensors themselves [P, L, D] (UNets without text encoders).
+    ``options.prompts``: text prompts (default: from the LoRA's metadata, else the empty prompt).
+    ``options.conditions``: instead of prompts, the context tensors themselves [P, L, D] (UNets without text encoders).
     """
+    o = options
+    steps, samples, noisings, latent_size, sampler_steps = o.steps, o.samples, o.noisings, o.latent_size, o.sampler_steps
+    guidance, prompts, conditions, lr, seed, budget_seconds = o.guidance, o.prompts, o.conditions, o.lr, o.seed, o.budget_seconds
+    batch = DEFAULT_BATCH if o.batch is None else o.batch
+    source_family, target_family, source_lora = job.source_family, job.target_family, job.source_lora
+    source_model, target_model = job.source_model, job.target_model
+    device, progress, start_method, cache_dir = job.device, job.progress, job.start_method, job.cache_dir
     if steps < 0 or samples < 1 or noisings < 1 or sampler_steps < 1 or batch < 1:
         raise InputError("distill needs steps >= 0, samples >= 1, noisings >= 1, sampler steps >= 1, batch >= 1")
     dev = torch.device(device)

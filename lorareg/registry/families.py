@@ -205,10 +205,6 @@ class Family:
     def id(self) -> str:
         return self.spec.id
 
-    def module_shape(self, component: str, name: str) -> Optional[tuple[int, ...]]:
-        comp = self.components.get(component)
-        return comp.modules.get(name) if comp else None
-
     def matches_alias(self, value: str) -> bool:
         v = value.strip().lower()
         a = self.spec.aliases

@@ -1,4 +1,4 @@
-"""Hub references: ``hf://[datasets/|spaces/]org/repo[/path][@rev]`` and ``org/repo[@rev]``.
+"""References to LoRAs and models: local paths, ``hf://[datasets/|spaces/]org/repo[/path][@rev]`` and ``org/repo[@rev]``.
 
 ``hf://org/repo/path/file.safetensors@rev`` names one file at a revision; ``hf://org/repo@rev/path`` is
 accepted too (the form huggingface_hub's file system uses). ``pathlib`` turns ``hf://`` into ``hf:/``, so
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 from urllib.parse import quote, unquote
 
@@ -117,3 +118,52 @@ def parse_repo_id(text: str) -> tuple[str, Optional[str]]:
 
 def _rev(rev: Optional[str]) -> Optional[str]:
     return unquote(rev) if rev else None
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a base model lives: a local path, or a Hub repo (optionally a file in it) at a revision."""
+
+    text: str
+    path: Optional[Path] = None
+    repo_id: Optional[str] = None
+    revision: Optional[str] = None
+    repo_path: Optional[str] = None  # a single-file checkpoint or a subfolder inside the repo
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelRef":
+        p = Path(text).expanduser()
+        if p.exists():
+            return cls(text, path=p)
+        if looks_like_hub_ref(text):
+            ref = parse_hub_ref(text)
+            return cls(text, repo_id=ref.repo_id, revision=ref.revision, repo_path=ref.path)
+        raise InputError(f"{text}: no such file or folder, and not a Hub id (org/name[@revision] or hf://org/name/file@rev)")
+
+    def __str__(self) -> str:
+        return self.text
+
+
+# ------------------------------------------------------------------ as published (cards, recorded commands)
+
+
+def is_local(text: str) -> bool:
+    return Path(text).expanduser().exists() or not looks_like_hub_ref(text)
+
+
+def public_lora_ref(text: Optional[str]) -> Optional[str]:
+    """A LoRA reference as published: the canonical hf:// form, or a local file's name."""
+    if not text:
+        return None
+    if is_local(text):
+        return Path(text).name
+    return parse_hub_ref(text).uri
+
+
+def public_model_ref(text: Optional[str]) -> Optional[str]:
+    """A model reference as published: ``org/name[@rev]``, or a local folder/file's name."""
+    if not text:
+        return None
+    if Path(text).expanduser().exists() or text.startswith((".", "/", "~")):
+        return Path(text).name
+    return text[5:] if text.startswith("hf://") else text

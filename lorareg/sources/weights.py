@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -18,41 +17,13 @@ import torch
 
 from ..core.errors import InputError
 from ..core.io import LazyTensor, SafetensorsHeader, read_header
+from ..core.names import PICKLE_SUFFIXES, numel
 from ..registry import CANONICAL, Family
 from ..registry.families import Component
+from ..hub.pull import snapshot_for_family
+from .layout import is_index, weight_files_in
+from .refs import ModelRef
 
-_HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@([\w.\-/%]+))?$")
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
-INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """Where a base model lives: a local path, or a Hub repo (optionally a file in it) at a revision."""
-
-    text: str
-    path: Optional[Path] = None
-    repo_id: Optional[str] = None
-    revision: Optional[str] = None
-    repo_path: Optional[str] = None  # a single-file checkpoint or a subfolder inside the repo
-
-    @classmethod
-    def parse(cls, text: str) -> "ModelRef":
-        p = Path(text).expanduser()
-        if p.exists():
-            return cls(text, path=p)
-        m = _HUB_ID.match(text)
-        if m and not text.startswith((".", "/", "~")):
-            return cls(text, repo_id=m.group(1), revision=m.group(2))
-        if text.startswith(("hf://", "hf:/")):
-            from .refs import parse_hub_ref
-
-            ref = parse_hub_ref(text)
-            return cls(text, repo_id=ref.repo_id, revision=ref.revision, repo_path=ref.path)
-        raise InputError(f"{text}: no such file or folder, and not a Hub id (org/name[@revision] or hf://org/name/file@rev)")
-
-    def __str__(self) -> str:
-        return self.text
 
 
 @dataclass
@@ -102,9 +73,6 @@ class BaseWeights:
                 return next(iter(src.files.values())).parent
         return self.ref.path.parent if self.ref.path is not None else Path(str(self.ref))
 
-    def has_component(self, component: str) -> bool:
-        return component in self._sources
-
     def weight(self, component: str, module: str) -> torch.Tensor:
         """The weight of a canonical module, as stored (dtype and shape as in the checkpoint)."""
         src = self._sources.get(component)
@@ -115,7 +83,7 @@ class BaseWeights:
             raise InputError(f"{self.family.id} has no module {component}:{module}")
         t = self._read(src, module)
         if tuple(t.shape) != tuple(shape):
-            if t.numel() == _numel(shape):
+            if t.numel() == numel(shape):
                 t = t.reshape(shape)  # a 1x1 conv stored as linear, or the reverse
             else:
                 raise InputError(f"{self.ref}: {component}:{module} has shape {list(t.shape)}, expected {list(shape)} for {self.family.id}")
@@ -183,13 +151,6 @@ def _stored_name(src: _Source, module: str) -> str:
     return group.name if group is not None else src.component.name_in(src.scheme, module)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _index_map(index_path: Path) -> dict[str, Path]:
     try:
         doc = json.loads(index_path.read_text(encoding="utf-8"))
@@ -200,23 +161,22 @@ def _index_map(index_path: Path) -> dict[str, Path]:
 
 
 def _component_files(folder: Path) -> Optional[dict[str, Path]]:
-    for index in INDEX_FILES:
-        if (folder / index).exists():
-            return _index_map(folder / index)
-    for fname in WEIGHT_FILES:
-        if (folder / fname).exists():
-            return {"": folder / fname}
-    shards = sorted(folder.glob("*.safetensors"))
-    if shards:
-        return {str(i): s for i, s in enumerate(shards)}  # placeholder keys: search every shard
-    return None
+    """Tensor name -> file for an index; ``{"": file}`` for one file; placeholder keys to search every shard."""
+    files = weight_files_in(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    if not files:
+        return None
+    if is_index(files[0]):
+        return _index_map(folder / files[0])
+    if len(files) == 1:
+        return {"": folder / files[0]}
+    return {str(i): folder / f for i, f in enumerate(files)}
 
 
 def open_local(family: Family, path: Path, components: Optional[list[str]] = None, revision: Optional[str] = None) -> BaseWeights:
     """Match a local folder or file to one of the family's layouts."""
     wanted = components or list(family.components)
     if path.is_file():
-        if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        if path.suffix in PICKLE_SUFFIXES:
             raise InputError(f"{path}: pickle checkpoints are not read (lorareg never unpickles); use .safetensors")
         for layout in family.spec.layouts:
             if layout.type != "single_file":
@@ -289,8 +249,6 @@ def open_model(family: Family, ref: str | ModelRef, components: Optional[list[st
     ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
     if ref.path is not None:
         return open_local(family, ref.path, components)
-    from ..hub.pull import snapshot_for_family
-
     local, revision = snapshot_for_family(family, ref.repo_id, ref.revision, components, path=ref.repo_path, with_configs=with_configs)
     weights = open_local(family, local, components, revision)
     weights.ref = ref

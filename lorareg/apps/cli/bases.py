@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-import time
-from typing import Optional
+import click
 
-from ...engine import BasisCache
-from ...port.run import _Bases, _progress, resolve_device
-from ...registry import get_registry
-from ...sources.weights import open_model
+from ...port.bases import build_model_bases
+from .main import emit, main
 
 
-def build_bases(model: str, family: str, components: Optional[list[str]], match: Optional[str], rank_k: Optional[int],
-                device: str, progress: bool = True, cache_dir: Optional[str] = None) -> dict:
-    fam = get_registry().family(family)
-    comps = components or list(fam.components)
-    weights = open_model(fam, model, comps)
-    modules = [(cid, name) for cid in weights.components for name, shape in fam.components[cid].modules.items()
-               if len(shape) in (2, 4) and (match is None or match in name)]
-    cache = BasisCache(cache_dir) if cache_dir else BasisCache()
-    bases = _Bases(cache, resolve_device(device), rank_k)
-    t0 = time.perf_counter()
-    bar = _progress(len(modules), "bases", progress)
-    bases.get_many(weights, 0, modules, bar)
-    if bar:
-        bar.close()
-    return {"modules": len(modules), "cached": len(modules) - bases.built, "built": bases.built,
-            "seconds": round(time.perf_counter() - t0, 3), "cache": str(cache.root)}
+@main.group()
+def basis() -> None:
+    """Manage the cache of base-model singular bases."""
+
+
+@basis.command("build")
+@click.argument("model")
+@click.option("--family", required=True, help="Family of the model (see `lorareg families`).")
+@click.option("--component", "components", multiple=True, help="Only these components (repeatable).")
+@click.option("--match", help="Only modules whose name contains this text (e.g. attn).")
+@click.option("--rank-k", type=click.IntRange(min=1), help="Subspace size k (default: per-layer default).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def basis_build(model, family, components, match, rank_k, device, as_json) -> None:
+    """Compute and cache the top-k bases of a model's 2-D weights ahead of any port."""
+    stats = build_model_bases(model, family, list(components) or None, match, rank_k, device, progress=not as_json)
+    emit(as_json, stats, f"{stats['modules']} modules: {stats['cached']} already cached, {stats['built']} built in {stats['seconds']:.1f} s -> {stats['cache']}")

@@ -1,7 +1,7 @@
 """Export the benchmark's LM pair as lorareg's embedded example (lorareg/examples/lm), in fp16.
 
-    python bench/fidelity/run.py --only lm --write-example      # train and export
-    python bench/fidelity/export_example.py WORK/lm             # export an existing run (run.py --work WORK)
+    python bench/fidelity/run.py --only lm --work WORK      # train the benchmark's LM pair
+    python tools/export_example.py WORK/lm                     # export it into lorareg/examples/lm
 
 Writes v1/ and v2/ (transformers folders), lora-v1/ (the task LoRA trained on v1, PEFT folder),
 lora-v2-retrained/ (the reference: the same LoRA recipe trained directly on v2), heldout.txt and
@@ -12,22 +12,23 @@ architecture as the benchmark's fid-llama.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+import lorareg
+from lorareg.core.io import LazyTensor
+from lorareg.core.lora import Lora, Module
+
+REPO = Path(__file__).resolve().parents[1]
 DEST = REPO / "lorareg" / "examples" / "lm"
 HELDOUT_BYTES = 16384
 
 
 def _fp16_lora(src: Path, dst: Path) -> None:
-    import lorareg
-    from lorareg.core.io import LazyTensor
-    from lorareg.core.lora import Lora, Module
-
     lo = lorareg.load(src, family="fid-llama")
     mods = {}
     for k, m in lo.modules.items():
@@ -75,8 +76,7 @@ def export(lm_work: Path, dest: Path = DEST, log=print) -> Path:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
-    import run  # noqa: F401  (sets nothing by itself)
-
-    run._setup_env(Path(sys.argv[1]).parent)
+    # the benchmark's own family (fid-llama) names the LoRA's modules
+    os.environ["LORAREG_DATA_PATH"] = os.pathsep.join(
+        [str(REPO / "bench" / "fidelity" / "data"), *[p for p in os.environ.get("LORAREG_DATA_PATH", "").split(os.pathsep) if p]])
     export(Path(sys.argv[1]))
