@@ -12,6 +12,7 @@ from typing import Optional, Union
 from pydantic import BaseModel, Field
 
 from . import __version__
+from .core.hashes import EmbeddedHash, FileHashes, check_embedded, file_hashes, own_hash_fields, source_hash_fields, without_inherited_hashes
 from .convert import ConversionReport, DroppedItem, check_target, plan_for
 from .detect import Detection, detect_tensors
 from .errors import ConversionError, DetectionError, InputError
@@ -88,14 +89,19 @@ def load(path: PathLike, *, format: Optional[str] = None, family: Optional[str] 
     # the provenance hash runs beside the rest: hashlib releases the GIL on large buffers
     with ThreadPoolExecutor(max_workers=1) as pool:
         lora, digest = _load_hashing(path, format, family, pool)
-        lora.source_sha256 = digest.result()
+        _set_source_hashes(lora, digest.result())
     return lora
+
+
+def _set_source_hashes(lora: Lora, hashes: FileHashes) -> None:
+    lora.source_sha256 = hashes.sha256
+    lora.source_hashes = hashes.model_dump()
 
 
 def _load_hashing(path: Path, format: Optional[str], family: Optional[str], pool: ThreadPoolExecutor):
     """Load, with the source file's SHA-256 computing in ``pool`` (a future the caller awaits)."""
     det, result, tensors, metadata, peft_config, weights = _detect(path, format, family)
-    digest = pool.submit(weights.sha256)
+    digest = pool.submit(lambda: file_hashes(weights)[0])
     if result.unmapped:
         _refuse_mixed(det, result, tensors, metadata)
     lora = assemble(result, tensors, metadata, peft_config)
@@ -142,6 +148,12 @@ class Inspection(BaseModel):
     evidence: list[str]
     metadata: dict[str, str]
     sha256: str
+    hashes: FileHashes
+    embedded_hashes: list[EmbeddedHash] = Field(description="the file's own hash fields checked against it: ok, wrong, absent")
+
+    @property
+    def wrong_hashes(self) -> list[EmbeddedHash]:
+        return [h for h in self.embedded_hashes if h.status == "wrong"]
 
 
 def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None) -> Inspection:
@@ -154,6 +166,7 @@ def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[st
     types = lora.adapter_types
     nonfinite = [nf.__dict__ for nf in scan_nonfinite(tensors)]
     shown_meta = {k: (v if len(v) <= 2000 else v[:2000] + f"... ({len(v)} chars)") for k, v in metadata.items()}
+    hashes, legacy_in_header = file_hashes(weights)
     return Inspection(
         path=str(path),
         format=det.format,
@@ -173,7 +186,9 @@ def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[st
         nonfinite=nonfinite,
         evidence=det.evidence,
         metadata=shown_meta,
-        sha256=weights.sha256(),
+        sha256=hashes.sha256,
+        hashes=hashes,
+        embedded_hashes=check_embedded(metadata, hashes, legacy_in_header),
     )
 
 
@@ -235,7 +250,7 @@ def save(
     if fmt.spec.container == "peft_dir":
         _write_peft_dir(path, written.tensors, metadata, written.peft_config or {}, force)
     else:
-        write_safetensors(path, written.tensors, metadata)
+        write_safetensors(path, written.tensors, _with_own_hashes(written.tensors, metadata))
     return ConversionReport(
         source_format=f"{lora.format_state.format}/{lora.format_state.variant}" if lora.format_state else "memory",
         target_format=var.qualified_id,
@@ -249,8 +264,19 @@ def save(
     )
 
 
+def _with_own_hashes(tensors, metadata: dict[str, str]) -> dict[str, str]:
+    """The metadata plus the file's own tensor-data hash fields (computed on the tensors written)."""
+    return {**metadata, **own_hash_fields({k: _lazy(t) for k, t in tensors.items()}, metadata)}
+
+
+def _lazy(t) -> LazyTensor:
+    return t if isinstance(t, LazyTensor) else LazyTensor.from_torch(t)
+
+
 def _output_metadata(lora: Lora, fmt: str, variant: str, generated: dict[str, str], extra) -> dict[str, str]:
-    meta = {k: v for k, v in lora.metadata.items() if k != LORA_ADAPTER_METADATA}
+    # the source's own hash fields describe the source's bytes, not this file's: dropped, then
+    # recomputed for the written tensors; the source's hashes go under lorareg.source_*
+    meta = {k: v for k, v in without_inherited_hashes(lora.metadata).items() if k != LORA_ADAPTER_METADATA}
     meta.update(generated)
     meta["lorareg.version"] = __version__
     meta["lorareg.family"] = lora.family or ""
@@ -261,6 +287,8 @@ def _output_metadata(lora: Lora, fmt: str, variant: str, generated: dict[str, st
         meta["lorareg.source_format"] = f"{lora.format_state.format}/{lora.format_state.variant}"
     if lora.source_sha256:
         meta["lorareg.source_sha256"] = lora.source_sha256
+    if lora.source_hashes:
+        meta.update(source_hash_fields(FileHashes.model_validate(lora.source_hashes)))
     if extra:
         meta.update(extra)
     return meta
@@ -271,7 +299,7 @@ def _write_peft_dir(path: Path, tensors, metadata, config: dict, force: bool) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
-        write_safetensors(tmp / PEFT_WEIGHTS, tensors, {"format": "pt", **metadata})
+        write_safetensors(tmp / PEFT_WEIGHTS, tensors, _with_own_hashes(tensors, {"format": "pt", **metadata}))
         atomic_write_text(tmp / PEFT_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
         if path.exists():
             if not force:
@@ -319,5 +347,5 @@ def convert(
                 raise ConversionError(
                     f"{source}: {len(bad)} factor tensors hold NaN/Inf values; pass --allow-nonfinite to convert anyway"
                 )
-        lora.source_sha256 = digest.result()
+        _set_source_hashes(lora, digest.result())
     return save(lora, output, format=to, variant=variant, rank=rank, force=force)

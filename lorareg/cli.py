@@ -82,6 +82,14 @@ def inspect(path: Path, format_: Optional[str], family: Optional[str], as_json: 
             lines.append(f"    ... and {len(info.unmapped_keys) - 10} more (see --json)")
     if info.nonfinite:
         lines.append(f"  WARNING     {len(info.nonfinite)} tensors hold NaN/Inf: " + ", ".join(n["name"] for n in info.nonfinite[:5]))
+    h = info.hashes
+    lines += [
+        f"  sha256      {h.sha256}  (AutoV2 {h.autov2.upper()})",
+        f"  tensor hash {h.tensor_sha256}  (AutoV3 {h.autov3.upper()}, legacy {h.legacy})",
+        "  embedded    " + ", ".join(f"{c.key} {c.status}" for c in info.embedded_hashes),
+    ]
+    lines += [f"  WARNING     {c.key} is {c.embedded!r} but this file's is {c.expected}: it names other content"
+              for c in info.wrong_hashes]
     lines.append("  evidence")
     lines += [f"    - {e}" for e in info.evidence]
     if info.metadata:

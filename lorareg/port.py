@@ -372,7 +372,8 @@ def port(
         bar.close()
 
     ported = Lora(family=tgt_fam.id, modules=out_modules, metadata=dict(src_lora.metadata),
-                  format_state=src_lora.format_state, source_path=src_lora.source_path, source_sha256=src_lora.source_sha256)
+                  format_state=src_lora.format_state, source_path=src_lora.source_path, source_sha256=src_lora.source_sha256,
+                  source_hashes=src_lora.source_hashes)
     totals = _totals(layers, src_lora)
     warnings = []
     if totals.related is False:
