@@ -31,6 +31,8 @@ from .io import (
 from .lora import Lora
 from .reader import LORA_ADAPTER_METADATA, assemble
 from .registry import Registry, get_registry
+from .sources import civitai
+from .sources.civitai_refs import looks_like_civitai_ref
 from .writer import write_modules
 
 PathLike = Union[str, Path]
@@ -38,7 +40,9 @@ PathLike = Union[str, Path]
 
 def _read_source(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str], str, Optional[dict], SafetensorsHeader]:
     """tensors, metadata, container, PEFT config, the weights file's header."""
-    if not path.exists():
+    if not path.exists() and looks_like_civitai_ref(str(path)):  # civitai:<id>, a civitai.com URL, an AIR
+        path = civitai.resolve(str(path), progress=True)[0]
+    elif not path.exists():
         from .hub.refs import looks_like_hub_ref
 
         if looks_like_hub_ref(str(path)):  # hf://org/repo/file.safetensors@rev or org/repo[@rev]
@@ -72,13 +76,15 @@ def _detect(path: Path, format: Optional[str], family: Optional[str], registry: 
         registry.format(format)
     if family:
         family = registry.family(family).id
+    facts = civitai.lookup_ref(str(path)) if not path.exists() else None
+    families = [family] if family else (facts.families if facts and facts.families else None)
     det, result = detect_tensors(
         tensors,
         _hint_metadata(metadata, peft_config),
         registry,
         container,
         formats=[format] if format else None,
-        families=[family] if family else None,
+        families=families,
     )
     return det, result, tensors, metadata, peft_config, weights
 
@@ -106,6 +112,11 @@ def _load_hashing(path: Path, format: Optional[str], family: Optional[str], pool
         _refuse_mixed(det, result, tensors, metadata)
     lora = assemble(result, tensors, metadata, peft_config)
     lora.source_path = str(path)
+    facts = civitai.lookup_ref(str(path)) if not path.exists() else None
+    if facts is not None:  # the API's trigger words feed the card and --refine's prompts; its facts, the provenance
+        lora.metadata = {**lora.metadata, **civitai.provenance_metadata(facts)}
+        if facts.trained_words and not (lora.metadata.get("modelspec.trigger_phrase") or "").strip():
+            lora.metadata["modelspec.trigger_phrase"] = ", ".join(facts.trained_words)
     return lora, digest
 
 
