@@ -102,6 +102,28 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 @main.command()
+@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def lookup(path: Path, as_json: bool) -> None:
+    """Which Civitai model/version a local LoRA file is (by SHA-256, then by its tensor-data hash)."""
+    from .sources.civitai_lookup import lookup_file
+
+    res = lookup_file(path)
+    if not res.found:
+        text = f"{path}: not on Civitai (SHA-256 {res.hashes.sha256}, AutoV3 {res.hashes.autov3.upper()})"
+    else:
+        c = res.civitai
+        how = "same file" if res.matched_by == "sha256" else "same tensors, other metadata (AutoV3)"
+        text = "\n".join([
+            f"{path}: civitai:{c.version_id} ({how})",
+            f"  model     {c.model_name} / {c.version_name} by {c.creator or 'unknown'}",
+            f"  base      {c.base_model} (family {', '.join(c.families) or '?'})",
+            f"  page      {c.page_url}",
+        ])
+    _emit(as_json, res.model_dump(), text)
+
+
+@main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--to", "to", required=True, help="Target format id (see `lorareg formats`).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file (or folder for peft).")

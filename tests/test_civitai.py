@@ -162,3 +162,28 @@ def test_cli_inspect_a_civitai_ref_and_errors_are_one_line(civ):
     bad = CliRunner().invoke(main, ["inspect", "civitai:999"])
     assert bad.exit_code != 0 and bad.stderr.strip().startswith("error: civitai:999: not found")
     assert "Traceback" not in bad.output
+
+
+def test_lookup_by_sha256_then_by_tensor_hash(civ, tmp_path):
+    exact = tmp_path / "exact.safetensors"
+    exact.write_bytes(civ.data)
+    res = CliRunner().invoke(main, ["lookup", str(exact), "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    doc = json.loads(res.stdout)
+    assert doc["found"] and doc["matched_by"] == "sha256" and doc["civitai"]["version_id"] == 11
+    assert doc["civitai"]["page_url"].endswith("/models/1?modelVersionId=11")
+    # metadata edited: the SHA-256 changes, the tensor-data hash does not
+    from lorareg.io import open_tensors, write_safetensors
+
+    tensors, meta, _ = open_tensors(exact)
+    edited = tmp_path / "edited.safetensors"
+    write_safetensors(edited, tensors, {**meta, "ss_comment": "renamed by a library manager"})
+    res = CliRunner().invoke(main, ["lookup", str(edited)])
+    assert res.exit_code == 0 and "civitai:11 (same tensors, other metadata (AutoV3))" in res.stdout
+    assert f"page      {civ.url}/models/1?modelVersionId=11" in res.stdout
+    other = tmp_path / "other.safetensors"
+    write(make_lora("sdxl", SDXL_ATTN, seed=3), other, "kohya")
+    res = CliRunner().invoke(main, ["lookup", str(other)])
+    assert res.exit_code == 0 and "not on Civitai" in res.stdout
