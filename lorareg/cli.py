@@ -204,6 +204,10 @@ def _push_options(f):
         click.option("--revision", metavar="BRANCH", help="Branch to push to (created from main if missing)."),
         click.option("--commit-message", help="Commit title (default: 'Upload ported LoRA ...')."),
         click.option("--instance-prompt", help="Trigger words for the card (default: from the LoRA's metadata)."),
+        click.option("--base-model-id", metavar="ORG/NAME", help="The Hub id of the target base model, for the card's base_model "
+                     "(default: the --target-model's when it is a Hub id; a local folder is named by its weights' SHA-256)."),
+        click.option("--owner-permission", metavar="NOTE", help="Publish although the source's creator forbids derivatives: how the "
+                     "owner allowed it (written in the card)."),
     ]):
         f = opt(f)
     return f
@@ -247,13 +251,14 @@ def _push_options(f):
 def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, device, dtype, output, format_, force, no_align,
          refine, refine_steps, refine_samples, refine_sample_length, refine_prompts, refine_latent_size, refine_sampler_steps, refine_noisings,
          refine_guidance, refine_batch, refine_lr, refine_seed, refine_budget_seconds, force_unrelated, as_json,
-         push_to, private, create_pr, revision, commit_message, instance_prompt) -> None:
+         push_to, private, create_pr, revision, commit_message, instance_prompt, base_model_id, owner_permission) -> None:
     """Port a LoRA to another base model, training-free; writes the LoRA and a report.json."""
     from .port import port as run_port
     from .refine.conditioning import read_prompts
 
-    if not push_to and (private or create_pr or revision or commit_message or instance_prompt):
-        raise InputError("--private, --create-pr, --revision, --commit-message and --instance-prompt need --push")
+    if not push_to and (private or create_pr or revision or commit_message or instance_prompt or base_model_id or owner_permission):
+        raise InputError("--private, --create-pr, --revision, --commit-message, --instance-prompt, --base-model-id and "
+                         "--owner-permission need --push")
     result = run_port(
         lora, source_model=source_model, target_model=target_model, to=to, method=method,
         rank_k=rank_k, threshold=threshold, rank=rank, device=device, dtype=dtype, output=output,
@@ -270,8 +275,14 @@ def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, 
     from .hub import push as run_push
 
     pushed = run_push(result, push_to, private=private, create_pr=create_pr, revision=revision,
-                      commit_message=commit_message, instance_prompt=instance_prompt, command=_command_line())
+                      commit_message=commit_message, instance_prompt=instance_prompt, command=_command_line(),
+                      base_model=base_model_id, owner_permission=owner_permission)
     _emit(as_json, {**result.report.model_dump(), "push": pushed.model_dump()}, text + "\n" + _push_text(pushed))
+
+
+#: options that do not change what is written or published: left out of the command the card records
+#: (a rerun with --force must give the same card)
+UNRECORDED = ("force", "as_json")
 
 
 def _command_line() -> str:
@@ -282,7 +293,7 @@ def _command_line() -> str:
     args = [ctx.command_path.split()[-1] if ctx.command_path else "port"]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if value is None or value is False or (not isinstance(param, click.Argument) and value == param.default):
+        if param.name in UNRECORDED or value is None or value is False or (not isinstance(param, click.Argument) and value == param.default):
             continue
         shown = _public_arg(value)
         if isinstance(param, click.Argument):
@@ -317,12 +328,14 @@ def _push_text(pushed) -> str:
 @_push_options
 @click.option("--license", "license_", help="License id for the card (default: the source LoRA's, when known).")
 @click.option("--json", "as_json", is_flag=True)
-def push_cmd(path, repo_id, private, create_pr, revision, commit_message, instance_prompt, license_, as_json) -> None:
+def push_cmd(path, repo_id, private, create_pr, revision, commit_message, instance_prompt, base_model_id, owner_permission,
+             license_, as_json) -> None:
     """Upload a `lorareg port` output (file or PEFT folder) with a model card and report.json, in one commit."""
     from .hub import push as run_push
 
     pushed = run_push(path, repo_id, private=private, create_pr=create_pr, revision=revision,
-                      commit_message=commit_message, instance_prompt=instance_prompt, license=license_)
+                      commit_message=commit_message, instance_prompt=instance_prompt, license=license_,
+                      base_model=base_model_id, owner_permission=owner_permission)
     _emit(as_json, pushed.model_dump(), _push_text(pushed).strip())
 
 

@@ -32,6 +32,9 @@ from .refine.dispatch import check_pair as check_refine_pair
 from .refine.dispatch import run as run_refine
 from .registry import Family, get_registry
 from .resolve import Pair, align_groups, resolve_pairs
+from .hub.card import public_report, report_bytes
+from .hub.pull import lookup_lora
+from .sources.provenance import local_weights_sha256, source_lora_record
 from .weights import BaseWeights, open_model
 
 DEFAULT_THRESHOLD = 0.0
@@ -67,6 +70,8 @@ class ModelInfo(BaseModel):
     family: str
     revision: Optional[str] = None
     layout: Optional[str] = None
+    location: Optional[str] = Field(None, description="hub or local")
+    weights_sha256: Optional[dict[str, str]] = Field(None, description="a local model's weight files by SHA-256 (it has no Hub id)")
 
 
 class PortTotals(BaseModel):
@@ -389,7 +394,7 @@ def port(
         device=str(dev),
         source_lora={"path": src_lora.source_path, "sha256": src_lora.source_sha256, "family": src_fam.id,
                      "format": f"{src_lora.format_state.format}/{src_lora.format_state.variant}" if src_lora.format_state else None,
-                     "modules": len(src_lora.modules)},
+                     "modules": len(src_lora.modules), **source_lora_record(src_lora)},
         source_model=_model_info(src_w, src_fam, source_model),
         target_model=_model_info(tgt_w, tgt_fam, target_model),
         layers=layers,
@@ -430,7 +435,8 @@ def port(
         report.timings["write_s"] = round(time.perf_counter() - t2, 3)
         report.timings["total_s"] = round(time.perf_counter() - t_start, 3)
         report_path = (out_path if out_path.is_dir() else out_path.parent) / (REPORT_NAME if out_path.is_dir() else out_path.stem + "." + REPORT_NAME)
-        atomic_write_text(report_path, report.model_dump_json(indent=2) + "\n")
+        # the report as published: no local paths, no wall times, the same bytes a push uploads
+        atomic_write_text(report_path, published_report(report, out_path).decode("utf-8"))
         result.output, result.report_path = out_path, report_path
     else:
         report.timings["total_s"] = round(time.perf_counter() - t_start, 3)
@@ -546,7 +552,9 @@ def _energy(m: Module) -> float:
 
 
 def _model_info(w: Optional[BaseWeights], fam: Family, ref: Optional[str]) -> ModelInfo:
-    return ModelInfo(ref=str(ref) if ref else None, family=fam.id, revision=w.revision if w else None, layout=w.layout if w else None)
+    location = None if w is None else ("hub" if w.revision is not None else "local")
+    return ModelInfo(ref=str(ref) if ref else None, family=fam.id, revision=w.revision if w else None, layout=w.layout if w else None,
+                     location=location, weights_sha256=local_weights_sha256(w))
 
 
 def _provenance(report: PortReport, method: str) -> dict[str, str]:
@@ -561,6 +569,13 @@ def _provenance(report: PortReport, method: str) -> dict[str, str]:
         "lorareg.port.layers": json.dumps({"ported": t.ported, "skipped": t.skipped, "mean_similarity": t.mean_similarity, "energy_kept": t.energy_kept}),
         "lorareg.port.params": json.dumps({"rank_k": report.rank_k, "threshold": report.threshold, "rank": report.rank}),
     }
+
+
+def published_report(report: PortReport, out_path: Path) -> bytes:
+    """report.json's bytes: the public form (lorareg.hub.card.public_report) of the report."""
+    pulled = lookup_lora(report.source_lora.get("path"))
+    weight_name = "adapter_model.safetensors" if out_path.is_dir() else out_path.name
+    return report_bytes(public_report(report.model_dump(mode="json"), weight_name, pulled.commit if pulled else None))
 
 
 def summarize(report: PortReport) -> str:
