@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Literal, Mapping, Optional
 
 from pydantic import BaseModel
@@ -100,19 +101,25 @@ def legacy_window(header: bytes, data: memoryview) -> tuple[str, bool]:
 
 
 def file_hashes(header: SafetensorsHeader) -> tuple[FileHashes, bool]:
-    """The file's hashes in one pass over its bytes (the data section feeds both SHA-256s), and whether
-    the legacy window fell in the re-serialised header."""
+    """The file's hashes, and whether the legacy window fell in the re-serialised header.
+
+    The whole-file and the data-section SHA-256 read the same mapped pages, each in its own thread
+    (hashlib releases the GIL on large buffers): one read of the file, two cores' worth of hashing."""
     view = memoryview(header.mapping())
-    whole, data_hash = hashlib.sha256(), hashlib.sha256()
-    whole.update(view[: header.data_offset])
-    for i in range(header.data_offset, len(view), _CHUNK):
-        chunk = view[i : i + _CHUNK]
-        whole.update(chunk)
-        data_hash.update(chunk)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        data_hash = pool.submit(_sha256, view, header.data_offset)
+        whole = _sha256(view, 0)
+        tsha = data_hash.result()
     infos = {name: (t.dtype, list(t.shape), header.view(t)) for name, t in header.tensors.items()}
     legacy, touched = _legacy(infos, header.metadata)
-    sha, tsha = whole.hexdigest(), data_hash.hexdigest()
-    return FileHashes(sha256=sha, autov2=sha[:AUTOV2_DIGITS], tensor_sha256=tsha, autov3=tsha[:AUTOV3_DIGITS], legacy=legacy), touched
+    return FileHashes(sha256=whole, autov2=whole[:AUTOV2_DIGITS], tensor_sha256=tsha, autov3=tsha[:AUTOV3_DIGITS], legacy=legacy), touched
+
+
+def _sha256(view: memoryview, start: int) -> str:
+    h = hashlib.sha256()
+    for i in range(start, len(view), _CHUNK):
+        h.update(view[i : i + _CHUNK])
+    return h.hexdigest()
 
 
 def _legacy(infos: Mapping[str, tuple[str, list[int], memoryview]], metadata: Mapping[str, str]) -> tuple[str, bool]:

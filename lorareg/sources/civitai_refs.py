@@ -7,6 +7,7 @@ model's latest version is meant).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -37,7 +38,8 @@ def looks_like_civitai_ref(text: str) -> bool:
     if t.lower().startswith(("civitai:", "urn:air:")):
         return True
     host = (urlparse(t).hostname or "").lower() if "://" in t else ""
-    return host == "civitai.com" or host.endswith(".civitai.com") or host in ("civitai.green", "civitai.red")
+    own = (urlparse(os.environ.get("CIVITAI_ENDPOINT", "")).hostname or "").lower()  # a mirror or test server
+    return host == "civitai.com" or host.endswith(".civitai.com") or host in ("civitai.green", "civitai.red") or (bool(own) and host == own)
 
 
 def parse_civitai_ref(text: str) -> CivitaiRef:
