@@ -79,6 +79,8 @@ def test_resolve_downloads_verifies_and_records_facts(civ, tmp_path, monkeypatch
     assert ("/api/v1/model-versions/11", f"Bearer {TOKEN}") in sent
     assert [a for _, p, a, _ in civ.requests if p.startswith("/files/")] == [None]
     assert cache_files(tmp_path) == [f"{facts.sha256}.safetensors"]
+    for f in (tmp_path / "civitai-cache").rglob("*"):  # the token is never written
+        assert not f.is_file() or TOKEN.encode() not in f.read_bytes()
 
 
 def test_load_a_civitai_lora(civ):

@@ -41,9 +41,8 @@ def local_weights_sha256(weights) -> Optional[dict[str, str]]:
     if weights is None or weights.revision is not None or weights.ref.path is None:
         return None
     root = weights.ref.path if weights.ref.path.is_dir() else weights.ref.path.parent
-    files = sorted({p for src in weights._sources.values() for p in (*src.files.values(), *src.headers)})
     out = {}
-    for p in files:
+    for p in weights.files():
         try:
             name = str(Path(p).resolve().relative_to(root.resolve()))
         except ValueError:
