@@ -79,7 +79,7 @@ def test_embedded_hash_check(tmp_path):
     save_file(tensors, good, {**base, "sshs_model_hash": want["tensor"], "sshs_legacy_hash": want["legacy"],
                               "modelspec.hash_sha256": "0x" + want["tensor"].upper()})
     h = read_header(good)
-    status = {c.key: c.status for c in check_embedded(h.metadata, *reversed_args(file_hashes(h)))}
+    status = {c.key: c.status for c in check_embedded(h.metadata, *file_hashes(h))}
     assert status == {"sshs_model_hash": "ok", "sshs_legacy_hash": "ok", "modelspec.hash_sha256": "ok"}
 
     bad = tmp_path / "bad.safetensors"  # the trainer bug: the SHA-256 of empty input in every file
@@ -91,11 +91,6 @@ def test_embedded_hash_check(tmp_path):
     assert by_key["sshs_legacy_hash"].status == "absent"
     assert [c.key for c in info.wrong_hashes] == ["sshs_model_hash"]
     assert info.hashes.sha256 == hashlib.sha256(bad.read_bytes()).hexdigest() == info.sha256
-
-
-def reversed_args(pair):
-    hashes, in_header = pair
-    return hashes, in_header
 
 
 def test_written_files_carry_their_own_hashes(tmp_path):

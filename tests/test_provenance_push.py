@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ import lorareg
 from civitai_server import CivitaiServer, Model, Version
 from lora_factory import make_lora, tiny_family_config, write
 from lorareg.cli import main
-from lorareg.io import read_header
 from lorareg.sources import civitai
 
 REPO = "me/x"
