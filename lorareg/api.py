@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 import shutil
 import tempfile
 from pathlib import Path
@@ -221,6 +221,12 @@ def save(
     extra_metadata: Optional[dict[str, str]] = None,
 ) -> ConversionReport:
     """Write a LoRA in a format (default: the one it was read from). Atomic; never touches the input."""
+    return _save(lora, path, format=format, variant=variant, rank=rank, force=force, extra_metadata=extra_metadata)
+
+
+def _save(lora: Lora, path: PathLike, *, format, variant, rank, force, extra_metadata, pending: Optional[Future] = None) -> ConversionReport:
+    """``save``; ``pending``: the source's hashes, still computing (awaited only once the output's own
+    hashes are done, so that both run at once)."""
     registry = get_registry()
     path = Path(path)
     src = Path(lora.source_path) if lora.source_path else None
@@ -255,13 +261,18 @@ def save(
         unmapped=lora.unmapped,
     )
     written = write_modules(planned, var, family)
-    metadata = _output_metadata(lora, fmt.id, var.id, written.metadata, extra_metadata)
+    # the output's own hash fields: from its tensors and its ss_* metadata only (not lorareg.source_*)
+    own = own_hash_fields({k: _lazy(t) for k, t in written.tensors.items()},
+                          _output_metadata(lora, fmt.id, var.id, written.metadata, extra_metadata))
+    if pending is not None:
+        _set_source_hashes(lora, pending.result())
+    metadata = {**_output_metadata(lora, fmt.id, var.id, written.metadata, extra_metadata), **own}
     dropped = [DroppedItem(item=k, reason=v) for k, v in sorted(lora.unmapped.items())]
     dropped += [DroppedItem(item=d.item, reason=d.reason) for d in written.dropped]
     if fmt.spec.container == "peft_dir":
         _write_peft_dir(path, written.tensors, metadata, written.peft_config or {}, force)
     else:
-        write_safetensors(path, written.tensors, _with_own_hashes(written.tensors, metadata))
+        write_safetensors(path, written.tensors, metadata)
     return ConversionReport(
         source_format=f"{lora.format_state.format}/{lora.format_state.variant}" if lora.format_state else "memory",
         target_format=var.qualified_id,
@@ -273,11 +284,6 @@ def save(
         refactored=plan.refactored,
         dropped=dropped,
     )
-
-
-def _with_own_hashes(tensors, metadata: dict[str, str]) -> dict[str, str]:
-    """The metadata plus the file's own tensor-data hash fields (computed on the tensors written)."""
-    return {**metadata, **own_hash_fields({k: _lazy(t) for k, t in tensors.items()}, metadata)}
 
 
 def _lazy(t) -> LazyTensor:
@@ -310,7 +316,7 @@ def _write_peft_dir(path: Path, tensors, metadata, config: dict, force: bool) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
-        write_safetensors(tmp / PEFT_WEIGHTS, tensors, _with_own_hashes(tensors, {"format": "pt", **metadata}))
+        write_safetensors(tmp / PEFT_WEIGHTS, tensors, {"format": "pt", **metadata})
         atomic_write_text(tmp / PEFT_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
         if path.exists():
             if not force:
@@ -358,5 +364,4 @@ def convert(
                 raise ConversionError(
                     f"{source}: {len(bad)} factor tensors hold NaN/Inf values; pass --allow-nonfinite to convert anyway"
                 )
-        _set_source_hashes(lora, digest.result())
-    return save(lora, output, format=to, variant=variant, rank=rank, force=force)
+        return _save(lora, output, format=to, variant=variant, rank=rank, force=force, extra_metadata=None, pending=digest)
