@@ -224,7 +224,8 @@ def save(
     return _save(lora, path, format=format, variant=variant, rank=rank, force=force, extra_metadata=extra_metadata)
 
 
-def _save(lora: Lora, path: PathLike, *, format, variant, rank, force, extra_metadata, pending: Optional[Future] = None) -> ConversionReport:
+def _save(lora: Lora, path: PathLike, *, format: Optional[str], variant: Optional[str], rank: Optional[int], force: bool,
+          extra_metadata: Optional[dict[str, str]], pending: Optional[Future] = None) -> ConversionReport:
     """``save``; ``pending``: the source's hashes, still computing (awaited only once the output's own
     hashes are done, so that both run at once)."""
     registry = get_registry()
