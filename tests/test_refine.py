@@ -71,7 +71,8 @@ def test_distill_lowers_the_kl_and_writes_a_loadable_lora(llamas, adapter, tmp_p
     again = lorareg.port(adapter, source_model=str(llamas / "v1"), target_model=str(llamas / "v2"), cache_dir=tmp_path / "cache", **FAST)
     assert again.report.refine["samples_cached"]
     # the model card records the refinement and its final KL; the published report drops wall times
-    from lorareg.hub.card import CardInfo, build_card, public_report
+    from lorareg.hub.card import CardInfo, build_card
+    from lorareg.port.report import public_report
 
     card = build_card(res.report.model_dump(), CardInfo(repo_id="me/refined", weight_name="adapter_model.safetensors",
                                                         output_format="peft/peft"))

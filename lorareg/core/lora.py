@@ -155,6 +155,8 @@ class Lora:
     format_state: Optional[FormatState] = None
     source_path: Optional[str] = None
     source_sha256: Optional[str] = None
+    #: the source file's hashes (lorareg.core.hashes.FileHashes as a dict), recorded as lorareg.source_*
+    source_hashes: Optional[dict[str, str]] = None
     unmapped: dict[str, str] = field(default_factory=dict)  # input key -> reason it has no module
 
     @property

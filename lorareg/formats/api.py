@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,6 +11,7 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, Field
 
+from ..core.hashes import EmbeddedHash, FileHashes, check_embedded, file_hashes, own_hash_fields, source_hash_fields, without_inherited_hashes
 from ..core.version import __version__
 from .refactor import ConversionReport, DroppedItem, check_target, plan_for
 from .detect import Detection, detect_tensors
@@ -29,9 +30,11 @@ from ..core.io import (
 )
 from ..core.lora import Lora
 from ..hub.pull import resolve_lora_ref
+from ..registry import Registry, get_registry
+from ..sources import civitai
+from ..sources.civitai_refs import looks_like_civitai_ref
 from ..sources.refs import looks_like_hub_ref
 from .reader import LORA_ADAPTER_METADATA, assemble, parse_keys
-from ..registry import Registry, get_registry
 from .writer import write_modules
 
 PathLike = Union[str, Path]
@@ -39,7 +42,9 @@ PathLike = Union[str, Path]
 
 def _read_source(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str], str, Optional[dict], SafetensorsHeader]:
     """tensors, metadata, container, PEFT config, the weights file's header."""
-    if not path.exists() and looks_like_hub_ref(str(path)):  # hf://org/repo/file.safetensors@rev or org/repo[@rev]
+    if not path.exists() and looks_like_civitai_ref(str(path)):  # civitai:<id>, a civitai.com URL, an AIR
+        path = civitai.resolve(str(path), progress=True)[0]
+    elif not path.exists() and looks_like_hub_ref(str(path)):  # hf://org/repo/file.safetensors@rev or org/repo[@rev]
         path = resolve_lora_ref(str(path))
     if path.is_dir():
         peft = read_peft_directory(path)
@@ -68,13 +73,15 @@ def _detect(path: Path, format: Optional[str], family: Optional[str], registry: 
         registry.format(format)
     if family:
         family = registry.family(family).id
+    facts = civitai.lookup_ref(str(path)) if not path.exists() else None
+    families = [family] if family else (facts.families if facts and facts.families else None)
     det, result = detect_tensors(
         tensors,
         _hint_metadata(metadata, peft_config),
         registry,
         container,
         formats=[format] if format else None,
-        families=[family] if family else None,
+        families=families,
     )
     return det, result, tensors, metadata, peft_config, weights
 
@@ -89,19 +96,34 @@ def load(path: PathLike, *, format: Optional[str] = None, family: Optional[str] 
         return _read_lora(path, format, family)[0]
     # the provenance hash runs beside the rest: hashlib releases the GIL on large buffers
     with ThreadPoolExecutor(max_workers=1) as pool:
-        lora, digest = _read_lora(path, format, family, lambda w: pool.submit(w.sha256))
-        lora.source_sha256 = digest.result()
+        lora, digest = _read_lora(path, format, family, _hashing_in(pool))
+        _set_source_hashes(lora, digest.result())
     return lora
 
 
+def _set_source_hashes(lora: Lora, hashes: FileHashes) -> None:
+    lora.source_sha256 = hashes.sha256
+    lora.source_hashes = hashes.model_dump()
+
+
+def _hashing_in(pool: ThreadPoolExecutor):
+    """Start the source file's hashes in ``pool`` once its header is known (a future of FileHashes)."""
+    return lambda header: pool.submit(lambda: file_hashes(header)[0])
+
+
 def _read_lora(path: Path, format: Optional[str], family: Optional[str], before_assembly=None):
-    """Detect and assemble; ``before_assembly(header)`` starts work (the hash) before the factors are read."""
+    """Detect and assemble; ``before_assembly(header)`` starts work (the hashes) before the factors are read."""
     det, result, tensors, metadata, peft_config, weights = _detect(path, format, family)
     started = before_assembly(weights) if before_assembly else weights
     if result.unmapped:
         _refuse_mixed(det, result, tensors, metadata)
     lora = assemble(result, tensors, metadata, peft_config)
     lora.source_path = str(path)
+    facts = civitai.lookup_ref(str(path)) if not path.exists() else None
+    if facts is not None:  # the API's trigger words feed the card and --refine's prompts; its facts, the provenance
+        lora.metadata = {**lora.metadata, **civitai.provenance_metadata(facts)}
+        if facts.trained_words and not (lora.metadata.get("modelspec.trigger_phrase") or "").strip():
+            lora.metadata["modelspec.trigger_phrase"] = ", ".join(facts.trained_words)
     return lora, started
 
 
@@ -142,6 +164,12 @@ class Inspection(BaseModel):
     evidence: list[str]
     metadata: dict[str, str]
     sha256: str
+    hashes: FileHashes
+    embedded_hashes: list[EmbeddedHash] = Field(description="the file's own hash fields checked against it: ok, wrong, absent")
+
+    @property
+    def wrong_hashes(self) -> list[EmbeddedHash]:
+        return [h for h in self.embedded_hashes if h.status == "wrong"]
 
 
 def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None) -> Inspection:
@@ -154,6 +182,7 @@ def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[st
     types = lora.adapter_types
     nonfinite = [nf.__dict__ for nf in scan_nonfinite(tensors)]
     shown_meta = {k: (v if len(v) <= 2000 else v[:2000] + f"... ({len(v)} chars)") for k, v in metadata.items()}
+    hashes, legacy_in_header = file_hashes(weights)
     return Inspection(
         path=str(path),
         format=det.format,
@@ -173,7 +202,9 @@ def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[st
         nonfinite=nonfinite,
         evidence=det.evidence,
         metadata=shown_meta,
-        sha256=weights.sha256(),
+        sha256=hashes.sha256,
+        hashes=hashes,
+        embedded_hashes=check_embedded(metadata, hashes, legacy_in_header),
     )
 
 
@@ -195,6 +226,13 @@ def save(
     extra_metadata: Optional[dict[str, str]] = None,
 ) -> ConversionReport:
     """Write a LoRA in a format (default: the one it was read from). Atomic; never touches the input."""
+    return _save(lora, path, format=format, variant=variant, rank=rank, force=force, extra_metadata=extra_metadata)
+
+
+def _save(lora: Lora, path: PathLike, *, format: Optional[str], variant: Optional[str], rank: Optional[int], force: bool,
+          extra_metadata: Optional[dict[str, str]], pending: Optional[Future] = None) -> ConversionReport:
+    """``save``; ``pending``: the source's hashes, still computing (awaited only once the output's own
+    hashes are done, so that both run at once)."""
     registry = get_registry()
     path = Path(path)
     src = Path(lora.source_path) if lora.source_path else None
@@ -229,7 +267,12 @@ def save(
         unmapped=lora.unmapped,
     )
     written = write_modules(planned, var, family)
-    metadata = _output_metadata(lora, fmt.id, var.id, written.metadata, extra_metadata)
+    # the output's own hash fields: from its tensors and its ss_* metadata only (not lorareg.source_*)
+    own = own_hash_fields({k: _lazy(t) for k, t in written.tensors.items()},
+                          _output_metadata(lora, fmt.id, var.id, written.metadata, extra_metadata))
+    if pending is not None:
+        _set_source_hashes(lora, pending.result())
+    metadata = {**_output_metadata(lora, fmt.id, var.id, written.metadata, extra_metadata), **own}
     dropped = [DroppedItem(item=k, reason=v) for k, v in sorted(lora.unmapped.items())]
     dropped += [DroppedItem(item=d.item, reason=d.reason) for d in written.dropped]
     if fmt.spec.container == "peft_dir":
@@ -249,8 +292,14 @@ def save(
     )
 
 
+def _lazy(t) -> LazyTensor:
+    return t if isinstance(t, LazyTensor) else LazyTensor.from_torch(t)
+
+
 def _output_metadata(lora: Lora, fmt: str, variant: str, generated: dict[str, str], extra) -> dict[str, str]:
-    meta = {k: v for k, v in lora.metadata.items() if k != LORA_ADAPTER_METADATA}
+    # the source's own hash fields describe the source's bytes, not this file's: dropped, then
+    # recomputed for the written tensors; the source's hashes go under lorareg.source_*
+    meta = {k: v for k, v in without_inherited_hashes(lora.metadata).items() if k != LORA_ADAPTER_METADATA}
     meta.update(generated)
     meta["lorareg.version"] = __version__
     meta["lorareg.family"] = lora.family or ""
@@ -261,6 +310,8 @@ def _output_metadata(lora: Lora, fmt: str, variant: str, generated: dict[str, st
         meta["lorareg.source_format"] = f"{lora.format_state.format}/{lora.format_state.variant}"
     if lora.source_sha256:
         meta["lorareg.source_sha256"] = lora.source_sha256
+    if lora.source_hashes:
+        meta.update(source_hash_fields(FileHashes.model_validate(lora.source_hashes)))
     if extra:
         meta.update(extra)
     return meta
@@ -306,7 +357,7 @@ def convert(
     registry = get_registry()
     registry.format(to)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        lora, digest = _read_lora(source, None, family, lambda w: pool.submit(w.sha256))
+        lora, digest = _read_lora(source, None, family, _hashing_in(pool))
         if lora.unmapped and not allow_unmapped:
             key, reason = next(iter(lora.unmapped.items()))
             raise ConversionError(
@@ -319,5 +370,4 @@ def convert(
                 raise ConversionError(
                     f"{source}: {len(bad)} factor tensors hold NaN/Inf values; pass --allow-nonfinite to convert anyway"
                 )
-        lora.source_sha256 = digest.result()
-    return save(lora, output, format=to, variant=variant, rank=rank, force=force)
+        return _save(lora, output, format=to, variant=variant, rank=rank, force=force, extra_metadata=None, pending=digest)

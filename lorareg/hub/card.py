@@ -15,14 +15,12 @@ from typing import Any, Optional
 
 from ..core.version import __version__
 from ..port.options import PortOptions
-from ..registry import get_registry
 from ..refine.report import loss_summary, samples_summary
-from ..sources.refs import is_local, parse_hub_ref, public_lora_ref, public_model_ref
+from ..registry import get_registry
+from ..sources.refs import is_local, parse_hub_ref, public_model_ref
+from .licence import Licence, licence_section
 
 TEMPLATE = "card_template.md"
-#: volatile report fields emptied in the published copy (they change on every run)
-VOLATILE = ("timings", "cache")
-REFINE_VOLATILE = ("sample_s", "train_s", "wall_s", "samples_cached", "stopped_by_budget")
 
 
 @dataclass
@@ -37,6 +35,13 @@ class CardInfo:
     license: Optional[str] = None
     source_commit: Optional[str] = None
     command: Optional[str] = None
+    licence: Optional[Licence] = None  # default: from ``license`` (or unknown)
+    output_hashes: Optional[dict[str, str]] = None  # the pushed weights file's (lorareg.core.hashes.FileHashes)
+
+    def licence_facts(self) -> Licence:
+        if self.licence is not None:
+            return self.licence
+        return Licence(origin="metadata" if self.license else "unknown", license=self.license)
 
 
 def load_template() -> str:
@@ -56,36 +61,6 @@ def model_repo_id(text: Optional[str]) -> Optional[str]:
     except Exception:
         return None
     return ref.repo_id
-
-
-# --------------------------------------------------------------------------- report
-
-
-def public_report(report: dict[str, Any], weight_name: str, source_commit: Optional[str] = None) -> dict[str, Any]:
-    """The report as published: volatile fields emptied, local paths reduced to names."""
-    r = json.loads(json.dumps(report, default=str))
-    for key in VOLATILE:
-        if key in r:
-            r[key] = {}
-    if isinstance(r.get("refine"), dict):
-        # wall-clock fields change on every run; the losses are deterministic for a seed
-        r["refine"] = {k: v for k, v in r["refine"].items() if k not in REFINE_VOLATILE}
-    src = r.get("source_lora")
-    if isinstance(src, dict):
-        src["path"] = public_lora_ref(src.get("path"))
-        if source_commit:
-            src["commit"] = source_commit
-    for key in ("source_model", "target_model"):
-        m = r.get(key)
-        if isinstance(m, dict) and m.get("ref"):
-            m["ref"] = public_model_ref(m["ref"])
-    if isinstance(r.get("output"), dict):
-        r["output"]["path"] = weight_name
-    return r
-
-
-def report_bytes(public: dict[str, Any]) -> bytes:
-    return (json.dumps(public, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 # --------------------------------------------------------------------------- trigger words
@@ -144,8 +119,7 @@ def card_metadata(report: dict[str, Any], info: CardInfo, family) -> dict[str, A
         meta["library_name"] = lib
     if spec is not None and spec.pipeline_tag:
         meta["pipeline_tag"] = spec.pipeline_tag
-    if info.license:
-        meta["license"] = info.license
+    meta.update(info.licence_facts().front_matter())
     meta["tags"] = list(dict.fromkeys(tags))
     if info.instance_prompt:
         meta["instance_prompt"] = info.instance_prompt
@@ -174,8 +148,12 @@ def build_card(report: dict[str, Any], info: CardInfo, registry=None) -> str:
         "source_family": src.get("family", "?"),
         "source_family_name": src_fam.spec.name if src_fam else src.get("family", "?"),
         "method": report.get("method", "?"),
-        "source_lora": _lora_cell(src_lora.get("path"), info.source_commit),
+        "source_lora": _lora_cell(src_lora.get("path"), info.source_commit, src_lora.get("civitai")),
         "source_sha256": src_lora.get("sha256") or "unknown",
+        "source_tensor_hash": _tensor_hash_cell(src_lora.get("hashes")),
+        "output_sha256": (info.output_hashes or {}).get("sha256") or "unknown",
+        "output_tensor_hash": _tensor_hash_cell(info.output_hashes) + (" (also its `sshs_model_hash`)" if info.output_hashes else ""),
+        "licence_section": licence_section(info.licence_facts()),
         "source_format": f"`{src_lora['format']}`" if src_lora.get("format") else "unknown",
         "source_model": _model_cell(src),
         "target_model": _model_cell(tgt),
@@ -205,7 +183,17 @@ def _family(registry, fid: Optional[str]):
         return None
 
 
-def _lora_cell(path: Optional[str], commit: Optional[str]) -> str:
+def _tensor_hash_cell(hashes: Optional[dict]) -> str:
+    if not hashes or not hashes.get("tensor_sha256"):
+        return "unknown"
+    return f"`{hashes['tensor_sha256']}` (AutoV3 `{hashes['tensor_sha256'][:12].upper()}`)"
+
+
+def _lora_cell(path: Optional[str], commit: Optional[str], civitai: Optional[dict] = None) -> str:
+    if civitai:
+        name = " — ".join(x for x in (civitai.get("model_name"), civitai.get("version_name")) if x)
+        by = f" by [{civitai['creator']}]({civitai.get('creator_url')})" if civitai.get("creator") else ""
+        return f"[{name or 'Civitai'}]({civitai.get('page_url')}) (`civitai:{civitai.get('version_id')}`, Civitai){by}"
     if not path:
         return "an in-memory LoRA"
     if is_local(path):
@@ -220,13 +208,17 @@ def _model_cell(m: dict[str, Any]) -> str:
     if not ref:
         return f"not read (family `{fam}`)"
     shown = public_model_ref(ref)
-    where = "Hub" if model_repo_id(ref) else "local"
-    out = f"`{shown}` ({where}, family `{fam}`"
+    hub = m.get("location") == "hub" if m.get("location") else bool(model_repo_id(ref))
+    out = f"`{shown}` ({'Hub' if hub else 'local'}, family `{fam}`"
     if m.get("layout"):
         out += f", {m['layout']} layout"
     if m.get("revision"):
         out += f", commit `{m['revision']}`"
-    return out + ")"
+    out += ")"
+    files = m.get("weights_sha256")
+    if files:  # a local folder is named by its weights, not by a Hub id it may not be
+        out += "; weights " + ", ".join(f"`{name}` sha256 `{digest}`" for name, digest in sorted(files.items()))
+    return out
 
 
 def _num(x) -> str:

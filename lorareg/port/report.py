@@ -14,12 +14,18 @@ from ..core.lora import Lora, Module
 from ..engine import energy
 from ..refine.report import loss_summary, samples_summary
 from ..registry import Family
+from ..hub.pull import lookup_lora
+from ..sources.provenance import local_weights_sha256, source_lora_record
+from ..sources.refs import public_lora_ref, public_model_ref
 from ..sources.weights import BaseWeights
 from .bases import flat
 
 #: below this mean subspace similarity the two base models look unrelated (bench/fidelity: unrelated
 #: models < 0.3, related checkpoints and distillations >= 0.79): the port is flagged
 RELATED_MIN_SIMILARITY = 0.5
+#: volatile report fields emptied in the published copy (they change on every run)
+VOLATILE = ("timings", "cache")
+REFINE_VOLATILE = ("sample_s", "train_s", "wall_s", "samples_cached", "stopped_by_budget")
 
 
 class LayerReport(BaseModel):
@@ -43,6 +49,8 @@ class ModelInfo(BaseModel):
     family: str
     revision: Optional[str] = None
     layout: Optional[str] = None
+    location: Optional[str] = Field(None, description="hub or local")
+    weights_sha256: Optional[dict[str, str]] = Field(None, description="a local model's weight files by SHA-256 (it has no Hub id)")
 
 
 class PortTotals(BaseModel):
@@ -123,12 +131,15 @@ def module_energy(m: Module) -> float:
 
 
 def model_info(w: Optional[BaseWeights], fam: Family, ref: Optional[str]) -> ModelInfo:
-    return ModelInfo(ref=str(ref) if ref else None, family=fam.id, revision=w.revision if w else None, layout=w.layout if w else None)
+    location = None if w is None else ("hub" if w.revision is not None else "local")
+    return ModelInfo(ref=str(ref) if ref else None, family=fam.id, revision=w.revision if w else None, layout=w.layout if w else None,
+                     location=location, weights_sha256=local_weights_sha256(w))
 
 
 def source_lora_info(lora: Lora, family: Family) -> dict[str, Any]:
     fmt = f"{lora.format_state.format}/{lora.format_state.variant}" if lora.format_state else None
-    return {"path": lora.source_path, "sha256": lora.source_sha256, "family": family.id, "format": fmt, "modules": len(lora.modules)}
+    return {"path": lora.source_path, "sha256": lora.source_sha256, "family": family.id, "format": fmt, "modules": len(lora.modules),
+            **source_lora_record(lora)}
 
 
 def provenance_metadata(report: PortReport) -> dict[str, str]:
@@ -173,3 +184,40 @@ def summarize(report: PortReport) -> str:
     if report.output:
         lines.append(f"  wrote {report.output['path']} ({report.output['format']})")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the published form
+
+
+def public_report(report: dict[str, Any], weight_name: str, source_commit: Optional[str] = None) -> dict[str, Any]:
+    """The report as published: volatile fields emptied, local paths reduced to names."""
+    r = json.loads(json.dumps(report, default=str))
+    for key in VOLATILE:
+        if key in r:
+            r[key] = {}
+    if isinstance(r.get("refine"), dict):
+        # wall-clock fields change on every run; the losses are deterministic for a seed
+        r["refine"] = {k: v for k, v in r["refine"].items() if k not in REFINE_VOLATILE}
+    src = r.get("source_lora")
+    if isinstance(src, dict):
+        src["path"] = public_lora_ref(src.get("path"))
+        if source_commit:
+            src["commit"] = source_commit
+    for key in ("source_model", "target_model"):
+        m = r.get(key)
+        if isinstance(m, dict) and m.get("ref"):
+            m["ref"] = public_model_ref(m["ref"])
+    if isinstance(r.get("output"), dict):
+        r["output"]["path"] = weight_name
+    return r
+
+
+def report_bytes(public: dict[str, Any]) -> bytes:
+    return (json.dumps(public, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def published_report(report: PortReport, out_path: Path) -> bytes:
+    """report.json's bytes: the public form of the report, the same bytes a push uploads."""
+    pulled = lookup_lora(report.source_lora.get("path"))
+    weight_name = "adapter_model.safetensors" if out_path.is_dir() else out_path.name
+    return report_bytes(public_report(report.model_dump(mode="json"), weight_name, pulled.commit if pulled else None))

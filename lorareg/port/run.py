@@ -16,7 +16,7 @@ import torch
 
 from ..core.device import resolve_device
 from ..core.errors import InputError
-from ..core.io import atomic_write_text
+from ..core.io import atomic_write
 from ..core.lora import Lora
 from ..core.names import REPORT_NAME
 from ..core.progress import progress_bar
@@ -30,7 +30,7 @@ from .layers import project_layers
 from .options import PortOptions
 from .pairs import resolve_pairs
 from .plan import plan_with_weights
-from .report import PortReport, PortResult, model_info, provenance_metadata, source_lora_info, summarize, totals, unrelated_warning
+from .report import PortReport, PortResult, model_info, published_report, provenance_metadata, source_lora_info, summarize, totals, unrelated_warning
 
 _DTYPE_ALIASES = {"fp16": "F16", "float16": "F16", "bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "F32"}
 
@@ -75,15 +75,15 @@ def port(lora: Union[str, Path, Lora], options: Optional[PortOptions] = None, **
         bar.close()
     report = _report(src_lora, src_fam, tgt_fam, models, projected, bases, cache, opts, device)
     ported = Lora(family=tgt_fam.id, modules=projected.modules, metadata=dict(src_lora.metadata), format_state=src_lora.format_state,
-                  source_path=src_lora.source_path, source_sha256=src_lora.source_sha256)
+                  source_path=src_lora.source_path, source_sha256=src_lora.source_sha256, source_hashes=src_lora.source_hashes)
     if refine_kind is not None:
         ported = _refine(refine_kind, ported, src_lora, src_fam, tgt_fam, models, report, opts, device)
     result = PortResult(lora=ported, report=report)
     if opts.output is not None:
         _write(result, src_lora, opts)
     report.timings["total_s"] = round(time.perf_counter() - t_start, 3)
-    if result.report_path is not None:  # the written report carries the final timings too
-        atomic_write_text(result.report_path, report.model_dump_json(indent=2) + "\n")
+    if result.report_path is not None:  # the report as published: no local paths, no wall times, the bytes a push uploads
+        atomic_write(result.report_path, lambda f: f.write(published_report(report, result.output)))
     result.summary = summarize(report)
     return result
 

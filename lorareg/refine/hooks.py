@@ -90,7 +90,8 @@ class TrainableLora:
             factors["down"] = LazyTensor.from_torch(down.detach().cpu().reshape(m.factors["down"].shape).to(dtype).contiguous())
             modules[key] = Module(m.component, m.name, m.kind, factors, m.alpha, m.dora_scale, m.weight_shape, list(m.source_keys))
         return Lora(family=lora.family, modules=modules, metadata=dict(lora.metadata), format_state=lora.format_state,
-                    source_path=lora.source_path, source_sha256=lora.source_sha256)
+                    source_path=lora.source_path, source_sha256=lora.source_sha256,
+                    source_hashes=lora.source_hashes)
 
 
 def _hook(up: torch.nn.Parameter, down: torch.nn.Parameter, scale: float):

@@ -64,6 +64,11 @@ class BaseWeights:
     def components(self) -> list[str]:
         return sorted(self._sources)
 
+    def files(self) -> list[Path]:
+        """The weight files of the components opened (every shard a component's index names, and any
+        file whose header was read)."""
+        return sorted({p for src in self._sources.values() for p in (*src.files.values(), *src.headers)})
+
     def folder(self) -> Path:
         """The local folder the weights were read from (a transformers model's config.json sits there)."""
         if self.ref.path is not None and self.ref.path.is_dir():

@@ -9,6 +9,7 @@ import click
 
 from ...formats import api
 from ...registry import get_registry
+from ...sources.civitai_lookup import lookup_file
 from .main import counts, emit, main
 
 
@@ -38,11 +39,39 @@ def inspect(path: Path, format_: Optional[str], family: Optional[str], as_json: 
             lines.append(f"    ... and {len(info.unmapped_keys) - 10} more (see --json)")
     if info.nonfinite:
         lines.append(f"  WARNING     {len(info.nonfinite)} tensors hold NaN/Inf: " + ", ".join(n["name"] for n in info.nonfinite[:5]))
+    h = info.hashes
+    lines += [
+        f"  sha256      {h.sha256}  (AutoV2 {h.autov2.upper()})",
+        f"  tensor hash {h.tensor_sha256}  (AutoV3 {h.autov3.upper()}, legacy {h.legacy})",
+        "  embedded    " + ", ".join(f"{c.key} {c.status}" for c in info.embedded_hashes),
+    ]
+    lines += [f"  WARNING     {c.key} is {c.embedded!r} but this file's is {c.expected}: it names other content"
+              for c in info.wrong_hashes]
     lines.append("  evidence")
     lines += [f"    - {e}" for e in info.evidence]
     if info.metadata:
         lines.append(f"  metadata    {len(info.metadata)} entries: " + ", ".join(sorted(info.metadata)[:12]))
     emit(as_json, info.model_dump(), "\n".join(lines))
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def lookup(path: Path, as_json: bool) -> None:
+    """Which Civitai model/version a local LoRA file is (by SHA-256, then by its tensor-data hash)."""
+    res = lookup_file(path)
+    if not res.found:
+        text = f"{path}: not on Civitai (SHA-256 {res.hashes.sha256}, AutoV3 {res.hashes.autov3.upper()})"
+    else:
+        c = res.civitai
+        how = "same file" if res.matched_by == "sha256" else "same tensors, other metadata (AutoV3)"
+        text = "\n".join([
+            f"{path}: civitai:{c.version_id} ({how})",
+            f"  model     {c.model_name} / {c.version_name} by {c.creator or 'unknown'}",
+            f"  base      {c.base_model} (family {', '.join(c.families) or '?'})",
+            f"  page      {c.page_url}",
+        ])
+    emit(as_json, res.model_dump(), text)
 
 
 @main.command()

@@ -18,6 +18,10 @@ def push_options(f):
         click.option("--revision", metavar="BRANCH", help="Branch to push to (created from main if missing)."),
         click.option("--commit-message", help="Commit title (default: 'Upload ported LoRA ...')."),
         click.option("--instance-prompt", help="Trigger words for the card (default: from the LoRA's metadata)."),
+        click.option("--base-model-id", metavar="ORG/NAME", help="The Hub id of the target base model, for the card's base_model "
+                     "(default: the --target-model's when it is a Hub id; a local folder is named by its weights' SHA-256)."),
+        click.option("--owner-permission", metavar="NOTE", help="Publish although the source's creator forbids derivatives: how the "
+                     "owner allowed it (written in the card)."),
     ]):
         f = opt(f)
     return f
@@ -38,8 +42,10 @@ def push_text(pushed) -> str:
 @push_options
 @click.option("--license", "license_", help="License id for the card (default: the source LoRA's, when known).")
 @click.option("--json", "as_json", is_flag=True)
-def push_cmd(path, repo_id, private, create_pr, revision, commit_message, instance_prompt, license_, as_json) -> None:
+def push_cmd(path, repo_id, private, create_pr, revision, commit_message, instance_prompt, base_model_id, owner_permission,
+             license_, as_json) -> None:
     """Upload a `lorareg port` output (file or PEFT folder) with a model card and report.json, in one commit."""
     pushed = run_push(path, repo_id, private=private, create_pr=create_pr, revision=revision,
-                      commit_message=commit_message, instance_prompt=instance_prompt, license=license_)
+                      commit_message=commit_message, instance_prompt=instance_prompt, license=license_,
+                      base_model=base_model_id, owner_permission=owner_permission)
     emit(as_json, pushed.model_dump(), push_text(pushed).strip())

@@ -60,10 +60,11 @@ _REFINE = RefineOptions.model_fields
 def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, device, dtype, output, format_, force, no_align,
          refine, refine_steps, refine_samples, refine_sample_length, refine_prompts, refine_latent_size, refine_sampler_steps, refine_noisings,
          refine_guidance, refine_batch, refine_lr, refine_seed, refine_budget_seconds, force_unrelated, as_json,
-         push_to, private, create_pr, revision, commit_message, instance_prompt) -> None:
+         push_to, private, create_pr, revision, commit_message, instance_prompt, base_model_id, owner_permission) -> None:
     """Port a LoRA to another base model, training-free; writes the LoRA and a report.json."""
-    if not push_to and (private or create_pr or revision or commit_message or instance_prompt):
-        raise InputError("--private, --create-pr, --revision, --commit-message and --instance-prompt need --push")
+    if not push_to and (private or create_pr or revision or commit_message or instance_prompt or base_model_id or owner_permission):
+        raise InputError("--private, --create-pr, --revision, --commit-message, --instance-prompt, --base-model-id and "
+                         "--owner-permission need --push")
     refine_options = RefineOptions(
         steps=refine_steps, samples=refine_samples, sample_length=refine_sample_length, lr=refine_lr, seed=refine_seed,
         budget_seconds=refine_budget_seconds, batch=refine_batch, prompts=read_prompts(refine_prompts) if refine_prompts else None,
@@ -80,7 +81,8 @@ def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, 
         emit(as_json, result.report.model_dump(), text)
         return
     pushed = run_push(result, push_to, private=private, create_pr=create_pr, revision=revision, commit_message=commit_message,
-                      instance_prompt=instance_prompt, command=options.command(str(lora), Path(output).name))
+                      instance_prompt=instance_prompt, command=options.command(str(lora), Path(output).name),
+                      base_model=base_model_id, owner_permission=owner_permission)
     emit(as_json, {**result.report.model_dump(), "push": pushed.model_dump()}, text + "\n" + push_text(pushed))
 
 
