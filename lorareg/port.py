@@ -22,6 +22,7 @@ from .convert import fold_tucker, to_plain_lora
 from .engine import DEFAULT_METHOD, DEFAULT_MISMATCH_METHOD, METHODS, BasisCache, PortError, default_k, get_method, top_k_batched, weight_digest
 from .engine.bases import BASES_VERSION, Basis
 from .engine.lowrank import energy
+from .engine.relatedness import RELATED_MIN_COSINE, LayerRelatedness, Relatedness, WeightPair, check_pairs
 from .engine.similarity import subspace_similarity
 from .errors import InputError
 from .io import DTYPES, LazyTensor, atomic_write_text
@@ -41,6 +42,8 @@ RELATED_MIN_SIMILARITY = 0.5
 #: methods that return ΔW unchanged when the target weight is the source weight (docs/methods.md)
 IDENTITY_ON_SAME_WEIGHT = ("copy", "prolora-full")
 REPORT_NAME = "report.json"
+#: how the two base models are compared: streamed weight distance/cosine (copy ports) or top-k bases
+CHECKS = ("streamed", "bases")
 
 
 AUTO = "auto"
@@ -60,6 +63,8 @@ class LayerReport(BaseModel):
     rank_in: Optional[int] = None
     rank_out: Optional[int] = None
     skipped: Optional[str] = None
+    relative_distance: Optional[float] = Field(None, description="‖W_t − W_s‖ / ‖W_s‖ of the base weights (streamed check)")
+    cosine: Optional[float] = Field(None, description="⟨W_s, W_t⟩ / (‖W_s‖ ‖W_t‖) of the base weights (streamed check)")
 
 
 class ModelInfo(BaseModel):
@@ -76,8 +81,13 @@ class PortTotals(BaseModel):
     mean_similarity: Optional[float] = None
     min_similarity: Optional[float] = None
     energy_kept: Optional[float] = Field(None, description="‖ΔW_out‖² / ‖ΔW_in‖² summed over ported layers")
-    related: Optional[bool] = Field(None, description=f"mean similarity of the compared layers >= {RELATED_MIN_SIMILARITY}")
+    related: Optional[bool] = Field(None, description=f"mean weight cosine >= {RELATED_MIN_COSINE} (streamed check), "
+                                                     f"else mean subspace similarity >= {RELATED_MIN_SIMILARITY}")
     related_similarity: Optional[float] = Field(None, description="mean similarity over every compared layer, ported or not")
+    related_by: Optional[str] = Field(None, description="what the verdict used: 'cosine' (streamed check) or 'subspace'")
+    mean_cosine: Optional[float] = Field(None, description="mean weight cosine over every compared layer (streamed check)")
+    min_cosine: Optional[float] = None
+    mean_relative_distance: Optional[float] = Field(None, description="mean ‖W_t − W_s‖ / ‖W_s‖ over every compared layer")
 
 
 class PortReport(BaseModel):
@@ -96,6 +106,7 @@ class PortReport(BaseModel):
     timings: dict[str, float]
     cache: dict[str, int]
     refine: Optional[dict[str, Any]] = None
+    check: Optional[dict[str, Any]] = Field(None, description="how the base models were compared: streamed or bases, bytes read")
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -260,6 +271,7 @@ def port(
     refine_noisings: int = 4,
     refine_guidance: float = 5.0,
     force_unrelated: bool = False,
+    check: Optional[str] = None,
 ) -> PortResult:
     """Port a LoRA from its base model to a target model; write it (and report.json) if ``output``.
 
@@ -269,6 +281,12 @@ def port(
     ``force_unrelated``. ``refine_sample_length`` applies to language models; ``refine_prompts``,
     ``refine_conditions``, ``refine_latent_size``, ``refine_sampler_steps``, ``refine_noisings`` and
     ``refine_guidance`` to UNets.
+
+    ``check`` (with both models): ``"streamed"`` compares each layer's two base weights by relative
+    distance and cosine, reading each weight once in chunks (no SVD; subspace similarity only where
+    both bases are already cached); ``"bases"`` builds top-k bases of every layer (needed by the
+    projection methods, block alignment and ``threshold``). None: streamed for copy ports (``copy``,
+    and ``auto`` when every pair has equal shapes and no block is aligned) without a threshold.
     """
     from .api import _check_output, load, save
 
@@ -315,8 +333,13 @@ def port(
     cache = BasisCache(cache_dir) if cache_dir else BasisCache()
     bases = _Bases(cache, dev, rank_k)
     with_weights = src_w is not None and tgt_w is not None
-    if with_weights:
+    check_kind = _check_kind(check, method, pairs, src_fam, tgt_fam, align_blocks, threshold) if with_weights else None
+    streamed: Optional[Relatedness] = None
+    if check_kind == "streamed":
+        streamed = _streamed_check(pairs, src_w, tgt_w, bases, progress)
+    elif with_weights:
         pairs = _resolve_with_weights(pairs, src_fam, tgt_fam, src_w, tgt_w, bases, align_blocks, progress)
+    by_layer = {l.name: l for l in streamed.layers} if streamed else {}
 
     layers: list[LayerReport] = []
     out_modules: dict[str, Module] = {}
@@ -330,6 +353,9 @@ def port(
         layers.append(rep)
         if bar:
             bar.update(1)
+        rel = by_layer.get(pair.key)
+        if rel is not None:
+            rep.relative_distance, rep.cosine = _r(rel.relative_distance), _r(rel.cosine)
         if pair.skipped:
             continue
         if m.kind != "lora" or "mid" in m.factors:
@@ -342,7 +368,8 @@ def port(
         sb = bases.memo.get((0, pair.source_component, pair.source_module)) if with_weights else None
         tb = bases.memo.get((1, pair.target_component, pair.target_module)) if with_weights else None
         d_s = bases.digests.get((0, pair.source_component, pair.source_module))
-        if (layer_method in IDENTITY_ON_SAME_WEIGHT and d_s is not None and d_s == bases.digests.get((1, pair.target_component, pair.target_module))
+        same_weight = (d_s is not None and d_s == bases.digests.get((1, pair.target_component, pair.target_module))) or (rel is not None and rel.identical)
+        if (layer_method in IDENTITY_ON_SAME_WEIGHT and same_weight
                 and rank in (None, m.rank) and out_dtype in (None, m.factors["up"].dtype) and pair.same_shape):
             # the very same base weight: these methods return ΔW unchanged, so keep the factors' bits
             rep.similarity = rep.similarity_in = rep.similarity_out = rep.kept_energy = 1.0
@@ -376,8 +403,10 @@ def port(
     totals = _totals(layers, src_lora)
     warnings = []
     if totals.related is False:
+        why = (f"mean weight cosine {totals.mean_cosine:.2f} < {RELATED_MIN_COSINE}" if totals.related_by == "cosine"
+               else f"mean subspace similarity {totals.related_similarity:.2f} < {RELATED_MIN_SIMILARITY}")
         warnings.append(
-            f"the base models look unrelated: mean subspace similarity {totals.related_similarity:.2f} < {RELATED_MIN_SIMILARITY}; "
+            f"the base models look unrelated: {why}; "
             "a training-free port is unlikely to carry the LoRA's effect (use --threshold to skip such layers)"
         )
     report = PortReport(
@@ -397,11 +426,15 @@ def port(
                  "build_bases_s": round(bases.seconds_build, 3), "project_s": round(t_proj, 3)},
         cache={"hits": cache.hits, "misses": cache.misses, "built": bases.built},
         warnings=warnings,
+        check=_check_info(check_kind, streamed),
     )
+    if streamed is not None:
+        report.timings["streamed_check_s"] = round(streamed.seconds, 3)
     if refine is not None:
         if totals.related is False and not force_unrelated:
+            score = f"mean weight cosine {totals.mean_cosine:.2f}" if totals.related_by == "cosine" else f"mean similarity {totals.related_similarity:.2f}"
             raise InputError(
-                f"the base models look unrelated (mean similarity {totals.related_similarity:.2f}); distillation would retrain "
+                f"the base models look unrelated ({score}); distillation would retrain "
                 "the LoRA, not port it; pass --force-unrelated to refine anyway")
         if not out_modules:
             raise InputError("no layer could be ported (see the report: every layer was skipped); nothing to refine")
@@ -526,9 +559,22 @@ def _totals(layers: list[LayerReport], lora: Lora) -> PortTotals:
     all_in = sum(energy_in.values())
     compared = [l.similarity for l in layers if l.similarity is not None]
     related_sim = sum(compared) / len(compared) if compared else None
+    cosines = [l.cosine for l in layers if l.cosine is not None]
+    mean_cos = sum(cosines) / len(cosines) if cosines else None
+    dists = [l.relative_distance for l in layers if l.relative_distance is not None]
+    # the streamed check's cosine decides where it ran (every compared layer has one); else the subspaces
+    if mean_cos is not None:
+        related, related_by = mean_cos >= RELATED_MIN_COSINE, "cosine"
+    else:
+        related = None if related_sim is None else related_sim >= RELATED_MIN_SIMILARITY
+        related_by = None if related is None else "subspace"
     return PortTotals(
-        related=None if related_sim is None else related_sim >= RELATED_MIN_SIMILARITY,
+        related=related,
+        related_by=related_by,
         related_similarity=_r(related_sim),
+        mean_cosine=_r(mean_cos),
+        min_cosine=_r(min(cosines)) if cosines else None,
+        mean_relative_distance=_r(sum(dists) / len(dists)) if dists else None,
         layers=len(layers),
         ported=len(ported),
         skipped=len(layers) - len(ported),
@@ -570,6 +616,9 @@ def summarize(report: PortReport) -> str:
     ]
     if t.mean_similarity is not None:
         lines.append(f"  subspace similarity: mean {t.mean_similarity:.3f}, min {t.min_similarity:.3f}")
+    if t.mean_cosine is not None:
+        lines.append(f"  base weights: cosine mean {t.mean_cosine:.4f}, min {t.min_cosine:.4f}; "
+                     f"relative distance mean {t.mean_relative_distance:.4f}")
     if t.energy_kept is not None:
         lines.append(f"  energy of the LoRA kept: {100 * t.energy_kept:.1f}%")
     reasons: dict[str, int] = {}
@@ -580,6 +629,9 @@ def summarize(report: PortReport) -> str:
         lines.append(f"  skipped {n}: {why}")
     for w in report.warnings:
         lines.append(f"  WARNING: {w}")
+    if report.check and report.check.get("kind") == "streamed":
+        c = report.check
+        lines.append(f"  streamed check: {c['bytes_read'] / 1e9:.2f} GB read in {c['seconds']:.2f} s, no basis built")
     lines.append(f"  bases: {report.cache.get('hits', 0)} from cache, {report.cache.get('built', 0)} built; time {report.timings.get('total_s', 0):.2f} s")
     if report.refine:
         r = report.refine
@@ -589,3 +641,71 @@ def summarize(report: PortReport) -> str:
     if report.output:
         lines.append(f"  wrote {report.output['path']} ({report.output['format']})")
     return "\n".join(lines)
+
+
+# --- streamed relatedness check (the default for copy ports with both models; engine/relatedness.py) ---
+
+
+def _check_kind(check: Optional[str], method: str, pairs: list[Pair], src_fam: Family, tgt_fam: Family, align: bool,
+                threshold: float) -> str:
+    """Which comparison of the base models a port with both models runs (see ``port``'s ``check``)."""
+    if check is not None and check not in CHECKS:
+        raise InputError(f"unknown --check {check!r} (known: {', '.join(CHECKS)})")
+    live = [p for p in pairs if not p.skipped]
+    copy_only = method == "copy" or (method == AUTO and all(p.same_shape for p in live) and not _aligns_blocks(src_fam, tgt_fam, align))
+    if check == "streamed" and not copy_only:
+        raise InputError(f"--check streamed is for copy ports; --method {method} on these layers needs the bases (--check bases)")
+    if check is not None:
+        return check
+    # a --threshold is on subspace similarity: every layer then needs its bases
+    return "streamed" if copy_only and threshold == 0 else "bases"
+
+
+def _aligns_blocks(src_fam: Family, tgt_fam: Family, align: bool) -> bool:
+    from .resolve import correspondence
+
+    if not align or src_fam.id == tgt_fam.id:
+        return False
+    doc = correspondence(get_registry(), src_fam.id, tgt_fam.id)
+    return bool(doc and doc.get("search"))
+
+
+def _streamed_check(pairs: list[Pair], src_w: BaseWeights, tgt_w: BaseWeights, bases: _Bases, progress: bool) -> Relatedness:
+    """Distance and cosine of every ported layer's base weights, one streamed read of each; the
+    subspace similarity comes from bases already in the cache (put in ``bases.memo``), never built."""
+    live = [p for p in pairs if not p.skipped and p.same_shape]
+    todo = [WeightPair(p.key, src_w.stored(p.source_component, p.source_module), tgt_w.stored(p.target_component, p.target_module),
+                       _tkey(p)) for p in live]
+    bar = _progress(len(todo), "comparing base weights", progress)
+    result = check_pairs(todo, on_layer=(lambda _l: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
+    for p in live:
+        _cached_basis(bases, src_w, 0, p.source_component, p.source_module)
+        _cached_basis(bases, tgt_w, 1, p.target_component, p.target_module)
+    return result
+
+
+def _cached_basis(bases: _Bases, model: BaseWeights, side: int, cid: str, name: str) -> None:
+    """Put a weight's basis in the memo if the cache holds it under a remembered digest (no hashing)."""
+    from .engine.cache import BasisKey
+
+    digest = bases._known_digest(model.fingerprint(cid, name))
+    if digest is None:
+        return
+    key = (side, cid, name)
+    bases.digests[key] = digest
+    shape = model.family.components[cid].modules[name]
+    k = min(bases.k_for(_flat_shape(shape)), min(_flat_shape(shape)))
+    hit = bases.cache.get(BasisKey(digest, k, BASES_VERSION))
+    if hit is not None:
+        bases.memo[key] = hit
+
+
+def _check_info(kind: Optional[str], streamed: Optional[Relatedness]) -> Optional[dict[str, Any]]:
+    if kind is None:
+        return None
+    if streamed is None:
+        return {"kind": kind}
+    return {"kind": kind, "layers": len(streamed.layers), "bytes_read": streamed.bytes_read, "seconds": round(streamed.seconds, 3),
+            "max_chunk_elems": streamed.max_chunk_elems, "related_min_cosine": streamed.threshold}
