@@ -79,9 +79,9 @@ def test_every_byte_is_read_once_in_chunks_of_whole_rows(models):
     calls = []
 
     class Counting(RangeReader):
-        def read(self, weight, start, count):
+        def read(self, weight, start, count, out=None):
             calls.append((weight, start, count))
-            return super().read(weight, start, count)
+            return super().read(weight, start, count, out)
 
     pairs = [WeightPair(n, sa[n], sb[n]) for n in sa]
     with Counting() as reader:
