@@ -9,7 +9,8 @@ The full model is 20 + 40 blocks (12.8 B linear parameters, 25.6 GB in bf16 per 
 
 Each measurement runs in a fresh subprocess (peak RSS = its ru_maxrss), on a cold page cache
 (every shard evicted with posix_fadvise DONTNEED first) and then warm:
-  bare      safetensors safe_open + get_tensor of every tensor of both models (the same bytes)
+  bare      safetensors safe_open + get_tensor(...).clone() of every tensor of both models (the same bytes)
+  raw       os.preadv of every tensor's bytes into one 64 MiB buffer (the I/O floor)
   streamed  the check a copy port runs: BaseWeights.stored + check_pairs over every module pair
   no-prefetch  the same without reading the next chunk in a background thread
   port      `lorareg.port --method copy` end to end (rank-4 LoRA on every block linear, not written)
@@ -143,9 +144,28 @@ def measure(kind: str, root: Path, table: dict[str, tuple[int, ...]]) -> dict:
             for shard in sorted((root / side / COMPONENT).glob("*.safetensors")):
                 with safe_open(str(shard), framework="pt") as f:
                     for key in f.keys():
-                        t = f.get_tensor(key)
+                        # get_tensor maps the file without touching it: clone() reads the bytes into memory
+                        t = f.get_tensor(key).clone()
                         nbytes += t.numel() * t.element_size()
                         del t
+    elif kind == "raw":
+        from lorareg.io import read_header
+
+        nbytes = 0
+        buf = bytearray(64 * 2**20)
+        for side in ("source", "target"):
+            for shard in sorted((root / side / COMPONENT).glob("*.safetensors")):
+                h = read_header(shard)
+                fd = os.open(shard, os.O_RDONLY)
+                try:
+                    for info in h.tensors.values():
+                        pos, end = h.data_offset + info.begin, h.data_offset + info.end
+                        while pos < end:
+                            n = os.preadv(fd, [memoryview(buf)[: min(len(buf), end - pos)]], pos)
+                            pos += n
+                            nbytes += n
+                finally:
+                    os.close(fd)
     elif kind in ("streamed", "no-prefetch"):
         from lorareg.engine.relatedness import WeightPair, check_pairs
 
@@ -221,6 +241,45 @@ def bases_vs_streamed(root: Path, table: dict[str, tuple[int, ...]], layers: int
     return rows
 
 
+def fidelity_pairs(work: Path) -> list[dict]:
+    """The streamed check's cosine and distance on bench/fidelity's trained pairs (the threshold's evidence).
+
+    ``work``: a `bench/fidelity/run.py --work W` folder. Layers are paired as a port pairs them (a bases
+    port first: the distilled UNet's blocks are re-paired by similarity), then compared streamed.
+    """
+    import lorareg
+    from lorareg.engine.relatedness import WeightPair, check_pairs
+    from lorareg.registry import get_registry
+    from lorareg.weights import open_model
+
+    os.environ["LORAREG_DATA_PATH"] = os.pathsep.join([str(ROOT / "bench" / "fidelity" / "data"), os.environ.get("LORAREG_DATA_PATH", "")])
+    cache = Path(tempfile.mkdtemp(prefix="lorareg-fid-cache-"))
+    cases = [("lm", "lora-v1", "fid-llama", t, k) for t, k in (("v2", "checkpoint upgrade"), ("v4", "far continuation"),
+                                                                ("v3", "negative control (another seed)"))]
+    cases += [("diffusion", "lora-v1.safetensors", "fid-unet", "v2", "checkpoint upgrade"),
+              ("diffusion", "lora-v1.safetensors", "fid-unet-distilled", "distilled", "distillation (SSD-1B-like)")]
+    rows = []
+    try:
+        for part, lora, fam_id, target, kind in cases:
+            root = work / part
+            if not (root / target).exists():
+                continue
+            src_fam = get_registry().family("fid-llama" if part == "lm" else "fid-unet")
+            res = lorareg.port(lorareg.load(root / lora, family=src_fam.id), source_model=str(root / "v1"), target_model=str(root / target),
+                               to=fam_id, method="copy", check="bases", progress=False, cache_dir=cache)
+            src_w = open_model(src_fam, str(root / "v1"))
+            tgt_w = open_model(get_registry().family(fam_id), str(root / target))
+            pairs = [WeightPair(l.source, src_w.stored(*l.source.split(":", 1)), tgt_w.stored(*l.target.split(":", 1)))
+                     for l in res.report.layers if not l.skipped and l.target and l.source_shape == l.target_shape]
+            chk = check_pairs(pairs)
+            rows.append({"pair": f"{part} v1->{target}", "kind": kind, "layers": len(pairs), "mean_cosine": chk.mean_cosine,
+                         "min_cosine": chk.min_cosine, "max_cosine": max(chk.cosines), "mean_relative_distance": chk.mean_relative_distance,
+                         "mean_subspace_similarity": res.report.totals.related_similarity, "related": chk.related})
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return rows
+
+
 def run_child(kind: str, root: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--measure", kind, "--dir", str(root), "--double", str(args.double), "--single", str(args.single),
            "--only", args.only]
@@ -240,14 +299,24 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-gb", type=float, default=1.0, help="shard size")
     ap.add_argument("--noise", type=float, default=0.01, help="target = source + noise × its scale")
     ap.add_argument("--bases-layers", type=int, default=4, help="layers for the bases-path comparison (0: skip)")
-    ap.add_argument("--kinds", default="bare,streamed,no-prefetch,port,mmap", help="measurements to run")
+    ap.add_argument("--kinds", default="bare,raw,streamed,no-prefetch,port,mmap", help="measurements to run")
     ap.add_argument("--dir", type=Path, help="work folder (default: a temp dir, deleted after)")
+    ap.add_argument("--fidelity-work", type=Path, help="only: the streamed check on the pairs of a `bench/fidelity/run.py --work W` folder")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     if args.tiny:
         args.double, args.single, args.only, args.bases_layers = 1, 0, r"^transformer_blocks\.0\.attn\.to_[qkv]$", 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.fidelity_work:
+        rows = fidelity_pairs(args.fidelity_work)
+        for r in rows:
+            print(f"  {r['pair']:24s} {r['kind']:32s} {r['layers']:3d} layers: cosine mean {r['mean_cosine']:.4f} "
+                  f"[{r['min_cosine']:.4f}, {r['max_cosine']:.4f}], rel. distance {r['mean_relative_distance']:.3f}, "
+                  f"subspace similarity {r['mean_subspace_similarity']:.3f}, related {r['related']}")
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        return 0
     table = modules(args.double, args.single, args.only)
     if args.measure:
         print(json.dumps(measure(args.measure, args.dir, table)))
@@ -274,13 +343,13 @@ def main(argv=None) -> int:
                 print(f"  {cache:4s} {kind:12s} {r['seconds']:7.2f} s  {r['s_per_gb']:6.3f} s/GB  peak RSS {r['peak_rss_mb']:7.0f} MB "
                       f"(+{r['peak_above_start_mb']:.0f} MB over start)" + (f"  mean cos {r['mean_cosine']:.5f}" if r.get("mean_cosine") else ""))
         for cache in ("cold", "warm"):
-            bare = next((r for r in results["runs"] if r["cache"] == cache and r["kind"] == "bare"), None)
-            if bare is None:
-                continue
+            base = {r["kind"]: r for r in results["runs"] if r["cache"] == cache and r["kind"] in ("bare", "raw")}
             for r in results["runs"]:
-                if r["cache"] == cache and r["kind"] != "bare":
-                    r["vs_bare"] = r["seconds"] / bare["seconds"]
-                    print(f"  {cache:4s} {r['kind']:12s} / bare read: {r['vs_bare']:.2f}x time, peak RSS {r['peak_rss_mb']:.0f} vs {bare['peak_rss_mb']:.0f} MB")
+                if r["cache"] == cache and r["kind"] not in base:
+                    for name, b in base.items():
+                        r[f"vs_{name}"] = r["seconds"] / b["seconds"]
+                    print(f"  {cache:4s} {r['kind']:12s} " + ", ".join(f"/ {n} read: {r[f'vs_{n}']:.2f}x time" for n in base)
+                          + f"; peak RSS {r['peak_rss_mb']:.0f} MB vs " + ", ".join(f"{b['peak_rss_mb']:.0f} MB ({n})" for n, b in base.items()))
         if args.bases_layers:
             rows = bases_vs_streamed(root, table, args.bases_layers)
             results["bases_vs_streamed"] = rows
