@@ -13,7 +13,7 @@ Each measurement runs in a fresh subprocess (peak RSS = its ru_maxrss), on a col
   raw       os.preadv of every tensor's bytes into one 64 MiB buffer (the I/O floor)
   streamed  the check a copy port runs: BaseWeights.stored + check_pairs over every module pair
   no-prefetch  the same without reading the next chunk in a background thread
-  port      `lorareg.port --method copy` end to end (rank-4 LoRA on every block linear, not written)
+  port      `lorareg.port --method copy` end to end (rank-4 LoRA on every linear inside a block, refiner blocks included; not written)
   mmap      BaseWeights.weight(...).float() of every module (the bases path's reader), for its RSS
 and, in-process on --bases-layers layers, the bases path per layer (read both weights, top-k bases
 with default k, subspace similarity) against the streamed check of the same layers.
