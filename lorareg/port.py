@@ -333,6 +333,8 @@ def port(
     cache = BasisCache(cache_dir) if cache_dir else BasisCache()
     bases = _Bases(cache, dev, rank_k)
     with_weights = src_w is not None and tgt_w is not None
+    if check is not None and not with_weights:
+        raise InputError("--check compares the base models: it needs --source-model and --target-model")
     check_kind = _check_kind(check, method, pairs, src_fam, tgt_fam, align_blocks, threshold) if with_weights else None
     streamed: Optional[Relatedness] = None
     if check_kind == "streamed":

@@ -212,6 +212,8 @@ def test_copy_port_default_check_is_streamed(models, llama_lora, tmp_path):
     assert lorareg.port(llama_lora, method="copy", threshold=0.1, **args).report.check["kind"] == "bases"
     with pytest.raises(lorareg.errors.InputError, match="--check streamed is for copy ports"):
         lorareg.port(llama_lora, method="lora-x", check="streamed", **args)
+    with pytest.raises(lorareg.errors.InputError, match="needs --source-model"):
+        lorareg.port(llama_lora, method="copy", check="streamed", progress=False)
     bad = CliRunner().invoke(main, ["port", str(llama_lora), "--source-model", str(models / "llama-v1"), "--target-model",
                                     str(models / "llama-v2"), "--check", "bases", "--json", "-o", str(tmp_path / "o")])
     assert bad.exit_code == 0, bad.output
