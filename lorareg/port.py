@@ -22,7 +22,7 @@ from .convert import fold_tucker, to_plain_lora
 from .engine import DEFAULT_METHOD, DEFAULT_MISMATCH_METHOD, METHODS, BasisCache, PortError, default_k, get_method, top_k_batched, weight_digest
 from .engine.bases import BASES_VERSION, Basis
 from .engine.lowrank import energy
-from .engine.relatedness import RELATED_MIN_COSINE, LayerRelatedness, Relatedness, WeightPair, check_pairs
+from .engine.relatedness import RELATED_MIN_COSINE, Relatedness, WeightPair, check_pairs
 from .engine.similarity import subspace_similarity
 from .errors import InputError
 from .io import DTYPES, LazyTensor, atomic_write_text
