@@ -2,7 +2,7 @@
 
 Every tensor lorareg writes goes through ``LazyTensor.buffer`` (on bench_convert.py's file: all 1472
 output tensors, 113 MiB, since the NaN scan leaves each a torch view of the mapped input). Before issue 14
-that was ``memoryview(t.view(torch.uint8).numpy())``; now it is :func:`lorareg.io.tensor_buffer` (a
+that was ``memoryview(t.view(torch.uint8).numpy())``; now it is :func:`lorareg.core.io.tensor_buffer` (a
 ctypes array over the tensor's memory). Both run in one process, interleaved round by round (the
 machine's load hits both alike), on bench_convert.py's input:
 
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lorareg  # noqa: E402
-from lorareg import io  # noqa: E402
+from lorareg.core import io  # noqa: E402
 from bench_convert import build_lora  # noqa: E402
 
 

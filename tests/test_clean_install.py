@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from hub_server import HubServer
@@ -224,8 +225,10 @@ def test_demo(core):
 
 
 def test_action_script(core):
-    """action.yml's "Port" step (``$venv/bin/python -m lorareg.action``) in the venv its install step makes
+    """action.yml's "Port" step (``$venv/bin/python -m <its module>``) in the venv its install step makes
     (this one: same pip install, no extras): two targets ported and pushed."""
+    port_step = next(s for s in yaml.safe_load((ROOT / "action.yml").read_text())["runs"]["steps"] if s.get("id") == "port")
+    module = re.search(r"-m ([\w.]+)", port_step["run"]).group(1)
     out = core.root / "action"
     out.mkdir()
     summary, outputs = out / "summary.md", out / "outputs"
@@ -236,7 +239,7 @@ def test_action_script(core):
                "INPUT_TARGET_MODELS": f"{core.examples / 'lm' / 'v2'}\nexample-llama:", "INPUT_METHOD": "auto",
                "INPUT_PUSH_TO": "{owner}/{name}-{target}", "INPUT_HF_TOKEN": hub.token, "INPUT_DEVICE": "cpu",
                "INPUT_OUTPUT_DIR": "ported"}
-        res = subprocess.run([str(core.py), "-m", "lorareg.action"], capture_output=True, text=True, cwd=out, env=env)
+        res = subprocess.run([str(core.py), "-m", module], capture_output=True, text=True, cwd=out, env=env)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         assert "2 of 2 targets succeeded" in summary.read_text(), summary.read_text()
         repos = set(re.findall(re.escape(hub.endpoint) + r"/([\w.-]+/[\w.-]+)", outputs.read_text()))

@@ -1,14 +1,14 @@
-"""lorareg.io.tensor_buffer, the byte view that replaced ``Tensor.numpy()`` (numpy is not a dependency)."""
+"""lorareg.core.io.tensor_buffer, the byte view that replaced ``Tensor.numpy()`` (numpy is not a dependency)."""
 
 import pytest
 import torch
 
-from lorareg.io import tensor_buffer
+from lorareg.core.io import tensor_buffer
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool, torch.float8_e4m3fn])
 def test_tensor_buffer_without_numpy(dtype, monkeypatch):
-    """lorareg.io.tensor_buffer: C-order bytes of any tensor (transposed, sliced, empty) without numpy."""
+    """lorareg.core.io.tensor_buffer: C-order bytes of any tensor (transposed, sliced, empty) without numpy."""
     monkeypatch.setattr(torch.Tensor, "numpy", lambda *a, **k: pytest.fail("numpy used"))
     x = (torch.randn(6, 5) * 4).to(dtype)
     for t in (x, x.t(), x[2:], x[:, 1:3], x[:0], x.reshape(-1)[3:4].reshape(())):

@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..io import tensor_buffer, write_safetensors
-
+from ..core.io import tensor_buffer, write_safetensors
 from .bases import BASES_VERSION, Basis, top_k
 
 __all__ = ["BasisCache", "BasisKey", "weight_digest", "default_cache_root", "tensor_checksum"]
@@ -108,10 +107,6 @@ class BasisCache:
 
     def path(self, key: BasisKey) -> Path:
         return self._dir(key) / f"k{key.k}.safetensors"
-
-    @property
-    def stats(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "corrupt": self.corrupt, "writes": self.writes}
 
     # -- read ----------------------------------------------------------------------------------
     def _load(self, path: Path, key: BasisKey, k_file: int) -> Basis | None:
