@@ -161,7 +161,7 @@ def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[st
         family=det.family,
         confidence=det.confidence,
         fitting_families=det.fitting_families,
-        adapter_type=types[0] if len(types) == 1 else "mixed",
+        adapter_type=lora.adapter_type,
         adapter_types=types,
         components=lora.components,
         num_modules=len(lora.modules),

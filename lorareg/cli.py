@@ -210,13 +210,15 @@ def _push_options(f):
 @click.option("--lr", "refine_lr", type=click.FloatRange(min=0, min_open=True), help="--refine: learning rate (default 2e-3 for LMs, 1e-3 for UNets).")
 @click.option("--seed", "refine_seed", type=int, default=0, show_default=True, help="--refine: seed of the samples and the batch order.")
 @click.option("--budget-seconds", "refine_budget_seconds", type=click.FloatRange(min=0), help="--refine: stop training after this many seconds (sampling included).")
+@click.option("--dora", "dora", type=click.Choice(["transfer", "copy", "drop"]), default="transfer", show_default=True,
+              help="DoRA magnitudes: transfer = rescale to the target's norms (needs both models), copy = as stored (exact only on the same weights), drop = write a plain LoRA (said in the summary and report).")
 @click.option("--force-unrelated", is_flag=True, help="--refine even if the base models look unrelated (it would then retrain the LoRA on synthetic data, not port it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--push", "push_to", metavar="REPO", help="Upload the result (weights, README.md, report.json) to this Hub repo in one commit.")
 @_push_options
 def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, device, dtype, output, format_, force, no_align,
          refine, refine_steps, refine_samples, refine_sample_length, refine_prompts, refine_latent_size, refine_sampler_steps, refine_noisings,
-         refine_guidance, refine_batch, refine_lr, refine_seed, refine_budget_seconds, force_unrelated, as_json,
+         refine_guidance, refine_batch, refine_lr, refine_seed, refine_budget_seconds, dora, force_unrelated, as_json,
          push_to, private, create_pr, revision, commit_message, instance_prompt) -> None:
     """Port a LoRA to another base model, training-free; writes the LoRA and a report.json."""
     from .port import port as run_port
@@ -232,6 +234,7 @@ def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, 
         refine_lr=refine_lr, refine_seed=refine_seed, refine_budget_seconds=refine_budget_seconds, force_unrelated=force_unrelated,
         refine_prompts=read_prompts(refine_prompts) if refine_prompts else None, refine_latent_size=refine_latent_size,
         refine_sampler_steps=refine_sampler_steps, refine_noisings=refine_noisings, refine_guidance=refine_guidance, refine_batch=refine_batch,
+        dora=dora,
     )
     text = result.summary + f"\n  report {result.report_path}"
     if not push_to:

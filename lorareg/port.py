@@ -23,7 +23,8 @@ from .engine import DEFAULT_METHOD, DEFAULT_MISMATCH_METHOD, METHODS, BasisCache
 from .engine.bases import BASES_VERSION, Basis
 from .engine.lowrank import energy
 from .engine.similarity import subspace_similarity
-from .errors import InputError
+from .errors import ConversionError, InputError
+from .port_dora import check_dora, dora_summary, dora_warnings, port_magnitude
 from .io import DTYPES, LazyTensor, atomic_write_text
 from .lora import Lora, Module
 from .refine.dispatch import RefineOptions, loss_summary, samples_summary
@@ -60,6 +61,7 @@ class LayerReport(BaseModel):
     rank_in: Optional[int] = None
     rank_out: Optional[int] = None
     skipped: Optional[str] = None
+    dora: Optional[str] = Field(None, description="DoRA magnitude: transferred, kept (same weight), copied or dropped")
 
 
 class ModelInfo(BaseModel):
@@ -96,6 +98,7 @@ class PortReport(BaseModel):
     timings: dict[str, float]
     cache: dict[str, int]
     refine: Optional[dict[str, Any]] = None
+    dora: Optional[str] = Field(None, description="how DoRA magnitudes were ported (transfer, copy, drop); None: no DoRA module")
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -260,6 +263,7 @@ def port(
     refine_noisings: int = 4,
     refine_guidance: float = 5.0,
     force_unrelated: bool = False,
+    dora: str = "transfer",
 ) -> PortResult:
     """Port a LoRA from its base model to a target model; write it (and report.json) if ``output``.
 
@@ -269,6 +273,10 @@ def port(
     ``force_unrelated``. ``refine_sample_length`` applies to language models; ``refine_prompts``,
     ``refine_conditions``, ``refine_latent_size``, ``refine_sampler_steps``, ``refine_noisings`` and
     ``refine_guidance`` to UNets.
+
+    ``dora``: what happens to DoRA magnitudes: ``transfer`` (default; rescaled to the target's norms,
+    needs both base models), ``copy`` (as stored: exact only on the same weights) or ``drop`` (a plain
+    LoRA comes out; said in the summary and the report).
     """
     from .api import _check_output, load, save
 
@@ -297,6 +305,7 @@ def port(
         raise InputError("give both --source-model and --target-model, or neither")
     out_dtype = _dtype_name(dtype) if dtype else None
     refine_kind = check_refine_pair(refine, src_fam, tgt_fam) if refine is not None else None
+    n_dora = check_dora(dora, src_lora, source_model is not None and target_model is not None, refine)
 
     with_models = source_model is not None
     pairs = resolve_pairs(src_fam, tgt_fam, [(m.component, m.name) for m in src_lora.modules.values()],
@@ -348,6 +357,10 @@ def port(
             rep.similarity = rep.similarity_in = rep.similarity_out = rep.kept_energy = 1.0
             rep.rank_out = m.rank
             new = Module(pair.target_component, pair.target_module, "lora", dict(m.factors), m.alpha, None, tuple(pair.target_shape), [])
+            if m.dora_scale is not None and dora != "drop":
+                new.dora_scale, rep.dora = m.dora_scale, "kept (same weight)"
+            elif m.dora_scale is not None:
+                rep.dora = "dropped"
             out_modules[new.key] = new
             continue
         t1 = time.perf_counter()
@@ -366,6 +379,12 @@ def port(
             rep.skipped = f"similarity {sim:.3f} below threshold {threshold}"
             continue
         new = _to_module(m, pair, proj.up.cpu(), proj.down.cpu(), out_dtype, tgt_fam)
+        if m.dora_scale is not None:
+            try:
+                rep.dora = port_magnitude(src_lora.modules[pair.key], m, new, pair, dora, src_w, tgt_w)
+            except ConversionError as e:
+                rep.skipped = str(e).splitlines()[0]
+                continue
         rep.rank_out = new.rank
         out_modules[new.key] = new
     if bar:
@@ -397,7 +416,9 @@ def port(
                  "build_bases_s": round(bases.seconds_build, 3), "project_s": round(t_proj, 3)},
         cache={"hits": cache.hits, "misses": cache.misses, "built": bases.built},
         warnings=warnings,
+        dora=dora if n_dora else None,
     )
+    report.warnings += dora_warnings(dora, layers)
     if refine is not None:
         if totals.related is False and not force_unrelated:
             raise InputError(
@@ -559,6 +580,7 @@ def _provenance(report: PortReport, method: str) -> dict[str, str]:
         "lorareg.port.target_family": report.target_model.family,
         "lorareg.port.layers": json.dumps({"ported": t.ported, "skipped": t.skipped, "mean_similarity": t.mean_similarity, "energy_kept": t.energy_kept}),
         "lorareg.port.params": json.dumps({"rank_k": report.rank_k, "threshold": report.threshold, "rank": report.rank}),
+        **({"lorareg.port.dora": report.dora} if report.dora else {}),
     }
 
 
@@ -578,6 +600,7 @@ def summarize(report: PortReport) -> str:
             reasons[l.skipped] = reasons.get(l.skipped, 0) + 1
     for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]:
         lines.append(f"  skipped {n}: {why}")
+    lines += dora_summary(report)
     for w in report.warnings:
         lines.append(f"  WARNING: {w}")
     lines.append(f"  bases: {report.cache.get('hits', 0)} from cache, {report.cache.get('built', 0)} built; time {report.timings.get('total_s', 0):.2f} s")
