@@ -193,8 +193,14 @@ def save(
     rank: Optional[int] = None,
     force: bool = False,
     extra_metadata: Optional[dict[str, str]] = None,
+    model: Optional[str] = None,
+    drop_dora: bool = False,
 ) -> ConversionReport:
-    """Write a LoRA in a format (default: the one it was read from). Atomic; never touches the input."""
+    """Write a LoRA in a format (default: the one it was read from). Atomic; never touches the input.
+
+    ``model``: the base model (folder, checkpoint or Hub id), needed to refactor DoRA modules for a
+    format without magnitudes and SVDiff modules into LoRA (with ``rank``); ``drop_dora`` drops the
+    magnitudes instead (listed as dropped)."""
     registry = get_registry()
     path = Path(path)
     src = Path(lora.source_path) if lora.source_path else None
@@ -218,7 +224,12 @@ def save(
     if family is None:
         raise InputError("the LoRA has no family; pass one")
     check_target(var)
-    plan = plan_for(lora, var, rank)
+    base = None
+    if model is not None:
+        from .weights import open_model  # only for the refactorings that need the base weights
+
+        base = open_model(family, model, lora.components)
+    plan = plan_for(lora, var, rank, base=base, drop_dora=drop_dora)
     planned = Lora(
         family=lora.family,
         modules=plan.modules,
@@ -231,7 +242,7 @@ def save(
     written = write_modules(planned, var, family)
     metadata = _output_metadata(lora, fmt.id, var.id, written.metadata, extra_metadata)
     dropped = [DroppedItem(item=k, reason=v) for k, v in sorted(lora.unmapped.items())]
-    dropped += [DroppedItem(item=d.item, reason=d.reason) for d in written.dropped]
+    dropped += plan.dropped + [DroppedItem(item=d.item, reason=d.reason) for d in written.dropped]
     if fmt.spec.container == "peft_dir":
         _write_peft_dir(path, written.tensors, metadata, written.peft_config or {}, force)
     else:
@@ -299,8 +310,10 @@ def convert(
     force: bool = False,
     allow_unmapped: bool = False,
     allow_nonfinite: bool = False,
+    model: Optional[str] = None,
+    drop_dora: bool = False,
 ) -> ConversionReport:
-    """Convert a LoRA file or PEFT folder to another key format."""
+    """Convert a LoRA file or PEFT folder to another key format (``model``, ``drop_dora``: see save)."""
     source, output = Path(source), Path(output)
     _check_output(source, output, force)
     registry = get_registry()
@@ -320,4 +333,4 @@ def convert(
                     f"{source}: {len(bad)} factor tensors hold NaN/Inf values; pass --allow-nonfinite to convert anyway"
                 )
         lora.source_sha256 = digest.result()
-    return save(lora, output, format=to, variant=variant, rank=rank, force=force)
+    return save(lora, output, format=to, variant=variant, rank=rank, force=force, model=model, drop_dora=drop_dora)

@@ -24,7 +24,7 @@ from .engine.bases import BASES_VERSION, Basis
 from .engine.lowrank import energy
 from .engine.similarity import subspace_similarity
 from .errors import ConversionError, InputError
-from .port_dora import check_dora, dora_summary, dora_warnings, port_magnitude
+from .port_dora import check_dora, dora_summary, dora_warnings, port_magnitude, same_magnitude
 from .io import DTYPES, LazyTensor, atomic_write_text
 from .lora import Lora, Module
 from .refine.dispatch import RefineOptions, loss_summary, samples_summary
@@ -358,7 +358,7 @@ def port(
             rep.rank_out = m.rank
             new = Module(pair.target_component, pair.target_module, "lora", dict(m.factors), m.alpha, None, tuple(pair.target_shape), [])
             if m.dora_scale is not None and dora != "drop":
-                new.dora_scale, rep.dora = m.dora_scale, "kept (same weight)"
+                new.dora_scale, rep.dora = same_magnitude(src_lora.modules[pair.key]), "kept (same weight)"
             elif m.dora_scale is not None:
                 rep.dora = "dropped"
             out_modules[new.key] = new

@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Optional
 
 
-from .engine.dora import OUT, PEFT_SUFFIX, like, magnitude_axis, merged_norms, transfer_magnitude
+from .engine.dora import OUT, PEFT_SUFFIX, canonical, magnitude_axis, merged_norms, transfer_magnitude
 from .errors import ConversionError, InputError
 from .io import LazyTensor
 from .lora import Lora, Module
@@ -39,6 +39,14 @@ def is_peft_layout(m: Module) -> bool:
     return any(k.endswith(PEFT_SUFFIX) for k in m.source_keys)
 
 
+def same_magnitude(orig: Module) -> LazyTensor:
+    """The source's magnitude, same values, in lorareg's unambiguous layout (the ported module has no
+    source keys left to tell PEFT's [1, out, 1, 1] from LyCORIS's [1, in, 1, 1])."""
+    t = orig.dora_scale
+    axis = magnitude_axis(t.shape, orig.weight_shape, is_peft_layout(orig))
+    return LazyTensor.from_torch(canonical(t.torch(), axis, len(orig.weight_shape), t.torch().dtype))
+
+
 def port_magnitude(orig: Module, m: Module, new: Module, pair, mode: str, src_w, tgt_w) -> str:
     """Give ``new`` (the ported direction) its magnitude; return what was done.
 
@@ -53,7 +61,7 @@ def port_magnitude(orig: Module, m: Module, new: Module, pair, mode: str, src_w,
     if units != sshape[axis]:
         raise ConversionError(f"DoRA magnitude: {sshape[axis]} {'outputs' if axis == OUT else 'inputs'} on the source, {units} on the target")
     if mode == "copy":
-        new.dora_scale = mag
+        new.dora_scale = same_magnitude(orig)
         return "copied"
     w_s = src_w.weight(pair.source_component, pair.source_module)
     w_t = tgt_w.weight(pair.target_component, pair.target_module)
@@ -64,7 +72,7 @@ def port_magnitude(orig: Module, m: Module, new: Module, pair, mode: str, src_w,
         src_norms = merged_norms(merged, None, None, 1.0, axis, sshape)
     tgt_norms = merged_norms(w_t, new.factors["up"].float(), new.factors["down"].float(), new.scale, axis, tshape)
     values = transfer_magnitude(mag.float(), src_norms, tgt_norms)
-    new.dora_scale = LazyTensor.from_torch(like(values, mag.shape, units, mag.torch().dtype))
+    new.dora_scale = LazyTensor.from_torch(canonical(values, axis, len(tshape), mag.torch().dtype))
     return "transferred"
 
 

@@ -93,9 +93,8 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Te
     return (V * per_col[None, :]).reshape(shape)
 
 
-def like(values: torch.Tensor, template_shape: Sequence[int], size: int, dtype: torch.dtype) -> torch.Tensor:
-    """``values`` laid out like the source magnitude (its non-1 axis resized to ``size``)."""
-    shape = list(template_shape)
-    idx = next((i for i, d in enumerate(shape) if d != 1), 0)
-    shape[idx] = size
+def canonical(values: torch.Tensor, axis: int, ndim: int, dtype: torch.dtype) -> torch.Tensor:
+    """A magnitude lorareg makes: [out] per output row (unambiguous), [1, in(, 1, 1)] per input
+    channel; the writer lays it out as each format stores it."""
+    shape = [-1] if axis == OUT else [1, -1] + [1] * (ndim - 2)
     return values.reshape(shape).to(dtype).contiguous()
