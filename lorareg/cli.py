@@ -186,7 +186,7 @@ def _push_options(f):
 @click.option("--source-model", help="Base model the LoRA was trained on: a diffusers/transformers folder, a .safetensors checkpoint, or a Hub id org/name[@rev].")
 @click.option("--target-model", help="Base model to port to (same kinds of reference).")
 @click.option("--to", "to", help="Target family, if it differs from the LoRA's (see `lorareg pairs`).")
-@click.option("--method", default="auto", show_default=True, help="auto (copy where shapes match, align where they differ), copy, lora-x, prolora, prolora-full, align. "
+@click.option("--method", default="auto", show_default=True, help="auto (copy where shapes match, align where they differ), copy, lora-x, prolora, prolora-full, align; spectral for SVDiff files (their shifts on the target's own spectrum). "
               "On bench/fidelity copy/auto recovers 76-91% of a retrained LoRA's gain, prolora-full within 1 point, "
               "lora-x/prolora/align 9-66%; see docs/methods.md.")
 @click.option("--rank-k", type=click.IntRange(min=1), help="Size k of the singular subspaces (default: min(320, min(m, n) / 4) per layer).")

@@ -135,7 +135,7 @@ def plan_for(lora: Lora, variant: Variant, rank: Optional[int], base=None, drop_
                 continue
             plan.dropped.append(DroppedItem(item=key + " (DoRA magnitude)", reason=f"--drop-dora: {variant.qualified_id} cannot store it; W' changes"))
             m = replace(m, dora_scale=None)
-        if m.kind == "svdiff":
+        if m.kind == "svdiff" and not variant.supports("svdiff", "delta"):
             with_base["SVDiff"].append(m)
             continue
         if m.kind == "lora" and "mid" in m.factors and not variant.supports("lora", "mid"):

@@ -24,6 +24,7 @@ from .engine.bases import BASES_VERSION, Basis
 from .engine.lowrank import energy
 from .engine.similarity import subspace_similarity
 from .errors import ConversionError, InputError
+from .port_svdiff import SPECTRAL, check_output, check_svdiff, spectral_step
 from .port_dora import check_dora, dora_summary, dora_warnings, port_magnitude, same_magnitude
 from .io import DTYPES, LazyTensor, atomic_write_text
 from .lora import Lora, Module
@@ -281,8 +282,8 @@ def port(
     from .api import _check_output, load, save
 
     t_start = time.perf_counter()
-    if method != AUTO and method not in METHODS:
-        raise InputError(f"unknown method {method!r} (known: {AUTO}, {', '.join(METHODS)})")
+    if method != AUTO and method not in METHODS and method != SPECTRAL:
+        raise InputError(f"unknown method {method!r} (known: {AUTO}, {', '.join(METHODS)}, {SPECTRAL})")
     if not 0.0 <= threshold <= 1.0:
         raise InputError("--threshold must be between 0 and 1")
     if output is not None:
@@ -298,7 +299,7 @@ def port(
     src_fam = registry.family(src_lora.family)
     tgt_fam = registry.family(to) if to else src_fam
     dev = resolve_device(device)
-    needs_weights = method not in ("copy", AUTO)
+    needs_weights = method not in ("copy", AUTO, SPECTRAL)
     if needs_weights and (source_model is None or target_model is None):
         raise InputError(f"--method {method} needs --source-model and --target-model (copy and auto need neither)")
     if (source_model is None) != (target_model is None):
@@ -306,6 +307,7 @@ def port(
     out_dtype = _dtype_name(dtype) if dtype else None
     refine_kind = check_refine_pair(refine, src_fam, tgt_fam) if refine is not None else None
     n_dora = check_dora(dora, src_lora, source_model is not None and target_model is not None, refine)
+    check_svdiff(method, src_lora, source_model is not None and target_model is not None, rank)
 
     with_models = source_model is not None
     pairs = resolve_pairs(src_fam, tgt_fam, [(m.component, m.name) for m in src_lora.modules.values()],
@@ -341,6 +343,12 @@ def port(
             bar.update(1)
         if pair.skipped:
             continue
+        if m.kind == "svdiff" or method == SPECTRAL:
+            m = spectral_step(m, pair, method, rep, src_w, rank)
+            if m is None or m.kind == "svdiff":
+                if m is not None:
+                    out_modules[m.key] = m
+                continue
         if m.kind != "lora" or "mid" in m.factors:
             if rank is None and m.kind != "lora":
                 rep.skipped = f"{m.type_name} module: pass --rank to refactor it to plain LoRA before porting"
@@ -391,7 +399,8 @@ def port(
         bar.close()
 
     ported = Lora(family=tgt_fam.id, modules=out_modules, metadata=dict(src_lora.metadata),
-                  format_state=src_lora.format_state, source_path=src_lora.source_path, source_sha256=src_lora.source_sha256)
+                  format_state=src_lora.format_state, source_path=src_lora.source_path, source_sha256=src_lora.source_sha256,
+                  unmapped=dict(src_lora.unmapped))
     totals = _totals(layers, src_lora)
     warnings = []
     if totals.related is False:
@@ -444,8 +453,11 @@ def port(
         out_path = Path(output)
         meta = _provenance(report, method)
         t2 = time.perf_counter()
-        conv = save(ported, out_path, format=format or (src_lora.format_state.format if src_lora.format_state else "diffusers"),
-                    force=True, extra_metadata=meta)
+        out_format = format or (src_lora.format_state.format if src_lora.format_state else "diffusers")
+        check_output(out_modules, out_format, target_model, rank)
+        svdiff_out = any(m.kind == "svdiff" for m in out_modules.values())
+        conv = save(ported, out_path, format=out_format, force=True, extra_metadata=meta,
+                    model=target_model if svdiff_out else None, rank=rank if svdiff_out else None)
         report.output = {"path": str(out_path), "format": conv.target_format, "dropped": [d.model_dump() for d in conv.dropped]}
         report.timings["write_s"] = round(time.perf_counter() - t2, 3)
         report.timings["total_s"] = round(time.perf_counter() - t_start, 3)
