@@ -151,6 +151,8 @@ def plan_for(lora: Lora, variant: Variant, rank: Optional[int], base=None, drop_
             new, err = to_plain_lora(m, rank)
             plan.refactored.append(Refactored(module=key, from_type=m.type_name, to_type=new.type_name, rank=new.rank, relative_error=err))
             plan.modules[key] = new
+    if blocked and not variant.spec.factors.get("lora"):
+        raise ConversionError(f"{variant.qualified_id} stores {'/'.join(variant.spec.factors)} only; {len(blocked)} modules are not")
     if blocked:
         kinds = sorted({m.type_name for m in blocked})
         raise ConversionError(
