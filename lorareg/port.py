@@ -25,7 +25,7 @@ from .engine.lowrank import energy
 from .engine.similarity import subspace_similarity
 from .errors import ConversionError, InputError
 from .port_svdiff import SPECTRAL, check_output, check_svdiff, spectral_step
-from .port_dora import check_dora, dora_summary, dora_warnings, port_magnitude, same_magnitude
+from .port_dora import check_dora, check_output_format, dora_summary, dora_warnings, port_magnitude, same_magnitude
 from .io import DTYPES, LazyTensor, atomic_write_text
 from .lora import Lora, Module
 from .refine.dispatch import RefineOptions, loss_summary, samples_summary
@@ -455,6 +455,7 @@ def port(
         t2 = time.perf_counter()
         out_format = format or (src_lora.format_state.format if src_lora.format_state else "diffusers")
         check_output(out_modules, out_format, target_model, rank)
+        check_output_format(out_modules, out_format)
         svdiff_out = any(m.kind == "svdiff" for m in out_modules.values())
         conv = save(ported, out_path, format=out_format, force=True, extra_metadata=meta,
                     model=target_model if svdiff_out else None, rank=rank if svdiff_out else None)

@@ -94,3 +94,19 @@ def dora_summary(report) -> list[str]:
     counts = Counter(l.dora for l in report.layers if l.dora and not l.skipped)
     parts = [f"{n} {what}" for what, n in sorted(counts.items())]
     return [f"  DoRA magnitude ({report.dora}): " + (", ".join(parts) if parts else "no DoRA layer ported")]
+
+
+def check_output_format(modules: dict, fmt_id: str) -> None:
+    """Refuse a port whose output format has no place for its magnitudes (a silent drop otherwise)."""
+    from .refactor_base import can_store_magnitude
+    from .registry import get_registry
+
+    dora = [m for m in modules.values() if m.dora_scale is not None]
+    if not dora:
+        return
+    variants = [v for v in get_registry().format(fmt_id).variants if not v.spec.read_only]
+    bad = [m for m in dora if not any(can_store_magnitude(v, m) for v in variants)]
+    if bad:
+        raise InputError(f"{len(bad)} ported modules are DoRA and format {fmt_id} cannot store their magnitudes: write a format "
+                         "that can (kohya keeps both layouts) or pass --dora drop (a plain LoRA, said in the summary and report)")
+

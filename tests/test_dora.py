@@ -148,6 +148,10 @@ def test_dora_without_models_or_with_drop_is_never_silent(llamas, tmp_path):
     with pytest.raises(InputError, match="DoRA.*--source-model"):
         lorareg.port(llamas / "dora", output=tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
+    with pytest.raises(InputError, match="cannot store their magnitudes.*--dora drop"):  # musubi has no magnitude key
+        from lorareg.port_dora import check_output_format
+
+        check_output_format(lorareg.load(llamas / "dora").modules, "musubi")
     res = lorareg.port(llamas / "dora", dora="drop", output=tmp_path / "out", progress=False)
     assert "DoRA magnitude (drop): 6 dropped" in res.summary and "WARNING: DoRA magnitude dropped" in res.summary
     report = json.loads(res.report_path.read_text())
