@@ -140,3 +140,23 @@ def test_magnitude_a_format_cannot_hold_is_refactored_or_refused(base, tmp_path)
         x, y = probes[name]
         got = mod.weight.detach() + plain.modules[f"unet:{name}"].delta_weight().reshape(mod.weight.shape)
         assert rel_err(_run(mod, x, got), y) < 1e-4, name
+
+
+def test_diffusers_loads_a_ported_dora(base, tmp_path):
+    """A port (here to the same UNet, through prolora-full at another rank: the magnitude recomputed
+    from the norms) written for diffusers: diffusers' forward is LyCORIS's."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    path = tmp_path / "dora.safetensors"
+    probes = _lycoris_dora(base, path, True)
+    out = tmp_path / "ported.safetensors"
+    res = lorareg.port(lorareg.load(path, family="tiny-sd15"), source_model=str(base), target_model=str(base), method="prolora-full",
+                       rank=8, format="diffusers", output=out, progress=False)
+    assert {l.dora for l in res.report.layers} == {"transferred"}
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    state, alphas, meta = StableDiffusionPipeline.lora_state_dict(str(out), return_lora_metadata=True)
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name="p", metadata=meta)
+    with torch.no_grad():
+        for name in NAMES:
+            x, y = probes[name]
+            assert rel_err(unet.get_submodule(name)(x), y) < 1e-4, name
