@@ -12,7 +12,8 @@ The v1 adapters are ported to v2 with lorareg.port and compared with none and wi
 retrained on v2:  gain recovered = (loss_none − loss_port) / (loss_none − loss_retrained).
 Rows: DoRA with the magnitude transferred (default) / copied / dropped; SVDiff spectral port / its
 LoRA form (copy method) at ranks 8 and 64; and the plain LoRA's copy port for reference.
-Prints a markdown table; ``--results FILE`` also writes the numbers as JSON.
+Prints a markdown table; ``--write`` puts it (with the command) in RESULTS.md's section below and the
+numbers in results_adapters.json here; ``--from-json FILE --write`` renders an earlier run's numbers.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 REPO = HERE.parents[1]
+HEADING = "## Other adapter types: DoRA and SVDiff"
 
 
 def _env(work: Path) -> None:
@@ -123,8 +125,15 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--work", type=Path, default=None)
-    ap.add_argument("--results", type=Path, default=None)
+    ap.add_argument("--write", action="store_true", help="write RESULTS.md's section and results_adapters.json here")
+    ap.add_argument("--from-json", type=Path, default=None, help="render these numbers (a results_adapters.json) instead of running")
     args = ap.parse_args(argv)
+    if args.from_json:
+        res = json.loads(args.from_json.read_text())
+        print(markdown(res))
+        if args.write:
+            write(res)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="lorareg-adapters-"))
@@ -142,12 +151,15 @@ def main(argv=None) -> int:
     task, held = as_ids(data["task_train"]), windows(as_ids(data["task_heldout"]), b.seq, b.eval_windows)
     src, tgt = args.models / "v1", args.models / "v2"
     t0 = time.perf_counter()
+    trained = 0
     for name, folder in (("v1", src), ("v2", tgt)):
         if not (work / f"dora-{name}").exists():
             train_dora(folder, work / f"dora-{name}", b, Sampler([(task, 1.0)], b.seq, b.batch, seed=21))
+            trained += 1
         if not (work / f"svdiff-{name}").exists():
             train_svdiff(folder, work / f"svdiff-{name}", b, Sampler([(task, 1.0)], b.seq, b.batch, seed=21))
-    train_s = time.perf_counter() - t0
+            trained += 1
+    train_s = time.perf_counter() - t0 if trained else None  # None: adapters of an earlier run in --work
     fam = "fid-llama"
     v1m, v2m = load_causal_lm(src), load_causal_lm(tgt)
     w1 = {n: p.detach() for n, p in v1m.named_parameters()}
@@ -186,14 +198,32 @@ def main(argv=None) -> int:
 
     src_gain = {"LoRA": ev1.loss(effective_deltas(load(args.models / "lora-v1"), w1)), "DoRA": ev1.loss(effective_deltas(dora_src, w1)),
                 "SVDiff": ev1.loss(effective_deltas(sv_src, w1))}
-    print("\n| adapter | port to v2 | held-out loss | retrained on v2 | gain recovered |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['adapter']} | {r['port']} | {r['loss']:.4f} | {r['retrained']:.4f} | {100 * r['gain']:.1f}% |")
-    print(f"\nv2 with no adapter: {none:.4f}; on v1: no adapter {ev1.loss():.4f}, " + ", ".join(f"{k} {v:.4f}" for k, v in src_gain.items())
-          + f"; training {train_s:.0f} s")
-    if args.results:
-        args.results.write_text(json.dumps({"none_v2": none, "rows": rows, "source": src_gain, "train_s": train_s}, indent=2) + "\n")
+    res = {"none_v2": none, "none_v1": ev1.loss(), "rows": rows, "source": src_gain, "train_s": train_s, "steps": b.lora_steps,
+           "eval_windows": b.eval_windows, "threads": torch.get_num_threads(), "command": "python bench/fidelity/adapters.py " + " ".join(argv or sys.argv[1:])}
+    print(markdown(res))
+    if args.write:
+        write(res)
     return 0
+
+
+def markdown(res: dict) -> str:
+    L = [HEADING, "", f"`{res['command']}` (LM v1 -> v2, the checkpoint upgrade; {res['steps']} training steps per adapter, "
+         f"{res['eval_windows']} held-out windows; {res['threads']} thread(s), "
+         + (f"training {res['train_s']:.0f} s" if res.get("train_s") else "adapters trained by an earlier run in the same --work") + "). Each adapter type's gain is "
+         "relative to the same type retrained on v2.", "",
+         "| adapter | port to v2 | held-out loss | retrained on v2 | gain recovered |", "|---|---|---|---|---|"]
+    L += [f"| {r['adapter']} | {r['port']} | {r['loss']:.4f} | {r['retrained']:.4f} | {100 * r['gain']:.1f}% |" for r in res["rows"]]
+    L += ["", f"v2 with no adapter: {res['none_v2']:.4f}; on v1: no adapter {res.get('none_v1', float('nan')):.4f}, "
+          + ", ".join(f"{k} {v:.4f}" for k, v in res["source"].items()) + ".", ""]
+    return "\n".join(L)
+
+
+def write(res: dict) -> None:
+    from run import _replace_section
+
+    (HERE / "results_adapters.json").write_text(json.dumps(res, indent=1) + "\n")
+    md = HERE / "RESULTS.md"
+    md.write_text(_replace_section(md.read_text(), HEADING, markdown(res)))
 
 
 if __name__ == "__main__":
