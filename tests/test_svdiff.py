@@ -135,3 +135,22 @@ def test_lora_form_port_and_its_refusal(models, tmp_path):
     out = CliRunner().invoke(main, ["port", str(src), "--method", "spectral", "-o", str(tmp_path / "c.safetensors"), "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["totals"]["ported"] == 83
+
+
+def test_real_sd15_unet_and_text_encoder_layouts(tmp_path):
+    """Every Linear/Conv2d of the real SD1.5 UNet (built on meta: shapes only) and CLIP-L: detected as sd15."""
+    from peer_files import meta_unet
+
+    unet = meta_unet("sd15")
+    sd = {f"{n}.delta": torch.zeros(min(m.weight.shape[0], m.weight[0].numel())) for n, m in unet.named_modules()
+          if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    sd.update({f"{n}.delta": torch.zeros(1) for n, m in unet.named_modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))})
+    save_file(sd, str(tmp_path / "spectral_shifts.safetensors"))
+    info = lorareg.inspect(tmp_path / "spectral_shifts.safetensors")
+    assert (info.format, info.family, info.adapter_type, info.components) == ("svdiff", "sd15", "svdiff", ["unet"])
+    assert all(k.endswith(".delta") and ("norm" in k) for k in info.unmapped_keys)
+    te = {f"text_model.encoder.layers.{i}.self_attn.{p}.delta": torch.zeros(768) for i in range(12) for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    te["text_model.final_layer_norm.delta"] = torch.zeros(1)
+    save_file(te, str(tmp_path / "spectral_shifts_te.safetensors"))
+    info = lorareg.inspect(tmp_path / "spectral_shifts_te.safetensors")
+    assert (info.format, info.family, info.components, info.num_modules) == ("svdiff", "sd15", ["text_encoder"], 48)
