@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import lorareg
 from lorareg.engine.dora import IN, OUT, magnitude_axis, merged_norms, merged_weight, transfer_magnitude
-from lorareg.errors import InputError
+from lorareg.core.errors import InputError
 from lora_factory import tiny_family_config
 
 pytestmark = pytest.mark.usefixtures("tiny_families")
@@ -149,7 +149,7 @@ def test_dora_without_models_or_with_drop_is_never_silent(llamas, tmp_path):
         lorareg.port(llamas / "dora", output=tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
     with pytest.raises(InputError, match="cannot store their magnitudes.*--dora drop"):  # musubi has no magnitude key
-        from lorareg.port_dora import check_output_format
+        from lorareg.port.dora import check_output_format
 
         check_output_format(lorareg.load(llamas / "dora").modules, "musubi")
     res = lorareg.port(llamas / "dora", dora="drop", output=tmp_path / "out", progress=False)
@@ -162,7 +162,7 @@ def test_dora_without_models_or_with_drop_is_never_silent(llamas, tmp_path):
 def test_cli_port_dora_option(llamas, tmp_path):
     from click.testing import CliRunner
 
-    from lorareg.cli import main
+    from lorareg.apps.cli.main import main
 
     res = CliRunner().invoke(main, ["port", str(llamas / "dora"), "-o", str(tmp_path / "o"), "--json"])
     assert res.exit_code != 0 and "--dora drop" in res.output and "Traceback" not in res.output

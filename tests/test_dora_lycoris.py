@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 import lorareg
 from lorareg.engine.dora import IN, OUT
-from lorareg.errors import ConversionError
-from lorareg.refactor_base import dora_axis, dora_delta
+from lorareg.core.errors import ConversionError
+from lorareg.formats.base_refactor import dora_axis, dora_delta
 from lora_factory import tiny_family_config
 from peer_files import lycoris_preset, peer_messages, rel_err
 

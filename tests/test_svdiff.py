@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import lorareg
-from lorareg.cli import main
-from lorareg.errors import ConversionError, DetectionError, InputError
+from lorareg.apps.cli.main import main
+from lorareg.core.errors import ConversionError, DetectionError, InputError
 from lora_factory import tiny_family_config
 
 pytestmark = pytest.mark.usefixtures("tiny_families")

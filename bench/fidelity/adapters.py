@@ -104,7 +104,7 @@ def train_svdiff(model_dir: Path, out: Path, b, sampler) -> None:
 
 def effective_deltas(lora, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """W' − W on the model each module is applied to (DoRA: with its magnitude; SVDiff: its shifts)."""
-    from lorareg.refactor_base import dora_delta, svdiff_delta
+    from lorareg.formats.base_refactor import dora_delta, svdiff_delta
 
     out = {}
     for m in lora.modules.values():

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import ConversionError
+from ..core.errors import ConversionError
 
 OUT, IN = 0, 1
 PEFT_SUFFIX = "lora_magnitude_vector"

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import ConversionError
+from ..core.errors import ConversionError
 
 
 def full_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
