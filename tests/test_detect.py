@@ -147,3 +147,13 @@ def test_locon_reported_as_locon(tmp_path):
     lora = make_lora("sd15", r"^unet:down_blocks\.0\.resnets\.0\.conv1$", rank=2)
     info = lorareg.inspect(write(lora, tmp_path / "c.safetensors", "kohya"))
     assert info.adapter_type == "locon"
+
+
+def test_sd_scripts_lora_with_1x1_convs_is_lora_and_with_3x3_is_locon(tmp_path):
+    """sd-scripts' SD1.5 LoRA adapts proj_in/proj_out, 1×1 convs (linear maps): a LoRA, not 'mixed'."""
+    attn = r"^unet:down_blocks\.1\.attentions\.0\.(proj_in|proj_out|transformer_blocks\.0\.attn1\.to_q)$"
+    info = lorareg.inspect(write(make_lora("sd15", attn, rank=2), tmp_path / "l.safetensors", "kohya"))
+    assert info.adapter_type == "lora" and info.adapter_types == ["lora"]
+    locon = make_lora("sd15", attn + r"|^unet:down_blocks\.1\.resnets\.0\.conv1$", rank=2)
+    info = lorareg.inspect(write(locon, tmp_path / "c.safetensors", "kohya"))
+    assert info.adapter_type == "locon" and info.adapter_types == ["locon", "lora"]

@@ -12,10 +12,11 @@ from typing import Literal, Optional
 import torch
 from pydantic import BaseModel, Field
 
+from .errors import ConversionError
 from .io import LazyTensor
 from .names import numel
 
-AdapterType = Literal["lora", "loha", "lokr", "full"]
+AdapterType = Literal["lora", "loha", "lokr", "full", "svdiff"]
 
 # Factor roles of each adapter type (names follow the LyCORIS/kohya vocabulary).
 FACTOR_ROLES: dict[str, tuple[str, ...]] = {
@@ -23,6 +24,7 @@ FACTOR_ROLES: dict[str, tuple[str, ...]] = {
     "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
     "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
     "full": ("diff", "diff_b"),
+    "svdiff": ("delta",),  # shifts δ of the base weight's singular values (arXiv 2303.11305)
 }
 REQUIRED_ROLES: dict[str, tuple[tuple[str, ...], ...]] = {
     # each inner tuple: one of these must be present
@@ -30,14 +32,32 @@ REQUIRED_ROLES: dict[str, tuple[tuple[str, ...], ...]] = {
     "loha": (("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)),
     "lokr": (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")),
     "full": (("diff",),),
+    "svdiff": (("delta",),),
 }
 
 
-def display_type(kind: str, factors: dict) -> str:
-    """The name users know: LoCon is plain LoRA on a convolution."""
-    if kind == "lora" and len(factors["down"].shape) == 4:
+def display_type(kind: str, factors: dict, dora: bool = False) -> str:
+    """The name users know: DoRA is LoRA with a magnitude; LoCon is LoRA on a spatial (k×k) convolution.
+
+    A 1×1 convolution (SD1.5's proj_in/proj_out in sd-scripts LoRAs) is a linear map: plain LoRA.
+    """
+    if dora:
+        return "dora"
+    if kind == "lora" and len(factors["down"].shape) == 4 and (_spatial(factors["down"].shape) or "mid" in factors):
         return "locon"
     return kind
+
+
+def _spatial(shape) -> bool:
+    return any(d > 1 for d in shape[2:])
+
+
+def file_type(types: list[str]) -> str:
+    """One name for a whole file: a LoCon file also adapts linear layers, so lora + locon is locon."""
+    names = set(types)
+    if "locon" in names:
+        names.discard("lora")
+    return next(iter(names)) if len(names) == 1 else "mixed"
 
 
 @dataclass
@@ -84,10 +104,15 @@ class Module:
 
     @property
     def type_name(self) -> str:
-        return display_type(self.kind, self.factors)
+        return display_type(self.kind, self.factors, self.dora_scale is not None)
 
     def delta_weight(self) -> torch.Tensor:
-        """Dense ΔW in fp32 (small or test-sized modules; the engine never calls this)."""
+        """Dense ΔW in fp32 (small or test-sized modules; the engine never calls this).
+
+        ΔW of the factors only: a DoRA magnitude and SVDiff shifts act through the base weight
+        (lorareg.engine.dora, lorareg.engine.svdiff)."""
+        if self.kind == "svdiff":
+            raise ConversionError(f"{self.key}: SVDiff shifts give ΔW only with the base weight (pass the base model)")
         f = {k: v.float() for k, v in self.factors.items()}
         if self.kind == "lora":
             dw = _lora_product(f)
@@ -166,6 +191,10 @@ class Lora:
     @property
     def adapter_types(self) -> list[str]:
         return sorted({m.type_name for m in self.modules.values()})
+
+    @property
+    def adapter_type(self) -> str:
+        return file_type(self.adapter_types)
 
     def ranks(self) -> dict[str, int]:
         counts: dict[str, int] = {}

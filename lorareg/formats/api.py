@@ -34,6 +34,7 @@ from ..registry import Registry, get_registry
 from ..sources import civitai
 from ..sources.civitai_refs import looks_like_civitai_ref
 from ..sources.refs import looks_like_hub_ref
+from ..sources.weights import open_model
 from .reader import LORA_ADAPTER_METADATA, assemble, parse_keys
 from .writer import write_modules
 
@@ -190,7 +191,7 @@ def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[st
         family=det.family,
         confidence=det.confidence,
         fitting_families=det.fitting_families,
-        adapter_type=types[0] if len(types) == 1 else "mixed",
+        adapter_type=lora.adapter_type,
         adapter_types=types,
         components=lora.components,
         num_modules=len(lora.modules),
@@ -224,13 +225,21 @@ def save(
     rank: Optional[int] = None,
     force: bool = False,
     extra_metadata: Optional[dict[str, str]] = None,
+    model: Optional[str] = None,
+    drop_dora: bool = False,
 ) -> ConversionReport:
-    """Write a LoRA in a format (default: the one it was read from). Atomic; never touches the input."""
-    return _save(lora, path, format=format, variant=variant, rank=rank, force=force, extra_metadata=extra_metadata)
+    """Write a LoRA in a format (default: the one it was read from). Atomic; never touches the input.
+
+    ``model``: the base model (folder, checkpoint or Hub id), needed to refactor DoRA modules for a
+    format without magnitudes and SVDiff modules into LoRA (with ``rank``); ``drop_dora`` drops the
+    magnitudes instead (listed as dropped)."""
+    return _save(lora, path, format=format, variant=variant, rank=rank, force=force, extra_metadata=extra_metadata,
+                 model=model, drop_dora=drop_dora)
 
 
 def _save(lora: Lora, path: PathLike, *, format: Optional[str], variant: Optional[str], rank: Optional[int], force: bool,
-          extra_metadata: Optional[dict[str, str]], pending: Optional[Future] = None) -> ConversionReport:
+          extra_metadata: Optional[dict[str, str]], pending: Optional[Future] = None, model: Optional[str] = None,
+          drop_dora: bool = False) -> ConversionReport:
     """``save``; ``pending``: the source's hashes, still computing (awaited only once the output's own
     hashes are done, so that both run at once)."""
     registry = get_registry()
@@ -256,7 +265,10 @@ def _save(lora: Lora, path: PathLike, *, format: Optional[str], variant: Optiona
     if family is None:
         raise InputError("the LoRA has no family; pass one")
     check_target(var)
-    plan = plan_for(lora, var, rank)
+    base = None
+    if model is not None:
+        base = open_model(family, model, lora.components)
+    plan = plan_for(lora, var, rank, base=base, drop_dora=drop_dora)
     planned = Lora(
         family=lora.family,
         modules=plan.modules,
@@ -274,7 +286,7 @@ def _save(lora: Lora, path: PathLike, *, format: Optional[str], variant: Optiona
         _set_source_hashes(lora, pending.result())
     metadata = {**_output_metadata(lora, fmt.id, var.id, written.metadata, extra_metadata), **own}
     dropped = [DroppedItem(item=k, reason=v) for k, v in sorted(lora.unmapped.items())]
-    dropped += [DroppedItem(item=d.item, reason=d.reason) for d in written.dropped]
+    dropped += plan.dropped + [DroppedItem(item=d.item, reason=d.reason) for d in written.dropped]
     if fmt.spec.container == "peft_dir":
         _write_peft_dir(path, written.tensors, metadata, written.peft_config or {}, force)
     else:
@@ -350,8 +362,10 @@ def convert(
     force: bool = False,
     allow_unmapped: bool = False,
     allow_nonfinite: bool = False,
+    model: Optional[str] = None,
+    drop_dora: bool = False,
 ) -> ConversionReport:
-    """Convert a LoRA file or PEFT folder to another key format."""
+    """Convert a LoRA file or PEFT folder to another key format (``model``, ``drop_dora``: see save)."""
     source, output = Path(source), Path(output)
     check_output(source, output, force)
     registry = get_registry()
@@ -370,4 +384,5 @@ def convert(
                 raise ConversionError(
                     f"{source}: {len(bad)} factor tensors hold NaN/Inf values; pass --allow-nonfinite to convert anyway"
                 )
-        return _save(lora, output, format=to, variant=variant, rank=rank, force=force, extra_metadata=None, pending=digest)
+        return _save(lora, output, format=to, variant=variant, rank=rank, force=force, extra_metadata=None, pending=digest,
+                     model=model, drop_dora=drop_dora)

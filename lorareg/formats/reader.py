@@ -168,6 +168,9 @@ def _check_shapes(result: ParseResult, tensors: Mapping[str, LazyTensor]) -> Non
         elif pk.kind == "dora_scale":
             if out not in t.shape and inn not in t.shape:
                 bad = f"magnitude shape {list(t.shape)} fits neither {out} nor {inn}"
+        elif pk.kind == "svdiff":  # one shift per singular value of the (flattened) weight
+            if len(t.shape) != 1 or t.shape[0] != min(out, inn):
+                bad = f"spectral shift shape {list(t.shape)} != [min(out, in)] = [{min(out, inn)}]"
         elif pk.kind == "full" and pk.role == "diff":
             if t.shape[0] != out:
                 bad = f"output size {t.shape[0]} != {out}"

@@ -18,6 +18,7 @@ from ..engine.lowrank import recompress, relative_error
 from ..core.io import LazyTensor
 from ..core.lora import Lora, Module
 from ..registry import Variant
+from .base_refactor import can_store_magnitude, check_base, dora_delta, svdiff_delta
 
 
 class Refactored(BaseModel):
@@ -49,6 +50,7 @@ class ConversionReport(BaseModel):
 class Plan:
     modules: dict[str, Module] = field(default_factory=dict)
     refactored: list[Refactored] = field(default_factory=list)
+    dropped: list[DroppedItem] = field(default_factory=list)
 
 
 def _rel_error(ref: torch.Tensor, approx: torch.Tensor) -> float:
@@ -79,17 +81,20 @@ def _factored(m: Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None
 
 
-def to_plain_lora(m: Module, rank: int) -> tuple[Module, float]:
-    """Best rank-``rank`` plain LoRA of any module (truncated SVD of its ΔW); scale folded in."""
+def to_plain_lora(m: Module, rank: int, delta: Optional[torch.Tensor] = None) -> tuple[Module, float]:
+    """Best rank-``rank`` plain LoRA of any module (truncated SVD of its ΔW); scale folded in.
+
+    ``delta``: the module's whole effect W' − W when it needs the base weight (DoRA, SVDiff): the
+    result is then a plain LoRA without magnitude."""
     shape = tuple(m.weight_shape) if m.weight_shape else tuple(m.delta_weight().shape)
-    factored = _factored(m)
+    factored = _factored(m) if delta is None else None
     if factored is not None:
         full_up, full_down = factored
         up, down = recompress(full_up, full_down, rank)
         err = relative_error(up, down, full_up, full_down)
         r = up.shape[1]
     else:
-        mat = m.delta_weight().reshape(shape[0], -1)
+        mat = (m.delta_weight() if delta is None else delta.float()).reshape(shape[0], -1)
         U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
         r = min(rank, S.numel())
         root = S[:r].sqrt()
@@ -108,17 +113,29 @@ def to_plain_lora(m: Module, rank: int) -> tuple[Module, float]:
         "lora",
         {"down": LazyTensor.from_torch(down.to(dtype).contiguous()), "up": LazyTensor.from_torch(up.to(dtype).contiguous())},
         float(r),  # alpha = rank: the scale is already inside the factors
-        m.dora_scale,
+        m.dora_scale if delta is None else None,
         m.weight_shape,
         list(m.source_keys),
     )
     return new, err
 
 
-def plan_for(lora: Lora, variant: Variant, rank: Optional[int]) -> Plan:
+def plan_for(lora: Lora, variant: Variant, rank: Optional[int], base=None, drop_dora: bool = False) -> Plan:
+    """``base``: the base model's weights (lorareg.weights.BaseWeights), for the refactorings that need
+    them (DoRA into a format without magnitudes, SVDiff into any LoRA format)."""
     plan = Plan()
     blocked: list[Module] = []
+    with_base: dict[str, list[Module]] = {"DoRA": [], "SVDiff": []}
     for key, m in lora.modules.items():
+        if m.dora_scale is not None and not can_store_magnitude(variant, m):
+            if not drop_dora:
+                with_base["DoRA"].append(m)
+                continue
+            plan.dropped.append(DroppedItem(item=key + " (DoRA magnitude)", reason=f"--drop-dora: {variant.qualified_id} cannot store it; W' changes"))
+            m = replace(m, dora_scale=None)
+        if m.kind == "svdiff" and not variant.supports("svdiff", "delta"):
+            with_base["SVDiff"].append(m)
+            continue
         if m.kind == "lora" and "mid" in m.factors and not variant.supports("lora", "mid"):
             new = fold_tucker(m)
             err = _rel_error(m.delta_weight(), new.delta_weight())
@@ -132,12 +149,24 @@ def plan_for(lora: Lora, variant: Variant, rank: Optional[int]) -> Plan:
             new, err = to_plain_lora(m, rank)
             plan.refactored.append(Refactored(module=key, from_type=m.type_name, to_type=new.type_name, rank=new.rank, relative_error=err))
             plan.modules[key] = new
+    if blocked and not variant.spec.factors.get("lora"):
+        raise ConversionError(f"{variant.qualified_id} stores {'/'.join(variant.spec.factors)} only; {len(blocked)} modules are not")
     if blocked:
         kinds = sorted({m.type_name for m in blocked})
         raise ConversionError(
             f"{len(blocked)} modules are {'/'.join(kinds)}, which {variant.qualified_id} cannot express; "
             "pass --rank R to refactor them to plain LoRA (lossy; the error of each module is reported)"
         )
+    for what, mods in with_base.items():
+        if not mods:
+            continue
+        check_base(base, rank, len(mods), what, variant.qualified_id)
+        for m in mods:
+            weight = base.weight(m.component, m.name)
+            delta = dora_delta(m, weight) if what == "DoRA" else svdiff_delta(m, weight)
+            new, err = to_plain_lora(m, rank, delta=delta)
+            plan.refactored.append(Refactored(module=m.key, from_type=m.type_name, to_type=new.type_name, rank=new.rank, relative_error=err))
+            plan.modules[m.key] = new
     return plan
 
 

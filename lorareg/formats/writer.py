@@ -13,6 +13,7 @@ import torch
 from ..core.errors import ConversionError
 from ..core.io import DTYPES, LazyTensor
 from ..core.lora import FormatState, Lora, Module
+from ..engine.dora import OUT, PEFT_SUFFIX, magnitude_axis
 from .reader import LORA_ADAPTER_METADATA
 from ..registry import CANONICAL, Family, Variant
 from ..registry.naming import FusedModule, flatten
@@ -144,7 +145,7 @@ def _emit(out: Written, variant: Variant, base: str, m: Module, factors, alpha, 
     if m.dora_scale is not None:
         if variant.spec.dora_scale:
             suffix = variant.suffix_text("dora_scale", "dora_scale", spelling(m, "dora_scale", "dora_scale"))
-            _put(out, base + suffix, _dora_layout(m.dora_scale, suffix))
+            _put(out, base + suffix, _dora_layout(m, suffix))
         else:
             out.dropped.append(Dropped(m.key + " (DoRA magnitude)", f"{variant.qualified_id} cannot store DoRA magnitudes"))
     if store == "tensor" and alpha is not None:
@@ -158,14 +159,20 @@ def _put(out: Written, key: str, t: LazyTensor) -> None:
     out.tensors[key] = t
 
 
-def _dora_layout(t: LazyTensor, suffix: str) -> LazyTensor:
-    """PEFT keeps the magnitude as a vector [out]; LyCORIS/kohya as a column [out, 1]."""
-    vector = suffix.endswith("lora_magnitude_vector")
-    if vector and len(t.shape) == 2 and t.shape[1] == 1:
-        return LazyTensor.from_torch(t.torch().reshape(-1))
-    if not vector and len(t.shape) == 1:
-        return LazyTensor.from_torch(t.torch().reshape(-1, 1))
-    return t
+def _dora_layout(m: Module, suffix: str) -> LazyTensor:
+    """PEFT keeps the magnitude as a vector [out] (Linear) or [1, out, 1, 1] (Conv2d); LyCORIS/kohya as
+    [out, 1(, 1, 1)] (per output) or [1, in(, 1, 1)] (per input). The values are never changed."""
+    t = m.dora_scale
+    if not m.weight_shape:
+        return t
+    nd = len(m.weight_shape)
+    axis = magnitude_axis(t.shape, m.weight_shape, any(k.endswith(PEFT_SUFFIX) for k in m.source_keys))
+    n = t.numel
+    if suffix.endswith(PEFT_SUFFIX):
+        shape = [n] if nd == 2 else [1, n] + [1] * (nd - 2)
+    else:
+        shape = [n] + [1] * (nd - 1) if axis == OUT else [1, n] + [1] * (nd - 2)
+    return t if list(t.shape) == shape else LazyTensor.from_torch(t.torch().reshape(shape))
 
 
 def _fuse(group: FusedModule, members: list[Module]):

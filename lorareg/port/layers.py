@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from ..core.errors import ConversionError
 from ..core.io import DTYPES, LazyTensor
 from ..core.lora import Lora, Module
 from ..engine.relatedness import LayerRelatedness, Relatedness
@@ -16,7 +17,9 @@ from ..formats.refactor import fold_tucker, to_plain_lora
 from .bases import BasesStore, flat
 from .options import AUTO, PortOptions
 from .pairs import Pair
+from .dora import port_magnitude, same_magnitude
 from .report import LayerReport, rounded
+from .svdiff import SPECTRAL, spectral_step
 
 #: methods that return ΔW unchanged when the target weight is the source weight (docs/methods.md)
 IDENTITY_ON_SAME_WEIGHT = ("copy", "prolora-full")
@@ -30,14 +33,15 @@ class ProjectedLayers:
 
 
 def project_layers(lora: Lora, pairs: list[Pair], bases: Optional[BasesStore], options: PortOptions, out_dtype: Optional[str],
-                   device: torch.device, progress=None, streamed: Optional[Relatedness] = None) -> ProjectedLayers:
+                   device: torch.device, progress=None, streamed: Optional[Relatedness] = None, weights: tuple = (None, None)) -> ProjectedLayers:
     """Port every pair of ``lora`` (bases None: no base weights, by names only); one report line per pair.
 
-    ``streamed``: the streamed check's per-layer distance and cosine of the base weights, when it ran."""
+    ``streamed``: the streamed check's per-layer distance and cosine of the base weights, when it ran.
+    ``weights``: the (source, target) BaseWeights, for DoRA magnitudes and SVDiff shifts."""
     out = ProjectedLayers()
     by_layer = {l.name: l for l in streamed.layers} if streamed else {}
     for pair in pairs:
-        rep = _project_one(lora.modules[pair.key], pair, bases, options, out_dtype, device, out, by_layer.get(pair.key))
+        rep = _project_one(lora.modules[pair.key], pair, bases, options, out_dtype, device, out, by_layer.get(pair.key), weights)
         out.layers.append(rep)
         if progress:
             progress.update(1)
@@ -45,7 +49,7 @@ def project_layers(lora: Lora, pairs: list[Pair], bases: Optional[BasesStore], o
 
 
 def _project_one(m: Module, pair: Pair, bases: Optional[BasesStore], options: PortOptions, out_dtype: Optional[str],
-                 device: torch.device, out: ProjectedLayers, rel: Optional[LayerRelatedness]) -> LayerReport:
+                 device: torch.device, out: ProjectedLayers, rel: Optional[LayerRelatedness], weights: tuple = (None, None)) -> LayerReport:
     method = options.method if options.method != AUTO else (DEFAULT_METHOD if pair.same_shape else DEFAULT_MISMATCH_METHOD)
     rep = LayerReport(source=pair.key, method=method, target=_target_key(pair), source_shape=pair.source_shape,
                       target_shape=pair.target_shape, rule=pair.rule, rank_in=m.rank, skipped=pair.skipped)
@@ -54,6 +58,13 @@ def _project_one(m: Module, pair: Pair, bases: Optional[BasesStore], options: Po
     if pair.skipped:
         return rep
     rank = options.rank
+    orig = m
+    if m.kind == "svdiff" or options.method == SPECTRAL:
+        m = spectral_step(m, pair, options.method, rep, weights[0], rank)
+        if m is None or m.kind == "svdiff":
+            if m is not None:
+                out.modules[m.key] = m
+            return rep
     if m.kind != "lora" or "mid" in m.factors:
         if rank is None and m.kind != "lora":
             rep.skipped = f"{m.type_name} module: pass --rank to refactor it to plain LoRA before porting"
@@ -69,6 +80,10 @@ def _project_one(m: Module, pair: Pair, bases: Optional[BasesStore], options: Po
         rep.similarity = rep.similarity_in = rep.similarity_out = rep.kept_energy = 1.0
         rep.rank_out = m.rank
         new = Module(pair.target_component, pair.target_module, "lora", dict(m.factors), m.alpha, None, tuple(pair.target_shape), [])
+        if m.dora_scale is not None and options.dora != "drop":
+            new.dora_scale, rep.dora = same_magnitude(orig), "kept (same weight)"
+        elif m.dora_scale is not None:
+            rep.dora = "dropped"
         out.modules[new.key] = new
         return rep
     up, down = flat(m.factors["up"].float()), flat(m.factors["down"].float())
@@ -88,6 +103,12 @@ def _project_one(m: Module, pair: Pair, bases: Optional[BasesStore], options: Po
         rep.skipped = f"similarity {sim:.3f} below threshold {options.threshold}"
         return rep
     new = _to_module(m, pair, proj.up.cpu(), proj.down.cpu(), out_dtype)
+    if m.dora_scale is not None:
+        try:
+            rep.dora = port_magnitude(orig, m, new, pair, options.dora, *weights)
+        except ConversionError as e:
+            rep.skipped = str(e).splitlines()[0]
+            return rep
     rep.rank_out = new.rank
     out.modules[new.key] = new
     return rep

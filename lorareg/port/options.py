@@ -13,6 +13,7 @@ from ..core.errors import InputError
 from ..engine import METHODS
 from ..refine.options import RefineOptions
 from ..sources.refs import public_lora_ref, public_model_ref
+from .svdiff import SPECTRAL
 
 AUTO = "auto"
 DEFAULT_THRESHOLD = 0.0
@@ -47,6 +48,8 @@ class PortOptions(BaseModel):
     #: how the two base models are compared (with both models): "streamed" weight distance/cosine, or "bases" (top-k SVD);
     #: None: streamed for copy ports without a threshold, else bases (port/check.py)
     check: Optional[str] = None
+    #: DoRA magnitudes: transfer (rescaled to the target's norms; needs both models), copy (as stored) or drop (said in the report)
+    dora: str = "transfer"
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "PortOptions":
@@ -70,11 +73,11 @@ class PortOptions(BaseModel):
 
     def check_preconditions(self) -> None:
         """The preconditions that need no file: known method, threshold range, models given together."""
-        if self.method != AUTO and self.method not in METHODS:
-            raise InputError(f"unknown method {self.method!r} (known: {AUTO}, {', '.join(METHODS)})")
+        if self.method != AUTO and self.method not in METHODS and self.method != SPECTRAL:
+            raise InputError(f"unknown method {self.method!r} (known: {AUTO}, {', '.join(METHODS)}, {SPECTRAL})")
         if not 0.0 <= self.threshold <= 1.0:
             raise InputError("--threshold must be between 0 and 1")
-        if self.method not in ("copy", AUTO) and (self.source_model is None or self.target_model is None):
+        if self.method not in ("copy", AUTO, SPECTRAL) and (self.source_model is None or self.target_model is None):
             raise InputError(f"--method {self.method} needs --source-model and --target-model (copy and auto need neither)")
         if (self.source_model is None) != (self.target_model is None):
             raise InputError("give both --source-model and --target-model, or neither")
@@ -133,6 +136,7 @@ _OUTPUT_FLAGS = (
     ("rank_k", "--rank-k"),
     ("threshold", "--threshold"),
     ("rank", "--rank"),
+    ("dora", "--dora"),
     ("dtype", "--dtype"),
     ("format", "--format"),
     ("align_blocks", "--no-align"),

@@ -20,6 +20,7 @@ from ..sources.provenance import local_weights_sha256, source_lora_record
 from ..sources.refs import public_lora_ref, public_model_ref
 from ..sources.weights import BaseWeights
 from .bases import flat
+from .dora import dora_summary
 
 #: below this mean subspace similarity the two base models look unrelated (bench/fidelity: unrelated
 #: models < 0.3, related checkpoints and distillations >= 0.79): the port is flagged
@@ -45,6 +46,7 @@ class LayerReport(BaseModel):
     skipped: Optional[str] = None
     relative_distance: Optional[float] = Field(None, description="‖W_t − W_s‖ / ‖W_s‖ of the base weights (streamed check)")
     cosine: Optional[float] = Field(None, description="⟨W_s, W_t⟩ / (‖W_s‖ ‖W_t‖) of the base weights (streamed check)")
+    dora: Optional[str] = Field(None, description="DoRA magnitude: transferred, kept (same weight), copied or dropped")
 
 
 class ModelInfo(BaseModel):
@@ -90,6 +92,7 @@ class PortReport(BaseModel):
     cache: dict[str, int]
     refine: Optional[dict[str, Any]] = None
     check: Optional[dict[str, Any]] = Field(None, description="how the base models were compared: streamed or bases, bytes read")
+    dora: Optional[str] = Field(None, description="how DoRA magnitudes were ported (transfer, copy, drop); None: no DoRA module")
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -182,6 +185,7 @@ def provenance_metadata(report: PortReport) -> dict[str, str]:
         "lorareg.port.target_family": report.target_model.family,
         "lorareg.port.layers": json.dumps({"ported": t.ported, "skipped": t.skipped, "mean_similarity": t.mean_similarity, "energy_kept": t.energy_kept}),
         "lorareg.port.params": json.dumps({"rank_k": report.rank_k, "threshold": report.threshold, "rank": report.rank}),
+        **({"lorareg.port.dora": report.dora} if report.dora else {}),
     }
 
 
@@ -204,6 +208,7 @@ def summarize(report: PortReport) -> str:
             reasons[l.skipped] = reasons.get(l.skipped, 0) + 1
     for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]:
         lines.append(f"  skipped {n}: {why}")
+    lines += dora_summary(report)
     for w in report.warnings:
         lines.append(f"  WARNING: {w}")
     if report.check and report.check.get("kind") == "streamed":

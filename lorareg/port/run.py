@@ -26,6 +26,8 @@ from .. import refine as refinement
 from ..registry import Family, get_registry
 from ..sources.weights import BaseWeights, open_model
 from .bases import BasesStore
+from .dora import check_dora, check_output_format, dora_warnings
+from .svdiff import check_output as check_svdiff_output, check_svdiff
 from .check import check_info, check_kind, streamed_check
 from .layers import project_layers
 from .options import PortOptions
@@ -59,6 +61,8 @@ def port(lora: Union[str, Path, Lora], options: Optional[PortOptions] = None, **
     device = resolve_device(opts.device)
     out_dtype = _dtype_name(opts.dtype) if opts.dtype else None
     refine_kind = refinement.check_pair(opts.refine, src_fam, tgt_fam) if opts.refine is not None else None
+    n_dora = check_dora(opts.dora, src_lora, opts.with_models, opts.refine)
+    check_svdiff(opts.method, src_lora, opts.with_models, opts.rank)
 
     pairs = resolve_pairs(src_fam, tgt_fam, [(m.component, m.name) for m in src_lora.modules.values()],
                           allow_shape_mismatch=(opts.method == "align" or (opts.method == "auto" and opts.with_models)))
@@ -73,15 +77,18 @@ def port(lora: Union[str, Path, Lora], options: Optional[PortOptions] = None, **
         pairs = plan_with_weights(pairs, src_fam, tgt_fam, models.source, models.target, bases, opts.align_blocks, opts.progress)
 
     bar = progress_bar(len(pairs), "projecting", opts.progress)
-    projected = project_layers(src_lora, pairs, bases, opts, out_dtype, device, bar, streamed)
+    projected = project_layers(src_lora, pairs, bases, opts, out_dtype, device, bar, streamed, (models.source, models.target))
     if bar:
         bar.close()
     report = _report(src_lora, src_fam, tgt_fam, models, projected, bases, cache, opts, device)
     report.check = check_info(kind, streamed)
+    report.dora = opts.dora if n_dora else None
+    report.warnings += dora_warnings(opts.dora, projected.layers)
     if streamed is not None:
         report.timings["streamed_check_s"] = round(streamed.seconds, 3)
     ported = Lora(family=tgt_fam.id, modules=projected.modules, metadata=dict(src_lora.metadata), format_state=src_lora.format_state,
-                  source_path=src_lora.source_path, source_sha256=src_lora.source_sha256, source_hashes=src_lora.source_hashes)
+                  source_path=src_lora.source_path, source_sha256=src_lora.source_sha256, source_hashes=src_lora.source_hashes,
+                  unmapped=dict(src_lora.unmapped))
     if refine_kind is not None:
         ported = _refine(refine_kind, ported, src_lora, src_fam, tgt_fam, models, report, opts, device)
     result = PortResult(lora=ported, report=report)
@@ -161,7 +168,12 @@ def _write(result: PortResult, src_lora: Lora, opts: PortOptions) -> None:
     report = result.report
     t0 = time.perf_counter()
     default_format = src_lora.format_state.format if src_lora.format_state else "diffusers"
-    conv = save(result.lora, out_path, format=opts.format or default_format, force=True, extra_metadata=provenance_metadata(report))
+    out_format = opts.format or default_format
+    check_svdiff_output(result.lora.modules, out_format, opts.target_model, opts.rank)
+    check_output_format(result.lora.modules, out_format)
+    svdiff_out = any(m.kind == "svdiff" for m in result.lora.modules.values())  # written as LoRA: W' − W on the target
+    conv = save(result.lora, out_path, format=out_format, force=True, extra_metadata=provenance_metadata(report),
+                model=opts.target_model if svdiff_out else None, rank=opts.rank if svdiff_out else None)
     report.output = {"path": str(out_path), "format": conv.target_format, "dropped": [d.model_dump() for d in conv.dropped]}
     report.timings["write_s"] = round(time.perf_counter() - t0, 3)
     result.output, result.report_path = out_path, report_path(out_path)

@@ -80,16 +80,18 @@ def lookup(path: Path, as_json: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file (or folder for peft).")
 @click.option("--variant", help="Variant of the target format (default: the format's first writable one).")
 @click.option("--family", help="Family of the input, if detection is ambiguous.")
-@click.option("--rank", type=click.IntRange(min=1), help="Refactor LoHa/LoKr/full modules to plain LoRA of this rank.")
+@click.option("--rank", type=click.IntRange(min=1), help="Refactor LoHa/LoKr/full (and, with --model, DoRA/SVDiff) modules to plain LoRA of this rank.")
+@click.option("--model", help="Base model (folder, .safetensors checkpoint or Hub id): needed to refactor SVDiff modules, and DoRA modules for a format without magnitudes.")
+@click.option("--drop-dora", is_flag=True, help="Drop DoRA magnitudes a target format cannot store (listed as dropped; W' changes).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--allow-unmapped", is_flag=True, help="Convert even if some tensors map to no module (they are listed as dropped).")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert even if factors hold NaN/Inf.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
-def convert(path, to, output, variant, family, rank, force, allow_unmapped, allow_nonfinite, as_json) -> None:
+def convert(path, to, output, variant, family, rank, model, drop_dora, force, allow_unmapped, allow_nonfinite, as_json) -> None:
     """Convert a LoRA to another key format (exact for plain LoRA)."""
     report = api.convert(
         path, output, to=to, variant=variant, family=family, rank=rank, force=force,
-        allow_unmapped=allow_unmapped, allow_nonfinite=allow_nonfinite,
+        allow_unmapped=allow_unmapped, allow_nonfinite=allow_nonfinite, model=model, drop_dora=drop_dora,
     )
     lines = [
         f"{path} ({report.source_format}) -> {output} ({report.target_format}), family {report.family}",

@@ -27,7 +27,7 @@ _REFINE = RefineOptions.model_fields
 @click.option("--source-model", help="Base model the LoRA was trained on: a diffusers/transformers folder, a .safetensors checkpoint, or a Hub id org/name[@rev].")
 @click.option("--target-model", help="Base model to port to (same kinds of reference).")
 @click.option("--to", "to", help="Target family, if it differs from the LoRA's (see `lorareg pairs`).")
-@click.option("--method", default=_PORT["method"].default, show_default=True, help="auto (copy where shapes match, align where they differ), copy, lora-x, prolora, prolora-full, align. "
+@click.option("--method", default=_PORT["method"].default, show_default=True, help="auto (copy where shapes match, align where they differ), copy, lora-x, prolora, prolora-full, align; spectral for SVDiff files (their shifts on the target's own spectrum). "
               "On bench/fidelity copy/auto recovers 76-91% of a retrained LoRA's gain, prolora-full within 1 point, "
               "lora-x/prolora/align 9-66%; see docs/methods.md.")
 @click.option("--rank-k", type=click.IntRange(min=1), help="Size k of the singular subspaces (default: min(320, min(m, n) / 4) per layer).")
@@ -57,12 +57,14 @@ _REFINE = RefineOptions.model_fields
 @click.option("--check", type=click.Choice(["streamed", "bases"]), help="How the two base models are compared. streamed: per-layer weight distance and cosine, "
               "each weight read once in chunks (default for copy ports without --threshold); bases: top-k SVD bases of every layer "
               "(subspace similarity; default for projections, block alignment and --threshold).")
+@click.option("--dora", "dora", type=click.Choice(["transfer", "copy", "drop"]), default=_PORT["dora"].default, show_default=True,
+              help="DoRA magnitudes: transfer = rescale to the target's norms (needs both models), copy = as stored (exact only on the same weights), drop = write a plain LoRA (said in the summary and report).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--push", "push_to", metavar="REPO", help="Upload the result (weights, README.md, report.json) to this Hub repo in one commit.")
 @push_options
 def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, device, dtype, output, format_, force, no_align,
          refine, refine_steps, refine_samples, refine_sample_length, refine_prompts, refine_latent_size, refine_sampler_steps, refine_noisings,
-         refine_guidance, refine_batch, refine_lr, refine_seed, refine_budget_seconds, force_unrelated, check, as_json,
+         refine_guidance, refine_batch, refine_lr, refine_seed, refine_budget_seconds, force_unrelated, check, dora, as_json,
          push_to, private, create_pr, revision, commit_message, instance_prompt, base_model_id, owner_permission) -> None:
     """Port a LoRA to another base model, training-free; writes the LoRA and a report.json."""
     if not push_to and (private or create_pr or revision or commit_message or instance_prompt or base_model_id or owner_permission):
@@ -76,7 +78,7 @@ def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, 
     options = PortOptions(
         source_model=source_model, target_model=target_model, to=to, method=method, rank_k=rank_k, threshold=threshold, rank=rank,
         device=device, dtype=dtype, output=output, format=format_, force=force, align_blocks=not no_align, progress=not as_json,
-        refine=refine, refine_options=refine_options, force_unrelated=force_unrelated, check=check,
+        refine=refine, refine_options=refine_options, force_unrelated=force_unrelated, check=check, dora=dora,
     )
     result = run_port(lora, options)
     text = result.summary + f"\n  report {result.report_path}"
