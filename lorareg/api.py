@@ -59,9 +59,19 @@ def _hint_metadata(metadata: dict[str, str], peft_config: Optional[dict]) -> dic
     return hinted
 
 
-def detect(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None) -> Detection:
+def _model_family(family: Optional[str], model: Optional[str]) -> Optional[str]:
+    """``model`` (a base model reference) names the family: the registered one that matches it, else one
+    derived from its own weights and config (lorareg.registry.derive)."""
+    if model is None or family:
+        return family
+    from .registry.derive import family_for_model
+
+    return family_for_model(str(model)).id
+
+
+def detect(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None, model: Optional[str] = None) -> Detection:
     """Which key format and model family a LoRA file or PEFT folder is, with evidence."""
-    return _detect(Path(path), format, family)[0]
+    return _detect(Path(path), format, _model_family(family, model))[0]
 
 
 def _detect(path: Path, format: Optional[str], family: Optional[str], registry: Optional[Registry] = None):
@@ -82,9 +92,10 @@ def _detect(path: Path, format: Optional[str], family: Optional[str], registry: 
     return det, result, tensors, metadata, peft_config, weights
 
 
-def load(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None) -> Lora:
-    """Read a LoRA file (or PEFT folder) of any known format into canonical modules."""
+def load(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None, model: Optional[str] = None) -> Lora:
+    """Read a LoRA file (or PEFT folder) of any known format into canonical modules (``model``: its base model)."""
     path = Path(path)
+    family = _model_family(family, model)
     # the provenance hash runs beside the rest: hashlib releases the GIL on large buffers
     with ThreadPoolExecutor(max_workers=1) as pool:
         lora, digest = _load_hashing(path, format, family, pool)
@@ -144,9 +155,10 @@ class Inspection(BaseModel):
     sha256: str
 
 
-def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None) -> Inspection:
-    """Everything a user asks first about a LoRA file."""
+def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None, model: Optional[str] = None) -> Inspection:
+    """Everything a user asks first about a LoRA file (``model``: its base model, when no registered family fits)."""
     path = Path(path)
+    family = _model_family(family, model)
     det, result, tensors, metadata, peft_config, weights = _detect(path, format, family)
     if result.unmapped:
         _refuse_mixed(det, result, tensors, metadata)
@@ -299,12 +311,14 @@ def convert(
     force: bool = False,
     allow_unmapped: bool = False,
     allow_nonfinite: bool = False,
+    model: Optional[str] = None,
 ) -> ConversionReport:
-    """Convert a LoRA file or PEFT folder to another key format."""
+    """Convert a LoRA file or PEFT folder to another key format (``model``: its base model)."""
     source, output = Path(source), Path(output)
     _check_output(source, output, force)
     registry = get_registry()
     registry.format(to)
+    family = _model_family(family, model)
     with ThreadPoolExecutor(max_workers=1) as pool:
         lora, digest = _load_hashing(source, None, family, pool)
         if lora.unmapped and not allow_unmapped:

@@ -56,14 +56,19 @@ def main() -> None:
     """Detect, convert and port LoRA adapters between key formats and base models."""
 
 
+_MODEL_HELP = ("The LoRA's base model (folder, .safetensors file or Hub id): its family is the registered one that matches it, "
+               "else one derived from its own weights and config.")
+
+
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--format", "format_", help="Read as this format instead of detecting it.")
 @click.option("--family", help="Read against this family instead of detecting it.")
+@click.option("--model", help=_MODEL_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(path: Path, format_: Optional[str], family: Optional[str], as_json: bool) -> None:
+def inspect(path: Path, format_: Optional[str], family: Optional[str], model: Optional[str], as_json: bool) -> None:
     """Show a LoRA's format, family, adapter type, ranks and alphas."""
-    info = api.inspect(path, format=format_, family=family)
+    info = api.inspect(path, format=format_, family=family, model=model)
     lines = [
         f"{info.path}",
         f"  format      {info.format} ({info.variant})",
@@ -99,16 +104,17 @@ def _counts(counts: dict[str, int]) -> str:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file (or folder for peft).")
 @click.option("--variant", help="Variant of the target format (default: the format's first writable one).")
 @click.option("--family", help="Family of the input, if detection is ambiguous.")
+@click.option("--model", help=_MODEL_HELP)
 @click.option("--rank", type=click.IntRange(min=1), help="Refactor LoHa/LoKr/full modules to plain LoRA of this rank.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--allow-unmapped", is_flag=True, help="Convert even if some tensors map to no module (they are listed as dropped).")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert even if factors hold NaN/Inf.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
-def convert(path, to, output, variant, family, rank, force, allow_unmapped, allow_nonfinite, as_json) -> None:
+def convert(path, to, output, variant, family, model, rank, force, allow_unmapped, allow_nonfinite, as_json) -> None:
     """Convert a LoRA to another key format (exact for plain LoRA)."""
     report = api.convert(
         path, output, to=to, variant=variant, family=family, rank=rank, force=force,
-        allow_unmapped=allow_unmapped, allow_nonfinite=allow_nonfinite,
+        allow_unmapped=allow_unmapped, allow_nonfinite=allow_nonfinite, model=model,
     )
     lines = [
         f"{path} ({report.source_format}) -> {output} ({report.target_format}), family {report.family}",
@@ -122,9 +128,21 @@ def convert(path, to, output, variant, family, rank, force, allow_unmapped, allo
 
 
 @main.command()
+@click.option("--from", "from_model", metavar="MODEL", help="Show the family of this model (folder, .safetensors file or Hub id): "
+              "the registered one that matches it, else one derived from its own weights and config.")
+@click.option("--write", "write_dir", type=click.Path(path_type=Path), help="With --from: write the family as registry data files "
+              "under DIR/schemas/ (use with LORAREG_DATA_PATH=DIR).")
 @click.option("--json", "as_json", is_flag=True)
-def families(as_json: bool) -> None:
-    """List the model families the registry knows."""
+def families(from_model: Optional[str], write_dir: Optional[Path], as_json: bool) -> None:
+    """List the model families the registry knows (or, with --from, the family of one model)."""
+    if write_dir is not None and from_model is None:
+        raise InputError("--write needs --from MODEL")
+    if from_model is not None:
+        from .families_cli import family_from_model
+
+        payload, text = family_from_model(from_model, write_dir)
+        _emit(as_json, payload, text)
+        return
     reg = get_registry()
     rows = []
     for fam in sorted(reg.families.values(), key=lambda f: f.id):
@@ -318,17 +336,17 @@ def basis_build(model, family, components, match, rank_k, device, as_json) -> No
 
 
 @main.command()
-@click.argument("source")
-@click.argument("target")
+@click.argument("source", metavar="SOURCE")
+@click.argument("target", metavar="TARGET")
 @click.option("--component", help="Only this source component.")
 @click.option("--all", "show_all", is_flag=True, help="Every module, not only attention and MLP projections.")
 @click.option("--json", "as_json", is_flag=True)
 def pairs(source: str, target: str, component: Optional[str], show_all: bool, as_json: bool) -> None:
-    """Show which target module each source module maps to, with shapes and the rule used."""
+    """Show which target module each source module maps to, with shapes and the rule used (families or model references)."""
+    from .families_cli import family_or_model
     from .resolve import resolve_pairs
 
-    reg = get_registry()
-    src = reg.family(source)
+    src, tgt = family_or_model(source), family_or_model(target)
     modules = [
         (cid, name)
         for cid, comp in src.components.items()
@@ -336,9 +354,9 @@ def pairs(source: str, target: str, component: Optional[str], show_all: bool, as
         for name, shape in comp.modules.items()
         if show_all or len(shape) == 2
     ]
-    result = resolve_pairs(src, reg.family(target), modules)
+    result = resolve_pairs(src, tgt, modules)
     paired = [p for p in result if not p.skipped]
-    lines = [f"{src.id} -> {target}: {len(paired)} of {len(result)} modules paired"]
+    lines = [f"{src.id} -> {tgt.id}: {len(paired)} of {len(result)} modules paired"]
     for p in result:
         dst = f"{p.target_component}:{p.target_module} {p.target_shape}" if not p.skipped else f"SKIP ({p.skipped})"
         lines.append(f"  {p.source_component}:{p.source_module} {p.source_shape} -> {dst}  [{p.rule}]")

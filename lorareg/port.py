@@ -23,7 +23,7 @@ from .engine import DEFAULT_METHOD, DEFAULT_MISMATCH_METHOD, METHODS, BasisCache
 from .engine.bases import BASES_VERSION, Basis
 from .engine.lowrank import energy
 from .engine.similarity import subspace_similarity
-from .errors import InputError
+from .errors import DetectionError, InputError
 from .io import DTYPES, LazyTensor, atomic_write_text
 from .lora import Lora, Module
 from .refine.dispatch import RefineOptions, loss_summary, samples_summary
@@ -31,6 +31,7 @@ from .refine.dispatch import check_models as check_refine_models
 from .refine.dispatch import check_pair as check_refine_pair
 from .refine.dispatch import run as run_refine
 from .registry import Family, get_registry
+from .registry.derive import family_for_model
 from .resolve import Pair, align_groups, resolve_pairs
 from .weights import BaseWeights, open_model
 
@@ -283,12 +284,13 @@ def port(
             _check_output(Path(lora), out_path, force)
         elif out_path.exists() and not force:
             raise InputError(f"{out_path}: already exists (use --force to replace it)")
-    src_lora = lora if isinstance(lora, Lora) else load(lora)
     registry = get_registry()
+    src_lora = lora if isinstance(lora, Lora) else _load_for_model(lora, source_model, registry)
     if src_lora.family is None:
         raise InputError("the LoRA's family is unknown; load it with family=...")
     src_fam = registry.family(src_lora.family)
-    tgt_fam = registry.family(to) if to else src_fam
+    # a target model not of the source's family gets its own: registered if one matches it, else derived
+    tgt_fam = registry.family(to) if to else family_for_model(target_model, prefer=src_fam) if target_model else src_fam
     dev = resolve_device(device)
     needs_weights = method not in ("copy", AUTO)
     if needs_weights and (source_model is None or target_model is None):
@@ -435,6 +437,23 @@ def port(
         report.timings["total_s"] = round(time.perf_counter() - t_start, 3)
     result.summary = summarize(report)
     return result
+
+
+def _load_for_model(path, source_model: Optional[str], registry) -> Lora:
+    """The LoRA read against its source model's family: the registry's detection when that family holds the
+    model, else the family derived from the model (see lorareg.registry.derive)."""
+    from .api import load
+
+    try:
+        detected = load(path)
+    except DetectionError:
+        if source_model is None:
+            raise
+        detected = None
+    if source_model is None:
+        return detected
+    fam = family_for_model(source_model, prefer=registry.family(detected.family) if detected else None, registry=registry)
+    return detected if detected is not None and detected.family == fam.id else load(path, family=fam.id)
 
 
 def _resolve_with_weights(pairs, src_fam, tgt_fam, src_w, tgt_w, bases: _Bases, align: bool, progress) -> list[Pair]:
