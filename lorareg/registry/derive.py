@@ -287,13 +287,14 @@ def derive_family(files: ModelFiles) -> Family:
 
 
 def family_for_model(ref: str, *, prefer: Optional[Family] = None, registry=None) -> Family:
-    """The family of a model reference: ``prefer`` if the model holds its modules with its shapes, else
-    the registered family that matches the model, else one derived from it (and registered in memory)."""
+    """The family of a model reference: ``prefer`` (a registered family, e.g. the one the LoRA was detected as)
+    if the model holds its modules with its shapes, else the registered family that matches the model,
+    else one derived from it (and registered in memory; the same shape table and type give the same one)."""
     from . import get_registry
 
     registry = registry or get_registry()
     files = read_model_files(str(ref))
-    if prefer is not None and match_family(prefer, files) is not None:
+    if prefer is not None and not is_derived(prefer) and match_family(prefer, files) is not None:
         return prefer
     found = registered_match(files, registry)
     if found is not None:
