@@ -290,7 +290,8 @@ def port(
         raise InputError("the LoRA's family is unknown; load it with family=...")
     src_fam = registry.family(src_lora.family)
     # a target model not of the source's family gets its own: registered if one matches it, else derived
-    tgt_fam = registry.family(to) if to else family_for_model(target_model, prefer=src_fam) if target_model else src_fam
+    tgt_fam = (registry.family(to) if to else family_for_model(target_model, prefer=src_fam, components=src_lora.components)
+               if target_model else src_fam)
     dev = resolve_device(device)
     needs_weights = method not in ("copy", AUTO)
     if needs_weights and (source_model is None or target_model is None):
@@ -406,7 +407,7 @@ def port(
                 f"the base models look unrelated (mean similarity {totals.related_similarity:.2f}); distillation would retrain "
                 "the LoRA, not port it; pass --force-unrelated to refine anyway")
         if not out_modules:
-            raise InputError("no layer could be ported (see the report: every layer was skipped); nothing to refine")
+            raise InputError(f"no layer could be ported ({_first_skip(layers)}); nothing to refine")
         options = RefineOptions(steps=refine_steps, samples=refine_samples, sample_length=refine_sample_length, lr=refine_lr,
                                 seed=refine_seed, budget_seconds=refine_budget_seconds, batch=refine_batch, prompts=refine_prompts,
                                 conditions=refine_conditions, latent_size=refine_latent_size, sampler_steps=refine_sampler_steps,
@@ -421,7 +422,7 @@ def port(
     result = PortResult(lora=ported, report=report)
     if output is not None:
         if not out_modules:
-            raise InputError("no layer could be ported (see the report: every layer was skipped); nothing written")
+            raise InputError(f"no layer could be ported ({_first_skip(layers)}); nothing written")
         out_path = Path(output)
         meta = _provenance(report, method)
         t2 = time.perf_counter()
@@ -452,7 +453,8 @@ def _load_for_model(path, source_model: Optional[str], registry) -> Lora:
         detected = None
     if source_model is None:
         return detected
-    fam = family_for_model(source_model, prefer=registry.family(detected.family) if detected else None, registry=registry)
+    fam = family_for_model(source_model, prefer=registry.family(detected.family) if detected else None, registry=registry,
+                           components=detected.components if detected else None)
     return detected if detected is not None and detected.family == fam.id else load(path, family=fam.id)
 
 
@@ -505,6 +507,12 @@ def _group_candidates(doc, pairs, tgt_fam) -> set[tuple[str, str]]:
             if found and ".".join(name.split(".")[found[0] + len(pattern.segments):]) in leaves:
                 out.add((tcid, name))
     return out
+
+
+def _first_skip(layers: list[LayerReport]) -> str:
+    skipped = [l for l in layers if l.skipped]
+    more = f", and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+    return f"{skipped[0].source}: {skipped[0].skipped}{more}" if skipped else "no layers"
 
 
 def _tkey(pair: Pair) -> Optional[str]:

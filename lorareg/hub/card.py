@@ -349,7 +349,8 @@ def reconstruct_command(report: dict[str, Any], weight_name: str) -> str:
         args += ["--source-model", display_model_ref(src["ref"])]
     if tgt.get("ref"):
         args += ["--target-model", display_model_ref(tgt["ref"])]
-    if tgt.get("family") and tgt.get("family") != src.get("family"):
+    # a derived family comes from --target-model itself: no --to names it in another run
+    if tgt.get("family") and tgt.get("family") != src.get("family") and not str(tgt["family"]).startswith("derived:"):
         args += ["--to", tgt["family"]]
     args += ["--method", str(report.get("method"))]
     if report.get("rank_k") is not None:

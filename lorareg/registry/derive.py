@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -286,14 +285,36 @@ def derive_family(files: ModelFiles) -> Family:
     return Family(spec=spec, components=components, path=Path(files.ref))
 
 
-def family_for_model(ref: str, *, prefer: Optional[Family] = None, registry=None) -> Family:
+def _files_for(ref: str, prefer: Optional[Family], components: Optional[list[str]]) -> ModelFiles:
+    """The model's files; for a Hub model and a registered ``prefer``, the snapshot a port of that family
+    downloads anyway (its weight files), read locally, instead of reading the headers remotely."""
+    from ..weights import ModelRef
+
+    parsed = ModelRef.parse(str(ref))
+    if parsed.repo_id is not None and prefer is not None and not is_derived(prefer):
+        from ..hub.pull import snapshot_for_family
+        from .model_files import read_local
+
+        try:
+            local, _ = snapshot_for_family(prefer, parsed.repo_id, parsed.revision, components, path=parsed.repo_path)
+        except InputError:
+            pass  # not stored the way that family is: read it as any model (which says why if it cannot)
+        else:
+            files = read_local(local, str(ref))
+            files.repo_id = parsed.repo_id
+            return files
+    return read_model_files(str(ref))
+
+
+def family_for_model(ref: str, *, prefer: Optional[Family] = None, registry=None,
+                     components: Optional[list[str]] = None) -> Family:
     """The family of a model reference: ``prefer`` (a registered family, e.g. the one the LoRA was detected as)
     if the model holds its modules with its shapes, else the registered family that matches the model,
     else one derived from it (and registered in memory; the same shape table and type give the same one)."""
     from . import get_registry
 
     registry = registry or get_registry()
-    files = read_model_files(str(ref))
+    files = _files_for(str(ref), prefer, components)
     if prefer is not None and not is_derived(prefer) and match_family(prefer, files) is not None:
         return prefer
     found = registered_match(files, registry)
@@ -305,12 +326,23 @@ def family_for_model(ref: str, *, prefer: Optional[Family] = None, registry=None
 # --------------------------------------------------------------------------- pairs between derived families
 
 
+def _block_counts(modules) -> dict[str, set[str]]:
+    """Numbered containers (``model.layers``, ``down_blocks.#.attentions``) -> the indices found in them."""
+    out: dict[str, set[str]] = {}
+    for name in modules:
+        segs = name.split(".")
+        for i, seg in enumerate(segs):
+            if seg.isdigit():
+                out.setdefault(_pattern(".".join(segs[:i])), set()).add(seg)
+    return out
+
+
 def structural_correspondence(src: Family, tgt: Family) -> dict:
     """Module pairs by name between two families of which one at least is derived; refuses unrelated models.
 
-    Related: they share a component, in each shared component every kind of module (name up to block
-    indices) present in both comes in the same number (same depth), and at most half of the modules
-    both have change shape (same width). Pairs are then by name; a reshaped or missing module is
+    Related: they share a component, in each shared component every numbered container present in both
+    (``model.layers``, ``down_blocks.{i}.attentions``) holds as many blocks (same depth), and at most half
+    of the modules both have change shape (same width). Pairs are then by name; a reshaped or missing module is
     reported by ``resolve_pairs``.
     """
     shared = [c for c in src.components if c in tgt.components]
@@ -320,12 +352,12 @@ def structural_correspondence(src: Family, tgt: Family) -> dict:
                          f"{', '.join(tgt.components)}): unrelated models")
     for cid in shared:
         a, b = src.components[cid].modules, tgt.components[cid].modules
-        ca, cb = Counter(map(_pattern, a)), Counter(map(_pattern, b))
-        depth = sorted(p for p in ca if p in cb and ca[p] != cb[p])
+        ca, cb = _block_counts(a), _block_counts(b)
+        depth = sorted(p for p in ca if p in cb and len(ca[p]) != len(cb[p]))
         if depth:
             p = depth[0]
-            raise InputError(f"{src.id} -> {tgt.id}: unrelated models ({archs}) of different depth: {cid} has {ca[p]} vs {cb[p]} "
-                             f"modules {p.replace('#', '{i}')}")
+            raise InputError(f"{src.id} -> {tgt.id}: unrelated models ({archs}) of different depth: {cid} has {len(ca[p])} vs "
+                             f"{len(cb[p])} blocks {p.replace('#', '{i}')}.{{i}}")
         common = [n for n in a if n in b]
         if not common:
             raise InputError(f"{src.id} -> {tgt.id}: unrelated models ({archs}): no module name of {cid} in common")
