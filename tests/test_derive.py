@@ -8,6 +8,7 @@ outputs are loaded back by PEFT and diffusers on the target model.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,8 +214,11 @@ def test_diffusers_unet_with_non_registry_shapes(tmp_path):
     unet = UNet2DConditionModel(**cfg)
     unet.save_pretrained(str(tmp_path / "v1" / "unet"))
     _perturbed(unet).save_pretrained(str(tmp_path / "v2" / "unet"))
+    from diffusers import DDIMScheduler
+
     for v in ("v1", "v2"):
         (tmp_path / v / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+        DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction").save_pretrained(str(tmp_path / v / "scheduler"))
     src_unet = UNet2DConditionModel.from_pretrained(str(tmp_path / "v1" / "unet"))
     src_unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     with torch.no_grad():
@@ -241,3 +245,36 @@ def test_diffusers_unet_with_non_registry_shapes(tmp_path):
     for key, m in ported.modules.items():
         torch.testing.assert_close(deltas[m.name], m.delta_weight().float().reshape(deltas[m.name].shape), rtol=1e-4, atol=1e-6)
     assert diffusers  # imported for the loaders above
+    # the denoiser's diffusion data come from the pipeline folder (scheduler config): --refine distill runs
+    fam = get_registry().family(info["family"])
+    assert fam.spec.diffusion.prediction_type == "v_prediction" and fam.spec.kind == "image"
+    res = lorareg.port(lora, source_model=str(tmp_path / "v1"), target_model=str(tmp_path / "v2"), refine="distill", refine_steps=2,
+                       refine_samples=2, refine_noisings=1, refine_sampler_steps=2, refine_batch=2, refine_conditions=torch.randn(1, 4, 24),
+                       progress=False, device="cpu", cache_dir=tmp_path / "cache", output=tmp_path / "refined.safetensors")
+    assert res.report.refine["steps"] == 2 and res.report.target_model.family == info["family"]
+
+
+def test_refine_distill_on_derived_lms(lms, tmp_path):
+    v1, v2, lora = lms["llama"]
+    rep = _json("port", lora, "--source-model", v1, "--target-model", v2, "--refine", "distill", "--steps", "2", "--samples", "4",
+                "--sample-length", "8", "-o", tmp_path / "refined")
+    assert rep["target_model"]["family"].startswith("derived:llama:") and rep["refine"]["steps"] == 2
+    assert (tmp_path / "refined" / "adapter_model.safetensors").exists()
+
+
+def test_hub_model_read_by_headers(hub_server, lms, tmp_path):
+    v1, v2, lora = lms["qwen2"]
+    files = {name: {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} for name, folder in (("v1", v1), ("v2", v2))}
+    r1 = hub_server.add_commit("byom/qwen-v1", files["v1"])
+    hub_server.add_commit("byom/qwen-v2", files["v2"])
+    info = _json("inspect", lora, "--model", f"byom/qwen-v1@{r1}")
+    assert info["family"].startswith("derived:qwen2:")
+    local = _json("families", "--from", v1)
+    assert local["id"] == info["family"]  # the same table read over HTTP range requests as from the folder
+    from huggingface_hub import constants
+
+    cached = [p.name for p in Path(constants.HF_HUB_CACHE).rglob("*") if p.is_file() and "snapshots" in p.parts]
+    assert "config.json" in cached and not any(n.endswith(".safetensors") for n in cached)  # headers only, no weights
+    rep = _json("port", lora, "--source-model", f"byom/qwen-v1@{r1}", "--target-model", "byom/qwen-v2", "-o", tmp_path / "out")
+    assert rep["target_model"]["family"] == info["family"] and rep["totals"]["ported"] == 14
+    assert rep["source_model"]["revision"] == r1
