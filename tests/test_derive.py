@@ -278,3 +278,27 @@ def test_hub_model_read_by_headers(hub_server, lms, tmp_path):
     rep = _json("port", lora, "--source-model", f"byom/qwen-v1@{r1}", "--target-model", "byom/qwen-v2", "-o", tmp_path / "out")
     assert rep["target_model"]["family"] == info["family"] and rep["totals"]["ported"] == 14
     assert rep["source_model"]["revision"] == r1
+
+
+def test_action_ports_and_pushes_on_derived_families(hub_server, lms, tmp_path, monkeypatch):
+    """The Action (its script layer, as action.yml runs it): port to a model the registry does not know, push with a card."""
+    import shutil
+
+    from lorareg import action
+
+    v1, v2, lora = lms["mistral"]
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(lora, tmp_path / "style-adapter")
+    gh = tmp_path / "gh"
+    gh.mkdir()
+    env = {"INPUT_LORA": "style-adapter", "INPUT_SOURCE_MODEL": str(v1), "INPUT_TARGET_MODELS": str(v2),
+           "INPUT_PUSH_TO": "{owner}/{name}-{target}", "INPUT_HF_TOKEN": hub_server.token,
+           "GITHUB_STEP_SUMMARY": str(gh / "summary.md"), "GITHUB_OUTPUT": str(gh / "output"),
+           "GITHUB_REPOSITORY": "lorareg-tester/loras", "GITHUB_REPOSITORY_OWNER": "lorareg-tester"}
+    assert action.main(env, cwd=tmp_path) == 0, (gh / "summary.md").read_text()
+    files = hub_server.repo_files("lorareg-tester/style-adapter-v2")
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "report.json"} <= set(files)
+    report = json.loads(files["report.json"])
+    assert report["target_model"]["family"].startswith("derived:mistral:") and report["totals"]["ported"] == 14
+    card = files["README.md"].decode()
+    assert report["target_model"]["family"] in card and "--to" not in card
