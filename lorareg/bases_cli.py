@@ -11,9 +11,14 @@ from .registry import get_registry
 from .weights import open_model
 
 
-def build_bases(model: str, family: str, components: Optional[list[str]], match: Optional[str], rank_k: Optional[int],
+def build_bases(model: str, family: Optional[str], components: Optional[list[str]], match: Optional[str], rank_k: Optional[int],
                 device: str, progress: bool = True, cache_dir: Optional[str] = None) -> dict:
-    fam = get_registry().family(family)
+    if family is None:  # the model's own family: the registered one that matches it, else derived from it
+        from .registry.derive import family_for_model
+
+        fam = family_for_model(model)
+    else:
+        fam = get_registry().family(family)
     comps = components or list(fam.components)
     weights = open_model(fam, model, comps)
     modules = [(cid, name) for cid in weights.components for name, shape in fam.components[cid].modules.items()

@@ -129,10 +129,14 @@ def test_lm_lora_inspect_convert_port_load(lms, tmp_path, arch, monkeypatch):
 def test_projection_methods_and_basis_cache_on_derived(lms, tmp_path, monkeypatch):
     monkeypatch.setenv("LORAREG_CACHE", str(tmp_path / "cache"))
     v1, v2, lora = lms["qwen2"]
-    first = _json("port", lora, "--source-model", v1, "--target-model", v2, "--method", "prolora-full", "-o", tmp_path / "a")
-    again = _json("port", lora, "--source-model", v1, "--target-model", v2, "--method", "lora-x", "-o", tmp_path / "b")
+    built = _json("basis", "build", v1, "--rank-k", "4")  # no --family: the model's own (derived) one
+    assert built["modules"] == 16 and built["built"] == 16
+    k4 = ("--rank-k", "4", "--source-model", v1, "--target-model", v2)
+    first = _json("port", lora, *k4, "--method", "prolora-full", "-o", tmp_path / "a")
+    again = _json("port", lora, *k4, "--method", "lora-x", "-o", tmp_path / "b")
     assert first["totals"]["ported"] == again["totals"]["ported"] == 14
-    assert first["cache"]["built"] > 0 and again["cache"]["built"] == 0 and again["cache"]["hits"] > 0
+    assert first["cache"]["hits"] >= 14 and first["cache"]["built"] == 14  # the source's bases were built ahead
+    assert again["cache"]["built"] == 0 and again["cache"]["hits"] == 28
     assert 0.5 < again["totals"]["mean_similarity"] <= 1.0 + 1e-6
 
 
@@ -230,6 +234,10 @@ def test_diffusers_unet_with_non_registry_shapes(tmp_path):
     info = _json("inspect", lora, "--model", tmp_path / "v1")
     assert info["family"].startswith("derived:stablediffusionpipeline:") and info["format"] == "diffusers"
     assert info["components"] == ["unet"] and not info["unmapped_keys"]
+    # kohya's flat names are generic: the derived module table gives them too
+    _json("convert", lora, "--to", "kohya", "-o", tmp_path / "kohya.safetensors", "--model", tmp_path / "v1")
+    kohya = _json("inspect", tmp_path / "kohya.safetensors", "--model", tmp_path / "v1")
+    assert kohya["format"] == "kohya" and kohya["family"] == info["family"] and kohya["num_modules"] == info["num_modules"]
     rep = _json("port", lora, "--source-model", tmp_path / "v1", "--target-model", tmp_path / "v2", "--method", "prolora-full",
                 "-o", tmp_path / "ported.safetensors")
     assert rep["target_model"]["family"] == info["family"] and rep["totals"]["skipped"] == 0
