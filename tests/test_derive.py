@@ -310,3 +310,48 @@ def test_action_ports_and_pushes_on_derived_families(hub_server, lms, tmp_path, 
     assert report["target_model"]["family"].startswith("derived:mistral:") and report["totals"]["ported"] == 14
     card = files["README.md"].decode()
     assert report["target_model"]["family"] in card and "--to" not in card
+
+
+def _sparse_safetensors(path: Path, shapes: dict) -> Path:
+    """A safetensors file with these tensor shapes whose data section is a hole (real header, no bytes written)."""
+    import math
+    import struct
+
+    header, off = {}, 0
+    for key, shape in shapes.items():
+        n = 2 * math.prod(shape)
+        header[key] = {"dtype": "F16", "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + off)
+    return path
+
+
+def test_real_registered_families_still_win(tmp_path):
+    """Checkpoints with the shapes of the built-in families (real sizes, headers only) are those families."""
+    from lorareg.registry import CANONICAL
+
+    reg = get_registry()
+    # a TinyLlama folder: every Linear of the family plus what the generator leaves out (embeddings, norms)
+    tl = reg.family("tinyllama").components["model"]
+    shapes = {f"{n}.weight": s for n, s in tl.modules.items()}
+    shapes.update({"model.embed_tokens.weight": (32000, 2048), "model.norm.weight": (2048,)})
+    _sparse_safetensors(tmp_path / "tinyllama" / "model.safetensors", shapes)
+    (tmp_path / "tinyllama" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    assert family_for_model(str(tmp_path / "tinyllama")).id == "tinyllama"
+    # an SD1.5 single-file checkpoint: LDM names (the family's ldm scheme) under model.diffusion_model., the VAE beside it
+    sd15 = reg.family("sd15")
+    layout = next(lay for lay in sd15.spec.layouts if lay.type == "single_file")
+    shapes = {"first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3), "model.diffusion_model.out.0.weight": (320,)}
+    for cid, lc in layout.components.items():
+        comp = sd15.components[cid]
+        assert lc.scheme in (CANONICAL, "ldm")
+        shapes.update({f"{lc.prefix}{comp.name_in(lc.scheme, n)}.weight": s for n, s in comp.modules.items()})
+    ckpt = _sparse_safetensors(tmp_path / "v1-5-finetune.safetensors", shapes)
+    m = match_family(sd15, read_model_files(str(ckpt)))
+    assert m.exact and m.layout == "single_file" and m.modules == sum(len(c.modules) for c in sd15.components.values())
+    assert family_for_model(str(ckpt)).id == "sd15"
