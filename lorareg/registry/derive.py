@@ -61,7 +61,7 @@ def _same_shape(a: Shape, b: Shape) -> bool:
 def module_table(tensors: dict[str, Shape], prefix: str = "") -> dict[str, Shape]:
     """Every 2-D to 5-D ``<module>.weight`` (linear, conv, embedding) under ``prefix``, by module name."""
     out = {}
-    for key, shape in tensors.items():
+    for key, shape in sorted(tensors.items()):
         if key.startswith(prefix) and key.endswith(".weight") and 2 <= len(shape) <= 5:
             out[key[len(prefix) : -len(".weight")]] = tuple(shape)
     return out
