@@ -271,7 +271,7 @@ def port(
     ``refine_conditions``, ``refine_latent_size``, ``refine_sampler_steps``, ``refine_noisings`` and
     ``refine_guidance`` to UNets.
     """
-    from .api import _check_output, load, save
+    from .api import _check_output, save
 
     t_start = time.perf_counter()
     if method != AUTO and method not in METHODS:

@@ -193,9 +193,9 @@ def _architecture(role: str, config: dict) -> Architecture:
 
 
 def _model_type(files: ModelFiles, comps) -> str:
-    for ft in (files.folders.get(""),):
-        if ft is not None and isinstance(ft.config.get("model_type"), str):
-            return _slug(ft.config["model_type"])
+    root = files.folders.get("")
+    if root is not None and isinstance(root.config.get("model_type"), str):
+        return _slug(root.config["model_type"])
     if isinstance(files.model_index.get("_class_name"), str):
         return _slug(files.model_index["_class_name"])
     for _, _, ft in comps.values():
@@ -238,8 +238,10 @@ def _diffusion(files: ModelFiles, comps) -> Optional[DiffusionSpec]:
     if text_time and conditioning:
         conditioning[-1]["pooled"] = True
     schedule = {k: sched[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end") if k in sched}
-    if schedule.get("beta_schedule") not in (None, "linear", "scaled_linear", "squaredcos_cap_v2"):
-        return None
+    if schedule.get("beta_schedule") not in (None, "linear", "scaled_linear", "squaredcos_cap_v2") or \
+            sched.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        return None  # a schedule or target the distillation does not implement: no diffusion data, refine refuses
+    # the latent space is named by the VAE's shape of latents; pipelines that share it can distill into each other
     latent = f"vae-{vae.get('latent_channels', 4)}ch-scale{vae.get('scaling_factor', 0.18215)}"
     blocks = vae.get("block_out_channels")
     return DiffusionSpec.model_validate({
@@ -263,7 +265,7 @@ def derive_family(files: ModelFiles) -> Family:
     components: dict[str, Component] = {}
     specs = {}
     for cid, modules in tables.items():
-        folder, role, ft = comps[cid]
+        _, role, ft = comps[cid]
         specs[cid] = ComponentSpec(role=role, architecture=_architecture(role, ft.config))
         n_params = sum(math.prod(s) for s in ft.tensors.values())
         components[cid] = Component(fid, cid, specs[cid], modules, n_params)
