@@ -270,7 +270,9 @@ def test_refine_distill_on_derived_lms(lms, tmp_path):
     assert (tmp_path / "refined" / "adapter_model.safetensors").exists()
 
 
-def test_hub_model_read_by_headers(hub_server, lms, tmp_path):
+def test_hub_model_read_by_headers(hub_server, lms, tmp_path, monkeypatch):
+    import time
+
     v1, v2, lora = lms["qwen2"]
     files = {name: {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} for name, folder in (("v1", v1), ("v2", v2))}
     r1 = hub_server.add_commit("byom/qwen-v1", files["v1"])
@@ -286,6 +288,14 @@ def test_hub_model_read_by_headers(hub_server, lms, tmp_path):
     rep = _json("port", lora, "--source-model", f"byom/qwen-v1@{r1}", "--target-model", "byom/qwen-v2", "-o", tmp_path / "out")
     assert rep["target_model"]["family"] == info["family"] and rep["totals"]["ported"] == 14
     assert rep["source_model"]["revision"] == r1
+    # offline, the same model is read from the weights the port cached, with no request
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    time.sleep(0.3)  # the server logs a request just after answering it
+    seen = len(hub_server.requests)
+    assert _json("inspect", lora, "--model", f"byom/qwen-v1@{r1}")["family"] == info["family"]
+    assert len(hub_server.requests) == seen
+    never = _cli("inspect", lora, "--model", "byom/never-seen")
+    assert never.exit_code == 2 and "not in the Hugging Face cache" in never.stderr
 
 
 def test_action_ports_and_pushes_on_derived_families(hub_server, lms, tmp_path, monkeypatch):
