@@ -382,14 +382,13 @@ def family_documents(family: Family) -> tuple[dict, dict]:
     """The family file and the module table file of a (derived) family, as registry data documents."""
     fid = file_id(family)
     spec = family.spec
-    default_repo = spec.hub.default_repo or f"local/{_slug(Path(str(family.path)).name)}"
     doc = {
         "schema_version": 1, "id": fid, "name": spec.name, "kind": spec.kind, "pipeline_tag": spec.pipeline_tag,
         "library_name": spec.library_name, "tags": list(spec.tags),
         "notes": [f"written by `lorareg families --from {family.path}`; derived as {family.id}"]
-        + ([] if spec.hub.default_repo else ["hub.default_repo is a placeholder: put the model's Hub repo there"]),
+        + ([] if spec.hub.default_repo else ["no hub.default_repo: add the model's Hub repo to name it as base_model on cards"]),
         "aliases": {"names": list(dict.fromkeys([fid, family.id, *spec.aliases.names]))},
-        "hub": {"default_repo": default_repo, "repos": list(spec.hub.repos)},
+        "hub": ({"default_repo": spec.hub.default_repo} if spec.hub.default_repo else {}) | {"repos": list(spec.hub.repos)},
         "layouts": [layout.model_dump(exclude_none=True) for layout in spec.layouts],
         "components": {cid: {"role": c.spec.role, "architecture": c.spec.architecture.model_dump(by_alias=True),
                              "module_prefix": c.spec.module_prefix} for cid, c in family.components.items()},
