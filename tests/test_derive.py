@@ -203,6 +203,10 @@ def test_families_from_and_write(lms, tmp_path, monkeypatch):
     assert _json("inspect", lora)["family"] == fid  # detection now knows it without --model
     bad = _cli("families", "--write", tmp_path / "x")
     assert bad.exit_code != 0 and "--from" in bad.stderr
+    bad = _cli("families", "--from", lora)  # a LoRA is no base model
+    assert bad.exit_code == 2 and "PEFT adapter folder, not a base model" in bad.stderr
+    bad = _cli("families", "--from", tmp_path / "x")
+    assert bad.exit_code == 2 and "no such file or folder" in bad.stderr
 
 
 def test_diffusers_unet_with_non_registry_shapes(tmp_path):

@@ -72,7 +72,7 @@ def weight_files_in(names: list[str]) -> list[str]:
     for fname in WEIGHT_FILES:
         if fname in names:
             return [fname]
-    return sorted(n for n in names if n.endswith(".safetensors"))
+    return sorted(n for n in names if n.endswith(".safetensors") and not n.startswith("adapter_model"))
 
 
 def _shapes_of_header(path: Path) -> dict[str, Shape]:
@@ -116,6 +116,8 @@ def read_local(path: Path, text: Optional[str] = None) -> ModelFiles:
         return ModelFiles(text, "single_file", {"": ft}, local=path)
     if not path.is_dir():
         raise InputError(f"{path}: no such file or folder")
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise InputError(f"{path}: a PEFT adapter folder, not a base model (give the model the adapter was trained on)")
     index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
     subs = {}
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):
