@@ -357,6 +357,12 @@ def test_real_registered_families_still_win(tmp_path):
     _sparse_safetensors(tmp_path / "tinyllama" / "model.safetensors", shapes)
     (tmp_path / "tinyllama" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     assert family_for_model(str(tmp_path / "tinyllama")).id == "tinyllama"
+    # a fine-tune with a resized vocabulary: no registered family matches it exactly, so it is derived; for a
+    # LoRA of tinyllama it is still tinyllama (1 of 155 modules changes shape)
+    shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"] = (32008, 2048)
+    _sparse_safetensors(tmp_path / "resized" / "model.safetensors", shapes)
+    assert is_derived(family_for_model(str(tmp_path / "resized")))
+    assert family_for_model(str(tmp_path / "resized"), prefer=reg.family("tinyllama")).id == "tinyllama"
     # an SD1.5 single-file checkpoint: LDM names (the family's ldm scheme) under model.diffusion_model., the VAE beside it
     sd15 = reg.family("sd15")
     layout = next(lay for lay in sd15.spec.layouts if lay.type == "single_file")

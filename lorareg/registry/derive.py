@@ -9,7 +9,8 @@ A registered family F matches a model M when, under one of F's layouts, every co
 holds has all of F's modules with the same shapes (a 1x1 conv stored flat counts as the same) and M
 holds no further weight of a kind F has (same name up to its block indices: a deeper model is not F),
 and M holds at least one of F's components. Of several matching families the one covering the most
-modules wins.
+modules wins. The LoRA's own registered family is kept more readily (see ``family_for_model``), so
+that what worked before derived families existed works the same.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ DERIVED = "derived:"
 HASH_CHARS = 8
 #: more than this share of the shared modules changing shape means another width: unrelated models
 MAX_RESHAPED_SHARE = 0.5
+#: the LoRA's own registered family still names a model in which at most this share of its modules change shape
+PREFER_MAX_RESHAPED = 0.05
 
 
 def is_derived(family: Family) -> bool:
@@ -91,12 +94,14 @@ def _expected(comp: Component, scheme: str) -> dict[str, tuple[str, Shape]]:
     return out
 
 
-def _match_component(comp: Component, ft: FolderTensors, prefix: str, scheme: str) -> Optional[tuple[int, bool]]:
-    """(modules found, exact) when the folder holds this component with the family's shapes; None if not;
-    (0, True) when the folder holds none of its modules (the component is absent)."""
+def _match_component(comp: Component, ft: FolderTensors, prefix: str, scheme: str,
+                     max_reshaped: float) -> Optional[tuple[int, bool]]:
+    """(modules found with their shapes, exact) when the folder holds this component; None if not;
+    (0, True) when the folder holds none of its modules (the component is absent). Up to ``max_reshaped``
+    of the modules may have another shape (such a match is never exact)."""
     mp = comp.spec.module_prefix
     used: set[str] = set()
-    found = missing = 0
+    found = missing = reshaped = 0
     for name, (stored, shape) in _expected(comp, scheme).items():
         tried = [prefix + stored]
         if mp and stored.startswith(mp):
@@ -107,22 +112,24 @@ def _match_component(comp: Component, ft: FolderTensors, prefix: str, scheme: st
         if key is None:
             missing += 1
             continue
-        if not _same_shape(ft.tensors[key], shape):
-            return None
         used.add(key)
-        found += 1
-    if found == 0:
+        if _same_shape(ft.tensors[key], shape):
+            found += 1
+        else:
+            reshaped += 1
+    if found + reshaped == 0:
         return 0, True
-    if missing:
+    if missing or reshaped > max_reshaped * (found + reshaped):
         return None
     kinds = {_pattern(k) for k in used}
     extra = [k for k in ft.tensors if k not in used and k.startswith(prefix) and k.endswith(".weight")
              and 2 <= len(ft.tensors[k]) <= 5 and _pattern(k) in kinds]
-    return found, not extra
+    return found, not extra and not reshaped
 
 
-def match_family(family: Family, files: ModelFiles) -> Optional[Match]:
-    """How well a registered family fits a model (see the module docstring), or None."""
+def match_family(family: Family, files: ModelFiles, max_reshaped: float = 0.0) -> Optional[Match]:
+    """How well a registered family fits a model (see the module docstring), or None; ``max_reshaped``:
+    the share of each component's modules that may have another shape (a non-exact match)."""
     options: list[tuple[str, list[tuple[Component, FolderTensors, str, str]]]] = []
     for layout in family.spec.layouts:
         comps = []
@@ -143,7 +150,7 @@ def match_family(family: Family, files: ModelFiles) -> Optional[Match]:
     for layout, comps in options:
         total, exact, ok = 0, True, True
         for comp, ft, prefix, scheme in comps:
-            res = _match_component(comp, ft, prefix, scheme)
+            res = _match_component(comp, ft, prefix, scheme, max_reshaped)
             if res is None:
                 ok = False
                 break
@@ -310,18 +317,23 @@ def _files_for(ref: str, prefer: Optional[Family], components: Optional[list[str
 
 def family_for_model(ref: str, *, prefer: Optional[Family] = None, registry=None,
                      components: Optional[list[str]] = None) -> Family:
-    """The family of a model reference: ``prefer`` (a registered family, e.g. the one the LoRA was detected as)
-    if the model holds its modules with its shapes, else the registered family that matches the model,
-    else one derived from it (and registered in memory; the same shape table and type give the same one)."""
+    """The family of a model reference, in this order: ``prefer`` (a registered family, e.g. the one the LoRA
+    was detected as) if the model holds all its modules with their shapes; the registered family that
+    matches the model exactly; ``prefer`` if at most ``PREFER_MAX_RESHAPED`` of its modules change shape;
+    else a family derived from the model (registered in memory: the same type and shape table give the
+    same family)."""
     from . import get_registry
 
     registry = registry or get_registry()
     files = _files_for(str(ref), prefer, components)
-    if prefer is not None and not is_derived(prefer) and match_family(prefer, files) is not None:
-        return prefer
+    preferred = prefer is not None and not is_derived(prefer)
+    if preferred and match_family(prefer, files) is not None:
+        return prefer  # every module of the LoRA's family, same shapes (more blocks allowed: as before derivation)
     found = registered_match(files, registry)
     if found is not None:
         return found.family
+    if preferred and match_family(prefer, files, PREFER_MAX_RESHAPED) is not None:
+        return prefer  # a variant of it (an inpainting conv_in, a resized vocabulary): read as that family, as before
     return registry.register(derive_family(files))
 
 
