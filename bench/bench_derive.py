@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lorareg.registry import CANONICAL, get_registry  # noqa: E402
-from lorareg.registry.derive import family_for_model, structural_correspondence  # noqa: E402
+from lorareg.sources.derive import family_for_model, structural_correspondence  # noqa: E402
 
 
 def sparse(path: Path, shapes: dict) -> None:

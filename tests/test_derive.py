@@ -14,10 +14,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lorareg.cli import main
+from lorareg.apps.cli.main import main
 from lorareg.registry import get_registry
-from lorareg.registry.derive import family_for_model, is_derived, match_family
-from lorareg.registry.model_files import read_model_files
+from lorareg.sources.derive import family_for_model, is_derived, match_family
+from lorareg.sources.model_files import read_model_files
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -306,7 +306,7 @@ def test_action_ports_and_pushes_on_derived_families(hub_server, lms, tmp_path, 
     """The Action (its script layer, as action.yml runs it): port to a model the registry does not know, push with a card."""
     import shutil
 
-    from lorareg import action
+    from lorareg.apps import action
 
     v1, v2, lora = lms["mistral"]
     monkeypatch.chdir(tmp_path)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import lorareg
-from lorareg.cli import main
+from lorareg.apps.cli.main import main
 from lora_factory import make_lora, ssd_like, tiny_family_config, write
 
 pytestmark = pytest.mark.usefixtures("tiny_families")

@@ -12,15 +12,19 @@ import torch
 import torch.nn.functional as F
 
 import lorareg
-from lorareg.io import LazyTensor
-from lorareg.lora import Lora, Module
+from lorareg.core.io import LazyTensor
+from lorareg.core.lora import Lora, Module
 
 HERE = Path(__file__).resolve().parent
 DATA_ROOT = HERE / "data"
 
 
 class LoraHooks:
-    """A plain LoRA (ΔW = alpha/r · B A, B initialised to zero) on named nn.Linear layers, via forward hooks."""
+    """A plain LoRA (ΔW = alpha/r · B A, B initialised to zero) on named nn.Linear layers, via forward hooks.
+
+    The benchmark trains LoRAs from scratch as a trainer would; lorareg.refine.hooks.TrainableLora only
+    continues an existing LoRA's factors, so it is not reused here.
+    """
 
     def __init__(self, model: torch.nn.Module, names: Iterable[str], rank: int, alpha: float, seed: int):
         g = torch.Generator().manual_seed(seed)
@@ -85,6 +89,8 @@ def deltas_of(lora: Lora, keep: Optional[set] = None) -> dict[str, torch.Tensor]
 
 
 def gain(none: float, loss: float, ref: float) -> float:
+    # lorareg.evaluate.gain returns None for a reference that gains nothing (an API value); the benchmark
+    # keeps NaN instead so its averages, ratios and plots need no special case
     d = none - ref
     return float("nan") if abs(d) < 1e-12 else (none - loss) / d
 
