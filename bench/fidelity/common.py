@@ -96,8 +96,13 @@ def gain(none: float, loss: float, ref: float) -> float:
 
 
 def port(lora, src_dir: Path, tgt_dir: Path, method: str, out: Path, **kw):
-    """lorareg.port with weights on both sides; returns (ported Lora read back from disk, report)."""
+    """lorareg.port with weights on both sides; returns (ported Lora read back from disk, report).
+
+    Subspace similarities of every layer (the threshold sweeps and the flag use them): the bases check,
+    also for copy, whose default is the streamed weight check.
+    """
     t0 = time.perf_counter()
+    kw.setdefault("check", "bases")
     res = lorareg.port(lora, source_model=str(src_dir), target_model=str(tgt_dir), method=method, output=out,
                        force=True, progress=False, device="cpu", **kw)
     fam = res.report.target_model.family

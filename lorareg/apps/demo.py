@@ -101,7 +101,8 @@ def run_port_demo(out: Path, methods: Optional[list[str]] = None) -> PortDemo:
     for method in methods or demo_methods():
         dest = out / f"lora-v2-{method}"
         res = port(source_lora, source_model=str(src), target_model=str(tgt), method=method, output=dest, force=True,
-                   progress=False, device="cpu", cache_dir=out / "bases-cache")
+                   progress=False, device="cpu", cache_dir=out / "bases-cache",
+                   check="bases")  # every variant reports its subspace similarity (copy's default check has none)
         loss = ev.loss(lora_deltas(v2, api.load(dest, model=str(tgt))))
         t = res.report.totals
         variants.append(PortedVariant(method=method, output=str(dest), layers=t.layers, layers_ported=t.ported, layers_skipped=t.skipped,

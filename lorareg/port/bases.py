@@ -66,7 +66,7 @@ class BasesStore:
             shape = model.family.components[cid].modules[name]
             k = min(self.k_for(flat_shape(shape)), min(flat_shape(shape)))
             fp = model.fingerprint(cid, name)
-            digest = self._known_digest(fp)
+            digest = self.known_digest(fp)
             w = None
             if digest is None:
                 w = flat(model.weight(cid, name))
@@ -91,7 +91,7 @@ class BasesStore:
     def _digest_path(self, fp: str) -> Path:
         return self.cache.root / "digests" / fp[:2] / fp
 
-    def _known_digest(self, fp: Optional[str]) -> Optional[str]:
+    def known_digest(self, fp: Optional[str]) -> Optional[str]:
         """The content digest remembered for a weight fingerprint (skips re-hashing known files)."""
         if fp is None:
             return None

@@ -10,6 +10,7 @@ import torch
 
 from ..core.io import DTYPES, LazyTensor
 from ..core.lora import Lora, Module
+from ..engine.relatedness import LayerRelatedness, Relatedness
 from ..engine import DEFAULT_METHOD, DEFAULT_MISMATCH_METHOD, PortError, get_method, subspace_similarity
 from ..formats.refactor import fold_tucker, to_plain_lora
 from .bases import BasesStore, flat
@@ -29,11 +30,14 @@ class ProjectedLayers:
 
 
 def project_layers(lora: Lora, pairs: list[Pair], bases: Optional[BasesStore], options: PortOptions, out_dtype: Optional[str],
-                   device: torch.device, progress=None) -> ProjectedLayers:
-    """Port every pair of ``lora`` (bases None: no base weights, by names only); one report line per pair."""
+                   device: torch.device, progress=None, streamed: Optional[Relatedness] = None) -> ProjectedLayers:
+    """Port every pair of ``lora`` (bases None: no base weights, by names only); one report line per pair.
+
+    ``streamed``: the streamed check's per-layer distance and cosine of the base weights, when it ran."""
     out = ProjectedLayers()
+    by_layer = {l.name: l for l in streamed.layers} if streamed else {}
     for pair in pairs:
-        rep = _project_one(lora.modules[pair.key], pair, bases, options, out_dtype, device, out)
+        rep = _project_one(lora.modules[pair.key], pair, bases, options, out_dtype, device, out, by_layer.get(pair.key))
         out.layers.append(rep)
         if progress:
             progress.update(1)
@@ -41,10 +45,12 @@ def project_layers(lora: Lora, pairs: list[Pair], bases: Optional[BasesStore], o
 
 
 def _project_one(m: Module, pair: Pair, bases: Optional[BasesStore], options: PortOptions, out_dtype: Optional[str],
-                 device: torch.device, out: ProjectedLayers) -> LayerReport:
+                 device: torch.device, out: ProjectedLayers, rel: Optional[LayerRelatedness]) -> LayerReport:
     method = options.method if options.method != AUTO else (DEFAULT_METHOD if pair.same_shape else DEFAULT_MISMATCH_METHOD)
     rep = LayerReport(source=pair.key, method=method, target=_target_key(pair), source_shape=pair.source_shape,
                       target_shape=pair.target_shape, rule=pair.rule, rank_in=m.rank, skipped=pair.skipped)
+    if rel is not None:
+        rep.relative_distance, rep.cosine = rounded(rel.relative_distance), rounded(rel.cosine)
     if pair.skipped:
         return rep
     rank = options.rank
@@ -56,7 +62,8 @@ def _project_one(m: Module, pair: Pair, bases: Optional[BasesStore], options: Po
     src_key, tgt_key = (pair.source_component, pair.source_module), (pair.target_component, pair.target_module)
     sb = bases.get(0, *src_key) if bases else None
     tb = bases.get(1, *tgt_key) if bases else None
-    if (method in IDENTITY_ON_SAME_WEIGHT and bases is not None and bases.same_weight(src_key, tgt_key)
+    same_weight = (bases is not None and bases.same_weight(src_key, tgt_key)) or (rel is not None and rel.identical)
+    if (method in IDENTITY_ON_SAME_WEIGHT and same_weight
             and rank in (None, m.rank) and out_dtype in (None, m.factors["up"].dtype) and pair.same_shape):
         # the very same base weight: these methods return ΔW unchanged, so keep the factors' bits
         rep.similarity = rep.similarity_in = rep.similarity_out = rep.kept_energy = 1.0

@@ -16,6 +16,8 @@ from ..sources.refs import public_lora_ref, public_model_ref
 
 AUTO = "auto"
 DEFAULT_THRESHOLD = 0.0
+#: how the two base models are compared: streamed weight distance/cosine (copy ports) or top-k bases
+CHECKS = ("streamed", "bases")
 #: prefix of the keyword arguments of :func:`lorareg.port` that set a :class:`RefineOptions` field
 REFINE_PREFIX = "refine_"
 
@@ -42,6 +44,9 @@ class PortOptions(BaseModel):
     refine: Optional[str] = None
     refine_options: RefineOptions = RefineOptions()
     force_unrelated: bool = False
+    #: how the two base models are compared (with both models): "streamed" weight distance/cosine, or "bases" (top-k SVD);
+    #: None: streamed for copy ports without a threshold, else bases (port/check.py)
+    check: Optional[str] = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "PortOptions":
@@ -63,7 +68,7 @@ class PortOptions(BaseModel):
     def with_models(self) -> bool:
         return self.source_model is not None
 
-    def check(self) -> None:
+    def check_preconditions(self) -> None:
         """The preconditions that need no file: known method, threshold range, models given together."""
         if self.method != AUTO and self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r} (known: {AUTO}, {', '.join(METHODS)})")
@@ -73,6 +78,10 @@ class PortOptions(BaseModel):
             raise InputError(f"--method {self.method} needs --source-model and --target-model (copy and auto need neither)")
         if (self.source_model is None) != (self.target_model is None):
             raise InputError("give both --source-model and --target-model, or neither")
+        if self.check is not None and self.check not in CHECKS:
+            raise InputError(f"unknown --check {self.check!r} (known: {', '.join(CHECKS)})")
+        if self.check is not None and not self.with_models:
+            raise InputError("--check compares the base models: it needs --source-model and --target-model")
         if self.refine is not None and not self.with_models:
             raise InputError("--refine distill needs --source-model and --target-model")
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from ..core.version import __version__
 from ..core.lora import Lora, Module
 from ..engine import energy
+from ..engine.relatedness import RELATED_MIN_COSINE
 from ..refine.report import loss_summary, samples_summary
 from ..registry import Family
 from ..hub.pull import lookup_lora
@@ -42,6 +43,8 @@ class LayerReport(BaseModel):
     rank_in: Optional[int] = None
     rank_out: Optional[int] = None
     skipped: Optional[str] = None
+    relative_distance: Optional[float] = Field(None, description="‖W_t − W_s‖ / ‖W_s‖ of the base weights (streamed check)")
+    cosine: Optional[float] = Field(None, description="⟨W_s, W_t⟩ / (‖W_s‖ ‖W_t‖) of the base weights (streamed check)")
 
 
 class ModelInfo(BaseModel):
@@ -60,8 +63,13 @@ class PortTotals(BaseModel):
     mean_similarity: Optional[float] = None
     min_similarity: Optional[float] = None
     energy_kept: Optional[float] = Field(None, description="‖ΔW_out‖² / ‖ΔW_in‖² summed over ported layers")
-    related: Optional[bool] = Field(None, description=f"mean similarity of the compared layers >= {RELATED_MIN_SIMILARITY}")
+    related: Optional[bool] = Field(None, description=f"mean weight cosine >= {RELATED_MIN_COSINE} (streamed check), "
+                                                     f"else mean subspace similarity >= {RELATED_MIN_SIMILARITY}")
     related_similarity: Optional[float] = Field(None, description="mean similarity over every compared layer, ported or not")
+    related_by: Optional[str] = Field(None, description="what the verdict used: 'cosine' (streamed check) or 'subspace'")
+    mean_cosine: Optional[float] = Field(None, description="mean weight cosine over every compared layer (streamed check)")
+    min_cosine: Optional[float] = None
+    mean_relative_distance: Optional[float] = Field(None, description="mean ‖W_t − W_s‖ / ‖W_s‖ over every compared layer")
 
 
 class PortReport(BaseModel):
@@ -81,6 +89,7 @@ class PortReport(BaseModel):
     timings: dict[str, float]
     cache: dict[str, int]
     refine: Optional[dict[str, Any]] = None
+    check: Optional[dict[str, Any]] = Field(None, description="how the base models were compared: streamed or bases, bytes read")
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -105,9 +114,22 @@ def totals(layers: list[LayerReport], lora: Lora) -> PortTotals:
     all_in = sum(energy_in.values())
     compared = [l.similarity for l in layers if l.similarity is not None]
     related_sim = sum(compared) / len(compared) if compared else None
+    cosines = [l.cosine for l in layers if l.cosine is not None]
+    mean_cos = sum(cosines) / len(cosines) if cosines else None
+    dists = [l.relative_distance for l in layers if l.relative_distance is not None]
+    # the streamed check's cosine decides where it ran (every compared layer has one); else the subspaces
+    if mean_cos is not None:
+        related, related_by = mean_cos >= RELATED_MIN_COSINE, "cosine"
+    else:
+        related = None if related_sim is None else related_sim >= RELATED_MIN_SIMILARITY
+        related_by = None if related is None else "subspace"
     return PortTotals(
-        related=None if related_sim is None else related_sim >= RELATED_MIN_SIMILARITY,
+        related=related,
+        related_by=related_by,
         related_similarity=rounded(related_sim),
+        mean_cosine=rounded(mean_cos),
+        min_cosine=rounded(min(cosines)) if cosines else None,
+        mean_relative_distance=rounded(sum(dists) / len(dists)) if dists else None,
         layers=len(layers),
         ported=len(ported),
         skipped=len(layers) - len(ported),
@@ -117,10 +139,16 @@ def totals(layers: list[LayerReport], lora: Lora) -> PortTotals:
     )
 
 
+def unrelated_score(t: PortTotals) -> str:
+    """What made the verdict, e.g. ``mean weight cosine 0.01``."""
+    return f"mean weight cosine {t.mean_cosine:.2f}" if t.related_by == "cosine" else f"mean subspace similarity {t.related_similarity:.2f}"
+
+
 def unrelated_warning(t: PortTotals) -> list[str]:
     if t.related is not False:
         return []
-    return [f"the base models look unrelated: mean subspace similarity {t.related_similarity:.2f} < {RELATED_MIN_SIMILARITY}; "
+    bound = RELATED_MIN_COSINE if t.related_by == "cosine" else RELATED_MIN_SIMILARITY
+    return [f"the base models look unrelated: {unrelated_score(t)} < {bound}; "
             "a training-free port is unlikely to carry the LoRA's effect (use --threshold to skip such layers)"]
 
 
@@ -165,6 +193,9 @@ def summarize(report: PortReport) -> str:
     ]
     if t.mean_similarity is not None:
         lines.append(f"  subspace similarity: mean {t.mean_similarity:.3f}, min {t.min_similarity:.3f}")
+    if t.mean_cosine is not None:
+        lines.append(f"  base weights: cosine mean {t.mean_cosine:.4f}, min {t.min_cosine:.4f}; "
+                     f"relative distance mean {t.mean_relative_distance:.4f}")
     if t.energy_kept is not None:
         lines.append(f"  energy of the LoRA kept: {100 * t.energy_kept:.1f}%")
     reasons: dict[str, int] = {}
@@ -175,6 +206,9 @@ def summarize(report: PortReport) -> str:
         lines.append(f"  skipped {n}: {why}")
     for w in report.warnings:
         lines.append(f"  WARNING: {w}")
+    if report.check and report.check.get("kind") == "streamed":
+        c = report.check
+        lines.append(f"  streamed check: {c['bytes_read'] / 1e9:.2f} GB read in {c['seconds']:.2f} s, no basis built")
     lines.append(f"  bases: {report.cache.get('hits', 0)} from cache, {report.cache.get('built', 0)} built; time {report.timings.get('total_s', 0):.2f} s")
     if report.refine:
         r = report.refine

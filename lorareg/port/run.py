@@ -27,11 +27,12 @@ from ..registry import Family, get_registry
 from ..sources.derive import family_for_model
 from ..sources.weights import BaseWeights, open_model
 from .bases import BasesStore
+from .check import check_info, check_kind, streamed_check
 from .layers import project_layers
 from .options import PortOptions
 from .pairs import resolve_pairs
 from .plan import plan_with_weights
-from .report import PortReport, PortResult, model_info, published_report, provenance_metadata, source_lora_info, summarize, totals, unrelated_warning
+from .report import PortReport, PortResult, model_info, published_report, provenance_metadata, source_lora_info, summarize, totals, unrelated_score, unrelated_warning
 
 _DTYPE_ALIASES = {"fp16": "F16", "float16": "F16", "bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "F32"}
 
@@ -53,7 +54,7 @@ def port(lora: Union[str, Path, Lora], options: Optional[PortOptions] = None, **
     """
     opts = options.model_copy(update=kwargs) if options is not None else PortOptions.from_kwargs(**kwargs)
     t_start = time.perf_counter()
-    opts.check()
+    opts.check_preconditions()
     src_lora = _load_source(lora, opts)
     src_fam, tgt_fam = _families(src_lora, opts)
     device = resolve_device(opts.device)
@@ -67,14 +68,19 @@ def port(lora: Union[str, Path, Lora], options: Optional[PortOptions] = None, **
         refinement.check_models(refine_kind, models.source.folder(), models.target.folder())
     cache = BasisCache(opts.cache_dir) if opts.cache_dir else BasisCache()
     bases = BasesStore(cache, device, opts.rank_k) if models.source is not None else None
-    if bases is not None:
+    kind = check_kind(opts, pairs, src_fam, tgt_fam) if bases is not None else None
+    streamed = streamed_check(pairs, models.source, models.target, bases, opts.progress) if kind == "streamed" else None
+    if kind == "bases":
         pairs = plan_with_weights(pairs, src_fam, tgt_fam, models.source, models.target, bases, opts.align_blocks, opts.progress)
 
     bar = progress_bar(len(pairs), "projecting", opts.progress)
-    projected = project_layers(src_lora, pairs, bases, opts, out_dtype, device, bar)
+    projected = project_layers(src_lora, pairs, bases, opts, out_dtype, device, bar, streamed)
     if bar:
         bar.close()
     report = _report(src_lora, src_fam, tgt_fam, models, projected, bases, cache, opts, device)
+    report.check = check_info(kind, streamed)
+    if streamed is not None:
+        report.timings["streamed_check_s"] = round(streamed.seconds, 3)
     ported = Lora(family=tgt_fam.id, modules=projected.modules, metadata=dict(src_lora.metadata), format_state=src_lora.format_state,
                   source_path=src_lora.source_path, source_sha256=src_lora.source_sha256, source_hashes=src_lora.source_hashes)
     if refine_kind is not None:
@@ -164,7 +170,7 @@ def _refine(kind, ported: Lora, src_lora: Lora, src_fam: Family, tgt_fam: Family
             opts: PortOptions, device: torch.device) -> Lora:
     if report.totals.related is False and not opts.force_unrelated:
         raise InputError(
-            f"the base models look unrelated (mean similarity {report.totals.related_similarity:.2f}); distillation would retrain "
+            f"the base models look unrelated ({unrelated_score(report.totals)}); distillation would retrain "
             "the LoRA, not port it; pass --force-unrelated to refine anyway")
     if not ported.modules:
         raise InputError(f"no layer could be ported ({_first_skip(report.layers)}); nothing to refine")

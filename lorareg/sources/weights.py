@@ -16,11 +16,12 @@ from typing import Optional
 import torch
 
 from ..core.errors import InputError
-from ..core.io import LazyTensor, SafetensorsHeader, read_header
+from ..core.io import DTYPES, LazyTensor, SafetensorsHeader, read_header
 from ..core.names import PICKLE_SUFFIXES, numel
+from ..engine.relatedness import ByteRange, StoredWeight
+from ..hub.pull import snapshot_for_family
 from ..registry import CANONICAL, Family
 from ..registry.families import Component
-from ..hub.pull import snapshot_for_family
 from .layout import is_index, weight_files_in
 from .refs import ModelRef
 
@@ -94,6 +95,33 @@ class BaseWeights:
                 raise InputError(f"{self.ref}: {component}:{module} has shape {list(t.shape)}, expected {list(shape)} for {self.family.id}")
         return t
 
+    def stored(self, component: str, module: str) -> StoredWeight:
+        """Where a canonical module's weight lies in the files (byte ranges, in row order), unread.
+
+        For the streamed relatedness check (lorareg.engine.relatedness), which reads the bytes in
+        chunks itself instead of mapping whole shards. A fused tensor's part is its rows' byte range.
+        """
+        src = self._sources.get(component)
+        if src is None:
+            raise InputError(f"{self.ref}: no weights for component {component!r} in this {self.layout} layout")
+        shape = src.component.modules.get(module)
+        if shape is None:
+            raise InputError(f"{self.family.id} has no module {component}:{module}")
+        group = src.component.fused_group_of(src.scheme).get(module) if src.scheme != CANONICAL else None
+        header, key = self._found(src, (group.name if group is not None else _stored_name(src, module)) + ".weight", module)
+        info = header.tensors[key]
+        start = header.data_offset + info.begin
+        if group is None:
+            ranges = (ByteRange(header.path, start, info.nbytes),)
+        else:
+            row = info.nbytes // info.shape[0]
+            parts = sorted((s.start, s.at, s.stop - s.start) for s in group.slices if s.module == module)
+            ranges = tuple(ByteRange(header.path, start + at * row, rows * row) for _, at, rows in parts)
+        if sum(r.nbytes for r in ranges) != numel(shape) * DTYPES[info.dtype][1]:
+            stored = [sum(rows for _, _, rows in parts), *info.shape[1:]] if group is not None else list(info.shape)
+            raise InputError(f"{self.ref}: {component}:{module} has shape {stored}, expected {list(shape)} for {self.family.id}")
+        return StoredWeight(ranges, tuple(shape), DTYPES[info.dtype][0])
+
     def fingerprint(self, component: str, module: str) -> Optional[str]:
         """A cheap identity of a module's stored weight (file path, size, mtime, offset, name), or None.
 
@@ -138,12 +166,15 @@ class BaseWeights:
                 return found
         return None
 
-    def _tensor(self, src: _Source, name: str, module: str) -> torch.Tensor:
+    def _found(self, src: _Source, name: str, module: str) -> tuple[SafetensorsHeader, str]:
         found = self._locate(src, name)
         if found is None:
             tried = self._candidates(src, name)[0]
             raise InputError(f"{self.ref}: weight of {src.component.id}:{module} not found (looked for {tried!r})")
-        header, key = found
+        return found
+
+    def _tensor(self, src: _Source, name: str, module: str) -> torch.Tensor:
+        header, key = self._found(src, name, module)
         info = header.tensors[key]
         return LazyTensor(info.dtype, info.shape, header=header, info=info).torch()
 

@@ -54,12 +54,15 @@ _REFINE = RefineOptions.model_fields
 @click.option("--seed", "refine_seed", type=int, default=_REFINE["seed"].default, show_default=True, help="--refine: seed of the samples and the batch order.")
 @click.option("--budget-seconds", "refine_budget_seconds", type=click.FloatRange(min=0), help="--refine: stop training after this many seconds (sampling included).")
 @click.option("--force-unrelated", is_flag=True, help="--refine even if the base models look unrelated (it would then retrain the LoRA on synthetic data, not port it).")
+@click.option("--check", type=click.Choice(["streamed", "bases"]), help="How the two base models are compared. streamed: per-layer weight distance and cosine, "
+              "each weight read once in chunks (default for copy ports without --threshold); bases: top-k SVD bases of every layer "
+              "(subspace similarity; default for projections, block alignment and --threshold).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--push", "push_to", metavar="REPO", help="Upload the result (weights, README.md, report.json) to this Hub repo in one commit.")
 @push_options
 def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, device, dtype, output, format_, force, no_align,
          refine, refine_steps, refine_samples, refine_sample_length, refine_prompts, refine_latent_size, refine_sampler_steps, refine_noisings,
-         refine_guidance, refine_batch, refine_lr, refine_seed, refine_budget_seconds, force_unrelated, as_json,
+         refine_guidance, refine_batch, refine_lr, refine_seed, refine_budget_seconds, force_unrelated, check, as_json,
          push_to, private, create_pr, revision, commit_message, instance_prompt, base_model_id, owner_permission) -> None:
     """Port a LoRA to another base model, training-free; writes the LoRA and a report.json."""
     if not push_to and (private or create_pr or revision or commit_message or instance_prompt or base_model_id or owner_permission):
@@ -73,7 +76,7 @@ def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, 
     options = PortOptions(
         source_model=source_model, target_model=target_model, to=to, method=method, rank_k=rank_k, threshold=threshold, rank=rank,
         device=device, dtype=dtype, output=output, format=format_, force=force, align_blocks=not no_align, progress=not as_json,
-        refine=refine, refine_options=refine_options, force_unrelated=force_unrelated,
+        refine=refine, refine_options=refine_options, force_unrelated=force_unrelated, check=check,
     )
     result = run_port(lora, options)
     text = result.summary + f"\n  report {result.report_path}"
