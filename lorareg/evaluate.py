@@ -27,7 +27,6 @@ from .core.lora import Lora
 from .formats.api import load
 from .refine.hooks import find_module
 from .refine.runtime import TOKENIZER_FILES, load_causal_lm
-from .registry.examples import example_registry_for
 
 PathLike = Union[str, Path]
 
@@ -159,10 +158,11 @@ class LossEvaluator:
         return self.loss(lora_deltas(self.model, _as_lora(lora)))
 
 
-def _as_lora(lora: Union[Lora, PathLike], family: Optional[str] = None) -> Lora:
+def _as_lora(lora: Union[Lora, PathLike], family: Optional[str] = None, model: Optional[PathLike] = None) -> Lora:
+    """A LoRA read against ``family``, else against the family of ``model`` (its base: registered or derived)."""
     if isinstance(lora, Lora):
         return lora
-    return load(lora, family=family)
+    return load(lora, family=family, model=None if family or model is None else str(model))
 
 
 # ---------------------------------------------------------------- the command's job
@@ -183,8 +183,7 @@ def evaluate(
     family: Optional[str] = None,
 ) -> EvalResult:
     """Held-out loss on ``data`` of the target with no adapter and with ``lora`` (None: base only)."""
-    with example_registry_for([lora, reference_lora, source_lora]):
-        return _evaluate(lora, target_model, data, reference_lora, source_model, source_lora, tokenizer, seq_len, max_windows, batch_size, family)
+    return _evaluate(lora, target_model, data, reference_lora, source_model, source_lora, tokenizer, seq_len, max_windows, batch_size, family)
 
 
 def _evaluate(lora, target_model, data, reference_lora, source_model, source_lora, tokenizer, seq_len, max_windows, batch_size, family) -> EvalResult:
@@ -198,11 +197,11 @@ def _evaluate(lora, target_model, data, reference_lora, source_model, source_lor
     res = EvalResult(data=str(data), tokenizer=tok_name, seq_len=seq_len, windows=int(batches.shape[0]),
                      tokens=int(batches.numel()), target_model=str(target_model), loss_none=ev.loss())
     if lora is not None:
-        lo = _as_lora(lora, family)
+        lo = _as_lora(lora, family, target_model)
         deltas = lora_deltas(model, lo)
         res.lora, res.modules_applied, res.loss_lora = str(lora), len(deltas), ev.loss(deltas)
     if reference_lora is not None:
-        res.reference_lora, res.loss_reference = str(reference_lora), ev.lora_loss(_as_lora(reference_lora, family))
+        res.reference_lora, res.loss_reference = str(reference_lora), ev.lora_loss(_as_lora(reference_lora, family, target_model))
         if res.loss_lora is not None:
             res.gain_recovered = gain(res.loss_none, res.loss_lora, res.loss_reference)
     if source_model is not None:
@@ -211,7 +210,7 @@ def _evaluate(lora, target_model, data, reference_lora, source_model, source_lor
         sids, _ = tokenize(text, source_model, src, tokenizer if tokenizer != "auto" else (tok_name if tok_name == "bytes" else "auto"))
         sev = LossEvaluator(src, windows(sids, seq_len, max_windows), batch_size)
         res.source_model, res.source_lora = str(source_model), str(source_lora)
-        res.loss_source_none, res.loss_source_lora = sev.loss(), sev.lora_loss(_as_lora(source_lora, family))
+        res.loss_source_none, res.loss_source_lora = sev.loss(), sev.lora_loss(_as_lora(source_lora, family, source_model))
         if res.loss_lora is not None:
             src_gain = res.loss_source_none - res.loss_source_lora
             res.gain_retained = (res.loss_none - res.loss_lora) / src_gain if abs(src_gain) > 1e-9 else None

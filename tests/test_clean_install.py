@@ -107,8 +107,8 @@ def clean_env(root: Path) -> dict[str, str]:
 
 
 def lm_env(v: Venv) -> dict[str, str]:
-    """The LM example's own registry family (as the demo makes it visible)."""
-    return {"LORAREG_DATA_PATH": str(v.examples / "lm" / "data")}
+    """The LM example has no registry entry: its family is derived from its model folders (nothing to add)."""
+    return {}
 
 
 # ------------------------------------------------------------------------------------- fixtures
@@ -236,7 +236,7 @@ def test_action_script(core):
         env = {**core.env, **lm_env(core), "HF_ENDPOINT": hub.endpoint, "GITHUB_REPOSITORY": f"{OWNER}/loras",
                "GITHUB_REPOSITORY_OWNER": OWNER, "GITHUB_STEP_SUMMARY": str(summary), "GITHUB_OUTPUT": str(outputs),
                "INPUT_LORA": str(core.examples / "lm" / "lora-v1"), "INPUT_SOURCE_MODEL": str(core.examples / "lm" / "v1"),
-               "INPUT_TARGET_MODELS": f"{core.examples / 'lm' / 'v2'}\nexample-llama:", "INPUT_METHOD": "auto",
+               "INPUT_TARGET_MODELS": f"{core.examples / 'lm' / 'v2'}\n{core.examples / 'lm' / 'v1'}", "INPUT_METHOD": "auto",
                "INPUT_PUSH_TO": "{owner}/{name}-{target}", "INPUT_HF_TOKEN": hub.token, "INPUT_DEVICE": "cpu",
                "INPUT_OUTPUT_DIR": "ported"}
         res = subprocess.run([str(core.py), "-m", module], capture_output=True, text=True, cwd=out, env=env)

@@ -5,8 +5,8 @@
 
 Writes v1/ and v2/ (transformers folders), lora-v1/ (the task LoRA trained on v1, PEFT folder),
 lora-v2-retrained/ (the reference: the same LoRA recipe trained directly on v2), heldout.txt and
-example.json. The example's registry family (data/schemas/families/example-llama.json) has the same
-architecture as the benchmark's fid-llama.
+example.json. The example has no registry entry: lorareg derives its family from v1/ and v2/ themselves
+(lorareg.sources.derive).
 """
 
 from __future__ import annotations
@@ -63,7 +63,6 @@ def export(lm_work: Path, dest: Path = DEST, log=print) -> Path:
                        "learns English prose (the Python language reference, pydoc_data.topics); the same LoRA recipe retrained "
                        "on v2 as the reference; held-out topics of the language reference as evaluation text. Built by "
                        "bench/fidelity/run.py --write-example.",
-        "family": "example-llama",
         "source_model": "v1", "target_model": "v2", "lora": "lora-v1", "reference_lora": "lora-v2-retrained",
         "heldout": "heldout.txt", "tokenizer": "bytes", "seq_len": 128,
     }

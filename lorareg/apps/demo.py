@@ -23,7 +23,7 @@ from ..evaluate import LossEvaluator, gain, lora_deltas, tokenize, windows
 from ..formats import api
 from ..port import PortOptions, port
 from ..refine.runtime import load_causal_lm
-from ..registry.examples import example_path, example_registry, lm_example_path
+from ..registry.examples import example_path, lm_example_path
 
 class DemoStep(BaseModel):
     action: str
@@ -43,6 +43,7 @@ class PortedVariant(BaseModel):
     energy_kept: Optional[float] = None
     loss: float
     gain_recovered: Optional[float] = None
+    family: Optional[str] = None  # the target's family (derived from the example's own files)
 
 
 class PortDemo(BaseModel):
@@ -84,29 +85,29 @@ def run_port_demo(out: Path, methods: Optional[list[str]] = None) -> PortDemo:
     meta = json.loads((ex / "example.json").read_text(encoding="utf-8"))
     src, tgt, lora = ex / meta["source_model"], ex / meta["target_model"], ex / meta["lora"]
     text = (ex / meta["heldout"]).read_bytes()
-    with example_registry():
-        v1 = load_causal_lm(src)
-        ids, _ = tokenize(text, src, v1, meta.get("tokenizer", "auto"))
-        held = windows(ids, int(meta.get("seq_len", 128)))
-        source_lora = api.load(lora, family=meta["family"])
-        ev1 = LossEvaluator(v1, held)
-        loss_src_none, loss_src_lora = ev1.loss(), ev1.loss(lora_deltas(v1, source_lora))
-        del ev1, v1
-        v2 = load_causal_lm(tgt)
-        ev = LossEvaluator(v2, held)
-        none = ev.loss()
-        ref = ev.loss(lora_deltas(v2, api.load(ex / meta["reference_lora"], family=meta["family"])))
-        variants = []
-        for method in methods or demo_methods():
-            dest = out / f"lora-v2-{method}"
-            res = port(source_lora, source_model=str(src), target_model=str(tgt), method=method, output=dest, force=True,
-                       progress=False, device="cpu", cache_dir=out / "bases-cache",
-                       check="bases")  # every variant reports its subspace similarity (copy's default check has none)
-            loss = ev.loss(lora_deltas(v2, api.load(dest, family=meta["family"])))
-            t = res.report.totals
-            variants.append(PortedVariant(method=method, output=str(dest), layers=t.layers, layers_ported=t.ported, layers_skipped=t.skipped,
-                                          mean_similarity=t.mean_similarity, min_similarity=t.min_similarity, energy_kept=t.energy_kept,
-                                          loss=loss, gain_recovered=gain(none, loss, ref)))
+    # no registry entry for the example: its family is derived from the v1/ and v2/ folders themselves
+    v1 = load_causal_lm(src)
+    ids, _ = tokenize(text, src, v1, meta.get("tokenizer", "auto"))
+    held = windows(ids, int(meta.get("seq_len", 128)))
+    source_lora = api.load(lora, model=str(src))
+    ev1 = LossEvaluator(v1, held)
+    loss_src_none, loss_src_lora = ev1.loss(), ev1.loss(lora_deltas(v1, source_lora))
+    del ev1, v1
+    v2 = load_causal_lm(tgt)
+    ev = LossEvaluator(v2, held)
+    none = ev.loss()
+    ref = ev.loss(lora_deltas(v2, api.load(ex / meta["reference_lora"], model=str(tgt))))
+    variants = []
+    for method in methods or demo_methods():
+        dest = out / f"lora-v2-{method}"
+        res = port(source_lora, source_model=str(src), target_model=str(tgt), method=method, output=dest, force=True,
+                   progress=False, device="cpu", cache_dir=out / "bases-cache",
+                   check="bases")  # every variant reports its subspace similarity (copy's default check has none)
+        loss = ev.loss(lora_deltas(v2, api.load(dest, model=str(tgt))))
+        t = res.report.totals
+        variants.append(PortedVariant(method=method, output=str(dest), layers=t.layers, layers_ported=t.ported, layers_skipped=t.skipped,
+                                      mean_similarity=t.mean_similarity, min_similarity=t.min_similarity, energy_kept=t.energy_kept,
+                                      loss=loss, gain_recovered=gain(none, loss, ref), family=res.report.target_model.family))
     return PortDemo(example=str(ex), source_model=str(src), target_model=str(tgt), lora=str(lora), heldout=str(ex / meta["heldout"]),
                     heldout_tokens=int(held.numel()), loss_source_none=loss_src_none, loss_source_lora=loss_src_lora,
                     loss_none=none, loss_retrained=ref, variants=variants, seconds=round(time.perf_counter() - t0, 2))

@@ -33,6 +33,7 @@ from ..hub.pull import resolve_lora_ref
 from ..registry import Registry, get_registry
 from ..sources import civitai
 from ..sources.civitai_refs import looks_like_civitai_ref
+from ..sources.derive import family_for_model
 from ..sources.refs import looks_like_hub_ref
 from ..sources.weights import open_model
 from .reader import LORA_ADAPTER_METADATA, assemble, parse_keys
@@ -62,9 +63,15 @@ def _hint_metadata(metadata: dict[str, str], peft_config: Optional[dict]) -> dic
     return hinted
 
 
-def detect(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None) -> Detection:
-    """Which key format and model family a LoRA file or PEFT folder is, with evidence."""
-    return _detect(Path(path), format, family)[0]
+def _model_family(family: Optional[str], model: Optional[str]) -> Optional[str]:
+    """``model`` (a base model reference) names the family: the registered one that matches it, else one
+    derived from its own weights and config (lorareg.sources.derive)."""
+    return family if model is None or family else family_for_model(str(model)).id
+
+
+def detect(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None, model: Optional[str] = None) -> Detection:
+    """Which key format and model family a LoRA file or PEFT folder is, with evidence (``model``: its base model)."""
+    return _detect(Path(path), format, _model_family(family, model))[0]
 
 
 def _detect(path: Path, format: Optional[str], family: Optional[str], registry: Optional[Registry] = None):
@@ -87,12 +94,15 @@ def _detect(path: Path, format: Optional[str], family: Optional[str], registry: 
     return det, result, tensors, metadata, peft_config, weights
 
 
-def load(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None, hash: bool = True) -> Lora:
+def load(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None, hash: bool = True,
+         model: Optional[str] = None) -> Lora:
     """Read a LoRA file (or PEFT folder) of any known format into canonical modules.
 
     ``hash=False`` skips the source file's SHA-256 (``source_sha256`` stays None): provenance is then unknown.
+    ``model``: the LoRA's base model, whose family (registered or derived) the LoRA is read against.
     """
     path = Path(path)
+    family = _model_family(family, model)
     if not hash:
         return _read_lora(path, format, family)[0]
     # the provenance hash runs beside the rest: hashlib releases the GIL on large buffers
@@ -173,9 +183,10 @@ class Inspection(BaseModel):
         return [h for h in self.embedded_hashes if h.status == "wrong"]
 
 
-def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None) -> Inspection:
-    """Everything a user asks first about a LoRA file."""
+def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None, model: Optional[str] = None) -> Inspection:
+    """Everything a user asks first about a LoRA file (``model``: its base model, when no registered family fits)."""
     path = Path(path)
+    family = _model_family(family, model)
     det, result, tensors, metadata, peft_config, weights = _detect(path, format, family)
     if result.unmapped:
         _refuse_mixed(det, result, tensors, metadata)
@@ -365,7 +376,9 @@ def convert(
     model: Optional[str] = None,
     drop_dora: bool = False,
 ) -> ConversionReport:
-    """Convert a LoRA file or PEFT folder to another key format (``model``, ``drop_dora``: see save)."""
+    """Convert a LoRA file or PEFT folder to another key format (``model``: its base model, which names a derived
+    family and holds the weights DoRA/SVDiff refactoring needs; ``drop_dora``: see save)."""
+    family = _model_family(family, model)
     source, output = Path(source), Path(output)
     check_output(source, output, force)
     registry = get_registry()

@@ -15,6 +15,7 @@ from ..core.io import atomic_write_text
 from ..core.progress import progress_bar
 from ..engine import BASES_VERSION, Basis, BasisCache, BasisKey, default_k, top_k_batched, weight_digest
 from ..registry import get_registry
+from ..sources.derive import family_for_model
 from ..sources.weights import BaseWeights, open_model
 
 #: build SVDs in batches of at most this many weight elements (memory on the device)
@@ -127,10 +128,11 @@ class BasesStore:
         self.seconds_build += time.perf_counter() - t0
 
 
-def build_model_bases(model: str, family: str, components: Optional[list[str]], match: Optional[str], rank_k: Optional[int],
+def build_model_bases(model: str, family: Optional[str], components: Optional[list[str]], match: Optional[str], rank_k: Optional[int],
                       device: str, progress: bool = True, cache_dir: Optional[str] = None) -> dict:
     """Fill the basis cache with a model's 2-D/4-D weights (``lorareg basis build``); counts and timing."""
-    fam = get_registry().family(family)
+    # no family given: the model's own (the registered one that matches it, else derived from it)
+    fam = get_registry().family(family) if family else family_for_model(model)
     comps = components or list(fam.components)
     weights = open_model(fam, model, comps)
     modules = [(cid, name) for cid in weights.components for name, shape in fam.components[cid].modules.items()

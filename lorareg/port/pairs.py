@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from ..core.errors import InputError
 from ..registry import Family, Registry, get_registry
 from ..registry.naming import Pattern, render
+from ..sources.derive import is_derived, structural_correspondence
 
 
 class Pair(BaseModel):
@@ -65,6 +66,8 @@ def resolve_pairs(
         rule_name = "identity (same family)"
     else:
         doc = correspondence(registry, src.id, tgt.id)
+        if doc is None and (is_derived(src) or is_derived(tgt)):
+            doc = structural_correspondence(src, tgt)  # by module name, refusing unrelated models
         if doc is None:
             known = sorted(f"{d['source']}->{d['target']}" for d in registry.correspondences)
             raise InputError(f"no correspondence from {src.id} to {tgt.id} (known: {', '.join(known)})")

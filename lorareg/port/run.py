@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..core.device import resolve_device
-from ..core.errors import InputError
+from ..core.errors import DetectionError, InputError
 from ..core.io import atomic_write
 from ..core.lora import Lora
 from ..core.names import REPORT_NAME
@@ -24,6 +24,7 @@ from ..engine import BasisCache
 from ..formats.api import check_output, load, save
 from .. import refine as refinement
 from ..registry import Family, get_registry
+from ..sources.derive import family_for_model
 from ..sources.weights import BaseWeights, open_model
 from .bases import BasesStore
 from .dora import check_dora, check_output_format, dora_warnings
@@ -107,7 +108,24 @@ def _load_source(lora: Union[str, Path, Lora], opts: PortOptions) -> Lora:
             check_output(Path(lora), Path(opts.output), opts.force)
         else:
             check_output(None, Path(opts.output), opts.force)
-    return lora if isinstance(lora, Lora) else load(lora)
+    return lora if isinstance(lora, Lora) else _load_for_model(lora, opts.source_model)
+
+
+def _load_for_model(path: Union[str, Path], source_model: Optional[str]) -> Lora:
+    """The LoRA read against its source model's family: the registry's detection when that family holds the
+    model, else the family derived from the model (see lorareg.sources.derive)."""
+    try:
+        detected = load(path)
+    except DetectionError:
+        if source_model is None:
+            raise
+        detected = None
+    if source_model is None:
+        return detected
+    registry = get_registry()
+    fam = family_for_model(source_model, prefer=registry.family(detected.family) if detected else None, registry=registry,
+                           components=detected.components if detected else None)
+    return detected if detected is not None and detected.family == fam.id else load(path, family=fam.id)
 
 
 def _families(lora: Lora, opts: PortOptions) -> tuple[Family, Family]:
@@ -115,7 +133,18 @@ def _families(lora: Lora, opts: PortOptions) -> tuple[Family, Family]:
         raise InputError("the LoRA's family is unknown; load it with family=...")
     registry = get_registry()
     src = registry.family(lora.family)
-    return src, (registry.family(opts.to) if opts.to else src)
+    if opts.to:
+        return src, registry.family(opts.to)
+    # a target model not of the source's family gets its own: registered if one matches it, else derived
+    if opts.target_model is not None:
+        return src, family_for_model(opts.target_model, prefer=src, registry=registry, components=lora.components)
+    return src, src
+
+
+def _first_skip(layers) -> str:
+    skipped = [l for l in layers if l.skipped]
+    more = f", and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+    return f"{skipped[0].source}: {skipped[0].skipped}{more}" if skipped else "no layers"
 
 
 def _open_models(lora: Lora, src_fam: Family, tgt_fam: Family, tgt_components: list[str], opts: PortOptions) -> _Models:
@@ -151,7 +180,7 @@ def _refine(kind, ported: Lora, src_lora: Lora, src_fam: Family, tgt_fam: Family
             f"the base models look unrelated ({unrelated_score(report.totals)}); distillation would retrain "
             "the LoRA, not port it; pass --force-unrelated to refine anyway")
     if not ported.modules:
-        raise InputError("no layer could be ported (see the report: every layer was skipped); nothing to refine")
+        raise InputError(f"no layer could be ported ({_first_skip(report.layers)}); nothing to refine")
     job = refinement.RefineJob(source_lora=src_lora, source_family=src_fam, target_family=tgt_fam, source_model=models.source.folder(),
                                target_model=models.target.folder(), device=device, progress=opts.progress, start_method=opts.method,
                                cache_dir=Path(opts.cache_dir) if opts.cache_dir else None)
@@ -163,7 +192,7 @@ def _refine(kind, ported: Lora, src_lora: Lora, src_fam: Family, tgt_fam: Family
 
 def _write(result: PortResult, src_lora: Lora, opts: PortOptions) -> None:
     if not result.lora.modules:
-        raise InputError("no layer could be ported (see the report: every layer was skipped); nothing written")
+        raise InputError(f"no layer could be ported ({_first_skip(result.report.layers)}); nothing written")
     out_path = Path(opts.output)
     report = result.report
     t0 = time.perf_counter()

@@ -47,6 +47,18 @@ class Registry:
             raise InputError(f"unknown format {format_id!r} (known: {known})")
         return fmt
 
+    def register(self, family: Family) -> Family:
+        """Add a family made at run time (derived from a model) to this registry, in memory only."""
+        known = self.families.get(family.id)
+        if known is not None:
+            # the same shape table met again, maybe stored another way: one family, both layouts
+            for layout in family.spec.layouts:
+                if layout not in known.spec.layouts:
+                    known.spec.layouts.append(layout)
+            return known
+        self.families[family.id] = family
+        return family
+
     def families_for_alias(self, value: str) -> list[str]:
         return [f.id for f in self.families.values() if f.matches_alias(value)]
 

@@ -15,7 +15,7 @@ def basis() -> None:
 
 @basis.command("build")
 @click.argument("model")
-@click.option("--family", required=True, help="Family of the model (see `lorareg families`).")
+@click.option("--family", help="Family of the model (default: the registered one that matches it, else derived from it).")
 @click.option("--component", "components", multiple=True, help="Only these components (repeatable).")
 @click.option("--match", help="Only modules whose name contains this text (e.g. attn).")
 @click.option("--rank-k", type=click.IntRange(min=1), help="Subspace size k (default: per-layer default).")

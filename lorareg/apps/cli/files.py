@@ -7,9 +7,11 @@ from typing import Optional
 
 import click
 
+from ...core.errors import InputError
 from ...formats import api
 from ...registry import get_registry
 from ...sources.civitai_lookup import lookup_file
+from .derived import MODEL_HELP, family_from_model
 from .main import counts, emit, main
 
 
@@ -17,10 +19,11 @@ from .main import counts, emit, main
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--format", "format_", help="Read as this format instead of detecting it.")
 @click.option("--family", help="Read against this family instead of detecting it.")
+@click.option("--model", help=MODEL_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(path: Path, format_: Optional[str], family: Optional[str], as_json: bool) -> None:
+def inspect(path: Path, format_: Optional[str], family: Optional[str], model: Optional[str], as_json: bool) -> None:
     """Show a LoRA's format, family, adapter type, ranks and alphas."""
-    info = api.inspect(path, format=format_, family=family)
+    info = api.inspect(path, format=format_, family=family, model=model)
     lines = [
         f"{info.path}",
         f"  format      {info.format} ({info.variant})",
@@ -80,14 +83,14 @@ def lookup(path: Path, as_json: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file (or folder for peft).")
 @click.option("--variant", help="Variant of the target format (default: the format's first writable one).")
 @click.option("--family", help="Family of the input, if detection is ambiguous.")
+@click.option("--model", help=MODEL_HELP + " Also the base weights needed to refactor SVDiff modules, and DoRA modules for a format without magnitudes.")
 @click.option("--rank", type=click.IntRange(min=1), help="Refactor LoHa/LoKr/full (and, with --model, DoRA/SVDiff) modules to plain LoRA of this rank.")
-@click.option("--model", help="Base model (folder, .safetensors checkpoint or Hub id): needed to refactor SVDiff modules, and DoRA modules for a format without magnitudes.")
 @click.option("--drop-dora", is_flag=True, help="Drop DoRA magnitudes a target format cannot store (listed as dropped; W' changes).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--allow-unmapped", is_flag=True, help="Convert even if some tensors map to no module (they are listed as dropped).")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert even if factors hold NaN/Inf.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
-def convert(path, to, output, variant, family, rank, model, drop_dora, force, allow_unmapped, allow_nonfinite, as_json) -> None:
+def convert(path, to, output, variant, family, model, rank, drop_dora, force, allow_unmapped, allow_nonfinite, as_json) -> None:
     """Convert a LoRA to another key format (exact for plain LoRA)."""
     report = api.convert(
         path, output, to=to, variant=variant, family=family, rank=rank, force=force,
@@ -105,9 +108,19 @@ def convert(path, to, output, variant, family, rank, model, drop_dora, force, al
 
 
 @main.command()
+@click.option("--from", "from_model", metavar="MODEL", help="Show the family of this model (folder, .safetensors file or Hub id): "
+              "the registered one that matches it, else one derived from its own weights and config.")
+@click.option("--write", "write_dir", type=click.Path(path_type=Path), help="With --from: write the family as registry data files "
+              "under DIR/schemas/ (use with LORAREG_DATA_PATH=DIR).")
 @click.option("--json", "as_json", is_flag=True)
-def families(as_json: bool) -> None:
-    """List the model families the registry knows."""
+def families(from_model: Optional[str], write_dir: Optional[Path], as_json: bool) -> None:
+    """List the model families the registry knows (or, with --from, the family of one model)."""
+    if write_dir is not None and from_model is None:
+        raise InputError("--write needs --from MODEL")
+    if from_model is not None:
+        payload, text = family_from_model(from_model, write_dir)
+        emit(as_json, payload, text)
+        return
     reg = get_registry()
     rows = []
     for fam in sorted(reg.families.values(), key=lambda f: f.id):

@@ -13,7 +13,7 @@ from ...hub.push import push as run_push
 from ...port import PortOptions, port as run_port, resolve_pairs
 from ...refine.conditioning import read_prompts
 from ...refine.options import RefineOptions
-from ...registry import get_registry
+from .derived import family_or_model
 from .hub import push_options, push_text
 from .main import emit, main
 
@@ -98,9 +98,8 @@ def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, 
 @click.option("--all", "show_all", is_flag=True, help="Every module, not only attention and MLP projections.")
 @click.option("--json", "as_json", is_flag=True)
 def pairs(source: str, target: str, component: Optional[str], show_all: bool, as_json: bool) -> None:
-    """Show which target module each source module maps to, with shapes and the rule used."""
-    reg = get_registry()
-    src = reg.family(source)
+    """Show which target module each source module maps to, with shapes and the rule used (families or model references)."""
+    src, tgt = family_or_model(source), family_or_model(target)
     modules = [
         (cid, name)
         for cid, comp in src.components.items()
@@ -108,9 +107,9 @@ def pairs(source: str, target: str, component: Optional[str], show_all: bool, as
         for name, shape in comp.modules.items()
         if show_all or len(shape) == 2
     ]
-    result = resolve_pairs(src, reg.family(target), modules)
+    result = resolve_pairs(src, tgt, modules)
     paired = [p for p in result if not p.skipped]
-    lines = [f"{src.id} -> {target}: {len(paired)} of {len(result)} modules paired"]
+    lines = [f"{src.id} -> {tgt.id}: {len(paired)} of {len(result)} modules paired"]
     for p in result:
         dst = f"{p.target_component}:{p.target_module} {p.target_shape}" if not p.skipped else f"SKIP ({p.skipped})"
         lines.append(f"  {p.source_component}:{p.source_module} {p.source_shape} -> {dst}  [{p.rule}]")
