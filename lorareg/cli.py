@@ -136,10 +136,20 @@ def families(as_json: bool) -> None:
                 "components": {cid: len(c.modules) for cid, c in fam.components.items()},
                 "default_repo": fam.spec.hub.default_repo,
                 "aliases": fam.spec.aliases.model_dump(),
+                "variant_of": fam.spec.variant_of,
+                "experts": fam.spec.experts.model_dump() if fam.spec.experts else None,
+                "named_variants": [v.id for v in fam.spec.variants],
             }
         )
+
+    def extra(r) -> str:
+        bits = [f"variant of {r['variant_of']}"] if r["variant_of"] else []
+        bits += ["two experts"] if r["experts"] else []
+        bits += [f"named variants: {', '.join(r['named_variants'])}"] if r["named_variants"] else []
+        return f"  ({'; '.join(bits)})" if bits else ""
+
     text = "\n".join(
-        f"{r['id']:<14} {r['name']:<36} " + ", ".join(f"{c}:{n}" for c, n in r["components"].items()) for r in rows
+        f"{r['id']:<23} {r['name']:<44} " + ", ".join(f"{c}:{n}" for c, n in r["components"].items()) + extra(r) for r in rows
     )
     _emit(as_json, rows, text)
 
@@ -211,12 +221,14 @@ def _push_options(f):
 @click.option("--seed", "refine_seed", type=int, default=0, show_default=True, help="--refine: seed of the samples and the batch order.")
 @click.option("--budget-seconds", "refine_budget_seconds", type=click.FloatRange(min=0), help="--refine: stop training after this many seconds (sampling included).")
 @click.option("--force-unrelated", is_flag=True, help="--refine even if the base models look unrelated (it would then retrain the LoRA on synthetic data, not port it).")
+@click.option("--family", help="The LoRA's family, when its shapes and metadata fit several (HunyuanVideo T2V/I2V, Wan 2.1/2.2, FLUX.1 dev/Krea).")
+@click.option("--expert", type=click.Choice(["high", "low"]), help="Wan 2.2 A14B: which expert a single-expert source file holds, or the one expert of a two-expert target to write (default both).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--push", "push_to", metavar="REPO", help="Upload the result (weights, README.md, report.json) to this Hub repo in one commit.")
 @_push_options
 def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, device, dtype, output, format_, force, no_align,
          refine, refine_steps, refine_samples, refine_sample_length, refine_prompts, refine_latent_size, refine_sampler_steps, refine_noisings,
-         refine_guidance, refine_batch, refine_lr, refine_seed, refine_budget_seconds, force_unrelated, as_json,
+         refine_guidance, refine_batch, refine_lr, refine_seed, refine_budget_seconds, force_unrelated, family, expert, as_json,
          push_to, private, create_pr, revision, commit_message, instance_prompt) -> None:
     """Port a LoRA to another base model, training-free; writes the LoRA and a report.json."""
     from .port import port as run_port
@@ -232,6 +244,7 @@ def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, 
         refine_lr=refine_lr, refine_seed=refine_seed, refine_budget_seconds=refine_budget_seconds, force_unrelated=force_unrelated,
         refine_prompts=read_prompts(refine_prompts) if refine_prompts else None, refine_latent_size=refine_latent_size,
         refine_sampler_steps=refine_sampler_steps, refine_noisings=refine_noisings, refine_guidance=refine_guidance, refine_batch=refine_batch,
+        family=family, expert=expert,
     )
     text = result.summary + f"\n  report {result.report_path}"
     if not push_to:
@@ -336,9 +349,18 @@ def pairs(source: str, target: str, component: Optional[str], show_all: bool, as
         for name, shape in comp.modules.items()
         if show_all or len(shape) == 2
     ]
-    result = resolve_pairs(src, reg.family(target), modules)
+    from .resolve import refusal
+
+    tgt = reg.family(target)
+    why_not = refusal(src, tgt) if src.id != tgt.id else None
+    result = resolve_pairs(src, tgt, modules)
     paired = [p for p in result if not p.skipped]
-    lines = [f"{src.id} -> {target}: {len(paired)} of {len(result)} modules paired"]
+    lines = [f"{src.id} -> {tgt.id}: {len(paired)} of {len(result)} pairs made"]
+    if why_not:
+        lines.append(f"  REFUSED unless --method align: {why_not}")
+    if tgt.spec.experts:
+        ex = tgt.spec.experts
+        lines.append(f"  {tgt.id} has two experts: {ex.high_noise} (high noise), {ex.low_noise} (low noise); each source module pairs with both")
     for p in result:
         dst = f"{p.target_component}:{p.target_module} {p.target_shape}" if not p.skipped else f"SKIP ({p.skipped})"
         lines.append(f"  {p.source_component}:{p.source_module} {p.source_shape} -> {dst}  [{p.rule}]")

@@ -162,6 +162,9 @@ class Lora:
     source_path: Optional[str] = None
     source_sha256: Optional[str] = None
     unmapped: dict[str, str] = field(default_factory=dict)  # input key -> reason it has no module
+    #: families the file fits equally well when neither its shapes nor its metadata decide (family first); empty when decided
+    undecided: list[str] = field(default_factory=list)
+    undecided_names_differ: bool = False
 
     @property
     def components(self) -> list[str]:

@@ -31,7 +31,8 @@ from .refine.dispatch import check_models as check_refine_models
 from .refine.dispatch import check_pair as check_refine_pair
 from .refine.dispatch import run as run_refine
 from .registry import Family, get_registry
-from .resolve import Pair, align_groups, resolve_pairs
+from . import experts as moe
+from .resolve import Pair, align_groups, refusal, resolve_pairs
 from .weights import BaseWeights, open_model
 
 DEFAULT_THRESHOLD = 0.0
@@ -76,6 +77,7 @@ class PortTotals(BaseModel):
     mean_similarity: Optional[float] = None
     min_similarity: Optional[float] = None
     energy_kept: Optional[float] = Field(None, description="‖ΔW_out‖² / ‖ΔW_in‖² summed over ported layers")
+    energy_skipped: Optional[float] = Field(None, description="share of the LoRA's energy (‖ΔW‖² summed) in the source layers that were skipped")
     related: Optional[bool] = Field(None, description=f"mean similarity of the compared layers >= {RELATED_MIN_SIMILARITY}")
     related_similarity: Optional[float] = Field(None, description="mean similarity over every compared layer, ported or not")
 
@@ -96,6 +98,7 @@ class PortReport(BaseModel):
     timings: dict[str, float]
     cache: dict[str, int]
     refine: Optional[dict[str, Any]] = None
+    experts: Optional[dict[str, str]] = Field(None, description="for a two-expert target (Wan 2.2 A14B): component -> the noise range it denoises")
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -106,6 +109,8 @@ class PortResult:
     output: Optional[Path] = None
     report_path: Optional[Path] = None
     summary: str = ""
+    #: one file per expert when the output format holds one expert per file (Wan 2.2 in ComfyUI / musubi keys)
+    files: list[Path] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -260,6 +265,8 @@ def port(
     refine_noisings: int = 4,
     refine_guidance: float = 5.0,
     force_unrelated: bool = False,
+    family: Optional[str] = None,
+    expert: Optional[str] = None,
 ) -> PortResult:
     """Port a LoRA from its base model to a target model; write it (and report.json) if ``output``.
 
@@ -269,6 +276,10 @@ def port(
     ``force_unrelated``. ``refine_sample_length`` applies to language models; ``refine_prompts``,
     ``refine_conditions``, ``refine_latent_size``, ``refine_sampler_steps``, ``refine_noisings`` and
     ``refine_guidance`` to UNets.
+
+    ``family`` names the LoRA's family when its shapes and metadata do not decide (HunyuanVideo T2V vs
+    I2V, Wan 2.1 vs a Wan 2.2 expert, FLUX.1 [dev] vs Krea). ``expert`` (high|low): for a Wan 2.2 source,
+    which expert a single-expert file holds; for a Wan 2.2 target, write only that expert (default both).
     """
     from .api import _check_output, load, save
 
@@ -283,12 +294,19 @@ def port(
             _check_output(Path(lora), out_path, force)
         elif out_path.exists() and not force:
             raise InputError(f"{out_path}: already exists (use --force to replace it)")
-    src_lora = lora if isinstance(lora, Lora) else load(lora)
+    src_lora = lora if isinstance(lora, Lora) else load(lora, family=family)
     registry = get_registry()
     if src_lora.family is None:
         raise InputError("the LoRA's family is unknown; load it with family=...")
+    if src_lora.undecided:
+        raise InputError(f"the LoRA fits {', '.join(src_lora.undecided)} equally (same module shapes) and its metadata names "
+                         "none of them: pass --family to say which base it was trained on")
     src_fam = registry.family(src_lora.family)
     tgt_fam = registry.family(to) if to else src_fam
+    src_lora, target_expert = _experts_in(src_lora, src_fam, tgt_fam, expert)
+    why_not = refusal(src_fam, tgt_fam) if src_fam.id != tgt_fam.id else None
+    if why_not and method != "align":
+        raise InputError(f"{src_fam.id} -> {tgt_fam.id} refused: {why_not}")
     dev = resolve_device(device)
     needs_weights = method not in ("copy", AUTO)
     if needs_weights and (source_model is None or target_model is None):
@@ -301,6 +319,8 @@ def port(
     with_models = source_model is not None
     pairs = resolve_pairs(src_fam, tgt_fam, [(m.component, m.name) for m in src_lora.modules.values()],
                           allow_shape_mismatch=(method == "align" or (method == AUTO and with_models)))
+    if target_expert is not None:  # --expert on a two-expert target: only that expert's pairs
+        pairs = [p for p in pairs if p.target_component in (None, target_expert)]
     t0 = time.perf_counter()
     configs = refine is not None  # a refinement runs the models: it needs their configs and tokenizers too
     src_w = open_model(src_fam, source_model, src_lora.components, with_configs=configs) if source_model else None
@@ -396,6 +416,8 @@ def port(
         timings={"open_s": round(t_open, 3), "read_weights_s": round(bases.seconds_read, 3),
                  "build_bases_s": round(bases.seconds_build, 3), "project_s": round(t_proj, 3)},
         cache={"hits": cache.hits, "misses": cache.misses, "built": bases.built},
+        experts=({tgt_fam.spec.experts.high_noise: "high_noise", tgt_fam.spec.experts.low_noise: "low_noise"}
+                 if tgt_fam.spec.experts else None),
         warnings=warnings,
     )
     if refine is not None:
@@ -423,18 +445,51 @@ def port(
         out_path = Path(output)
         meta = _provenance(report, method)
         t2 = time.perf_counter()
-        conv = save(ported, out_path, format=format or (src_lora.format_state.format if src_lora.format_state else "diffusers"),
-                    force=True, extra_metadata=meta)
-        report.output = {"path": str(out_path), "format": conv.target_format, "dropped": [d.model_dump() for d in conv.dropped]}
+        out_format = format or (src_lora.format_state.format if src_lora.format_state else "diffusers")
+        parts = moe.split(ported, tgt_fam, out_format)
+        if parts is None:
+            conv = save(ported, out_path, format=out_format, force=True, extra_metadata=meta)
+            report.output = {"path": str(out_path), "format": conv.target_format, "dropped": [d.model_dump() for d in conv.dropped]}
+        else:
+            # ComfyUI / musubi load one expert per file: <name>_high_noise / <name>_low_noise
+            paths = moe.split_paths(out_path, tgt_fam)
+            for w in parts:
+                if paths[w].exists() and not force:
+                    raise InputError(f"{paths[w]}: already exists (use --force to replace it)")
+            files, dropped = [], []
+            for w, part in parts.items():
+                conv = save(part, paths[w], format=out_format, force=True, extra_metadata={**meta, "lorareg.expert": w})
+                files.append({"path": str(paths[w]), "expert": w, "component": tgt_fam.spec.experts.component(w)})
+                dropped += [d.model_dump() for d in conv.dropped]
+            report.output = {"path": str(out_path), "format": conv.target_format, "files": files, "dropped": dropped}
         report.timings["write_s"] = round(time.perf_counter() - t2, 3)
         report.timings["total_s"] = round(time.perf_counter() - t_start, 3)
         report_path = (out_path if out_path.is_dir() else out_path.parent) / (REPORT_NAME if out_path.is_dir() else out_path.stem + "." + REPORT_NAME)
         atomic_write_text(report_path, report.model_dump_json(indent=2) + "\n")
         result.output, result.report_path = out_path, report_path
+        if report.output.get("files"):
+            result.files = [Path(f["path"]) for f in report.output["files"]]
     else:
         report.timings["total_s"] = round(time.perf_counter() - t_start, 3)
     result.summary = summarize(report)
     return result
+
+
+def _experts_in(lora: Lora, src_fam: Family, tgt_fam: Family, expert: Optional[str]) -> tuple[Lora, Optional[str]]:
+    """Apply --expert: to a two-expert source it says which expert the file holds; to a two-expert target, which to write."""
+    held = moe.from_metadata(lora) if src_fam.spec.experts is not None else None
+    if held is not None and {m.component for m in lora.modules.values()} == {src_fam.spec.experts.high_noise}:
+        lora = moe.assign(lora, src_fam, held)  # a single-expert file that says which expert it holds
+    elif expert is not None and src_fam.spec.experts is not None:
+        lora = moe.assign(lora, src_fam, expert)
+        expert = None if tgt_fam.spec.experts is None or tgt_fam.id == src_fam.id else expert
+    else:
+        moe.require_known(lora, src_fam)
+    if expert is None:
+        return lora, None
+    if tgt_fam.spec.experts is None:
+        raise InputError(f"--expert: neither {src_fam.id} nor {tgt_fam.id} has two experts")
+    return lora, tgt_fam.spec.experts.component(moe.which(expert))
 
 
 def _resolve_with_weights(pairs, src_fam, tgt_fam, src_w, tgt_w, bases: _Bases, align: bool, progress) -> list[Pair]:
@@ -522,8 +577,14 @@ def _totals(layers: list[LayerReport], lora: Lora) -> PortTotals:
     ported = [l for l in layers if not l.skipped]
     sims = [l.similarity for l in ported if l.similarity is not None]
     energy_in = {l.source: _energy(lora.modules[l.source]) for l in layers}
-    energy_out = sum(energy_in[l.source] * l.kept_energy for l in ported if l.kept_energy is not None)
+    # a source layer copied into several targets (both Wan 2.2 experts) counts once: each target gets its share
+    fanout: dict[str, int] = {}
+    for l in layers:
+        fanout[l.source] = fanout.get(l.source, 0) + 1
+    energy_out = sum(energy_in[l.source] * l.kept_energy / fanout[l.source] for l in ported if l.kept_energy is not None)
     all_in = sum(energy_in.values())
+    reached = {l.source for l in ported}
+    energy_skipped = sum(e for src, e in energy_in.items() if src not in reached)
     compared = [l.similarity for l in layers if l.similarity is not None]
     related_sim = sum(compared) / len(compared) if compared else None
     return PortTotals(
@@ -535,6 +596,7 @@ def _totals(layers: list[LayerReport], lora: Lora) -> PortTotals:
         mean_similarity=_r(sum(sims) / len(sims)) if sims else None,
         min_similarity=_r(min(sims)) if sims else None,
         energy_kept=_r(energy_out / all_in) if all_in > 0 else None,
+        energy_skipped=_r(energy_skipped / all_in) if all_in > 0 else None,
     )
 
 
@@ -572,6 +634,8 @@ def summarize(report: PortReport) -> str:
         lines.append(f"  subspace similarity: mean {t.mean_similarity:.3f}, min {t.min_similarity:.3f}")
     if t.energy_kept is not None:
         lines.append(f"  energy of the LoRA kept: {100 * t.energy_kept:.1f}%")
+    if t.energy_skipped:
+        lines.append(f"  energy of the LoRA in skipped layers: {100 * t.energy_skipped:.1f}%")
     reasons: dict[str, int] = {}
     for l in report.layers:
         if l.skipped:
@@ -586,6 +650,12 @@ def summarize(report: PortReport) -> str:
         name, start, end = loss_summary(r)
         lines.append(f"  refined ({r['method']}, {r['steps']} steps, {samples_summary(r)}, {r['wall_s']:.1f} s): "
                      f"{name} {start:.4f} -> {end:.4f} (data-free quality signal: lower is closer to source + LoRA)")
-    if report.output:
+    if report.output and report.output.get("files"):
+        for f in report.output["files"]:
+            lines.append(f"  wrote {f['path']} ({report.output['format']}): the {f['expert'].replace('_', '-')} expert ({f['component']})")
+    elif report.output:
         lines.append(f"  wrote {report.output['path']} ({report.output['format']})")
+        if report.experts:
+            held = {l.target.split(":")[0] for l in report.layers if l.target and not l.skipped}
+            lines += [f"    {c}: the {w.replace('_', '-')} expert" for c, w in report.experts.items() if c in held]
     return "\n".join(lines)

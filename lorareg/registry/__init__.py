@@ -96,6 +96,12 @@ def _load(roots: tuple[Path, ...]) -> Registry:
         if fam.id != path.stem:
             raise RegistryError(f"{path}: id {fam.id!r} must match the file name")
         families[fam.id] = fam
+    for fam in families.values():
+        chain, cur = [fam.id], fam
+        while cur.spec.variant_of and cur.spec.variant_of in families and cur.spec.variant_of not in chain:
+            cur = families[cur.spec.variant_of]
+            chain.append(cur.id)
+        fam.lineage = tuple(chain)
     formats: dict[str, Format] = {}
     for path in iter_data_files("adapters"):
         fmt = _load_format(path)

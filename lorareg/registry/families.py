@@ -61,6 +61,7 @@ class Detection(BaseModel):
     model_config = ConfigDict(extra="allow")
     notes: list[str] = Field(default_factory=list)
     key_modules: list[str] = Field(default_factory=list)
+    rank_on_tie: int = 0
 
 
 class NoiseSchedule(BaseModel):
@@ -234,6 +235,12 @@ class Family:
     spec: FamilySpec
     components: dict[str, Component]
     path: Path
+    #: this family's id, then its parent's (variant_of), and so on; set by the registry
+    lineage: tuple[str, ...] = ()
+
+    @property
+    def root(self) -> str:
+        return self.lineage[-1] if self.lineage else self.id
 
     @property
     def id(self) -> str:
