@@ -50,7 +50,9 @@ class Detection(BaseModel):
 def metadata_hints(metadata: Mapping[str, str], registry: Registry) -> dict[str, list[str]]:
     """family id -> metadata entries that name it."""
     hints: dict[str, list[str]] = {}
-    for key in METADATA_HINT_KEYS:
+    # a port's output names its target; the source's own entries (kept in the file) describe the old base
+    keys = ("lorareg.port.target_family",) if metadata.get("lorareg.port.target_family") else METADATA_HINT_KEYS
+    for key in keys:
         value = metadata.get(key)
         if not value:
             continue

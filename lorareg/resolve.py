@@ -98,8 +98,10 @@ def resolve_pairs(
             pairs.append(Pair(source_component=cid, source_module=name, source_shape=shape, rule="components",
                               skipped=f"{tgt.id} has no counterpart of component {cid}"))
             continue
-        for tcid in tcids:
-            pairs.append(_pair(src, tgt, cid, name, shape, tcid, rules, rule_name, allow_shape_mismatch or doc.get("shape_mismatch") == "align"))
+        mismatch_ok = allow_shape_mismatch or doc.get("shape_mismatch") == "align"
+        made = [_pair(src, tgt, cid, name, shape, tcid, rules, rule_name, mismatch_ok) for tcid in tcids]
+        # a rule's skip concerns the source module, whatever the target component: report it once
+        pairs += made[:1] if made[0].target_component is None else made
     return pairs
 
 
