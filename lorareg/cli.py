@@ -69,6 +69,8 @@ def inspect(path: Path, format_: Optional[str], family: Optional[str], as_json: 
         f"  format      {info.format} ({info.variant})",
         f"  family      {info.family}  confidence {info.confidence:.2f}"
         + (f"  (also fits: {', '.join(f for f in info.fitting_families if f != info.family)})" if len(info.fitting_families) > 1 else ""),
+        *([f"  undecided   {', '.join(info.undecided)} (same shapes, no metadata names one: port needs --family)"] if info.undecided else []),
+        *([f"  variant     {info.named_variant} (named by the metadata)"] if info.named_variant else []),
         f"  type        {info.adapter_type}",
         f"  components  {', '.join(info.components)}",
         f"  modules     {info.num_modules} ({info.num_tensors} tensors, {', '.join(info.dtypes)})",

@@ -198,3 +198,21 @@ def test_comfyui_facing_wan22_files_use_diffusion_model_keys(tiny, tmp_path):
         assert set(load_file(str(f))) == {"diffusion_model.blocks.0.self_attn.q.lora_down.weight",
                                            "diffusion_model.blocks.0.self_attn.q.lora_up.weight",
                                            "diffusion_model.blocks.0.self_attn.q.alpha"}
+
+
+def test_push_of_a_two_expert_port_uploads_both_files_and_says_which(tiny, tmp_path, hub_server):
+    g, sd = torch.Generator().manual_seed(3), {}
+    _put(sd, "lora_unet_blocks_1_cross_attn_k", DIM, DIM, g)
+    src = tmp_path / "w.safetensors"
+    save_file(sd, str(src))
+    for fmt, repo in (("musubi", "me/wan22-musubi"), ("diffusers", "me/wan22-diffusers")):
+        r = port(src, family="tiny-wan21", to="tiny-wan22", format=fmt, output=tmp_path / fmt / "w22.safetensors", progress=False)
+        lorareg.push(r, repo, token=hub_server.token, endpoint=hub_server.endpoint)
+        files = hub_server.repo_files(repo)
+        card = files["README.md"].decode()
+        if fmt == "musubi":
+            assert {"w22_high_noise.safetensors", "w22_low_noise.safetensors"} <= set(files)
+            assert "`w22_high_noise.safetensors`: the high-noise expert (`transformer`)" in card
+            assert "`w22_low_noise.safetensors`: the low-noise expert (`transformer_2`)" in card
+        else:
+            assert "w22.safetensors" in files and 'prefix="transformer_2"' in card
