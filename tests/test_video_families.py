@@ -412,3 +412,29 @@ def test_name_only_pairs_refused(tmp_path):
     res = CliRunner().invoke(main, ["port", str(src), "--to", "wan2.1-t2v-14b", "-o", str(tmp_path / "o.safetensors")])
     assert res.exit_code != 0 and "refused" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_lycoris_on_flux_and_wan_read_and_converted(tmp_path):
+    """LyCORIS through sd-scripts / musubi (lycoris.kohya): LoKr / LoHa factors on the original names."""
+    g = _gen(7)
+    sd = {"lora_unet_double_blocks_3_img_mlp_2.lokr_w1": torch.randn(4, 4, generator=g),
+          "lora_unet_double_blocks_3_img_mlp_2.lokr_w2": torch.randn(768, 3072, generator=g) * 0.01,
+          "lora_unet_double_blocks_3_img_mlp_2.alpha": torch.tensor(1.0)}
+    p = _save(sd, tmp_path / "lokr.safetensors")
+    det = lorareg.detect(p)
+    assert (det.format, det.variant) == ("kohya", "flux") and "flux.1-dev" in det.undecided
+    lora = lorareg.load(p, family="flux.1-dev")
+    assert lora.adapter_types == ["lokr"] and "transformer:transformer_blocks.3.ff.net.2" in lora.modules
+    out = tmp_path / "lokr_comfy.safetensors"
+    lorareg.convert(p, out, to="ldm", family="flux.1-dev")
+    assert "diffusion_model.double_blocks.3.img_mlp.2.lokr_w2" in _keys(out)
+    sd = {}
+    for f in ("hada_w1_a", "hada_w2_a"):
+        sd[f"lora_unet_blocks_5_ffn_2.{f}"] = torch.randn(5120, 2, generator=g)
+    for f in ("hada_w1_b", "hada_w2_b"):
+        sd[f"lora_unet_blocks_5_ffn_2.{f}"] = torch.randn(2, 13824, generator=g)
+    p = _save(sd, tmp_path / "loha.safetensors")
+    assert lorareg.detect(p).format == "musubi"
+    out = tmp_path / "loha_d.safetensors"
+    lorareg.convert(p, out, to="kohya", family="wan2.1-t2v-14b")
+    assert "lora_unet_blocks_5_ffn_net_2.hada_w1_a" in _keys(out)
