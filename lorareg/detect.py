@@ -171,7 +171,9 @@ def score_candidates(
     candidates.sort(
         # block counts first (a FLUX.1 LoRA on all 19 double blocks is not a HunyuanVideo LoRA missing block 19),
         # then rank_on_tie: coverage alone ranks a partial LoRA by family size, not by what it was trained on
-        key=lambda c: (-c.mapped, -c.complete_groups, c.rank_on_tie, -c.coverage, not c.metadata_agrees, -priority[c.format], c.family, c.variant)
+        # a variant file (Wan 2.1 I2V of T2V, FLUX.1 Krea of [dev]) is listed after its parent on a tie
+        key=lambda c: (-c.mapped, -c.complete_groups, c.rank_on_tie, -c.coverage, not c.metadata_agrees, -priority[c.format],
+                       len(registry.families[c.family].lineage), c.family, c.variant)
     )
     return candidates, results
 
