@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lorareg.api import _read_source
-from lorareg.detect import detect_tensors
-from lorareg.errors import DetectionError
+from lorareg.formats.api import _read_source
+from lorareg.formats.detect import detect_tensors
+from lorareg.core.errors import DetectionError
 from lorareg.registry import get_registry
 
 FIRST_DESIGN = ["sd15", "sd21", "sdxl", "ssd-1b", "segmind-vega", "hunyuan-video", "tinyllama"]

@@ -1,14 +1,14 @@
 """lorareg: a registry of model families and LoRA key formats; detect, convert and port LoRAs."""
 
-__version__ = "0.1.0"
-
-from .api import Inspection, convert, detect, inspect, load, save  # noqa: E402
-from .hub import HubError, PushResult, push  # noqa: E402
-from .errors import ConversionError, DetectionError, InputError, LoraregError, RegistryError  # noqa: E402
-from .lora import Lora, Module  # noqa: E402
-from .port import PortReport, PortResult, port  # noqa: E402
-from .resolve import Pair, resolve_pairs as pairs  # noqa: E402
-from .registry import get_registry  # noqa: E402
+from .core.version import __version__
+from .core.errors import ConversionError, DetectionError, InputError, LoraregError, RegistryError
+from .core.lora import Lora, Module
+from .formats.api import Inspection, convert, detect, inspect, load, save
+from .hub.client import HubError
+from .hub.push import PushResult, push
+from .port import Pair, PortOptions, PortReport, PortResult, port
+from .port import resolve_pairs as pairs
+from .registry import get_registry
 
 __all__ = [
     "ConversionError",
@@ -28,6 +28,7 @@ __all__ = [
     "load",
     "pairs",
     "port",
+    "PortOptions",
     "PortReport",
     "PortResult",
     "PushResult",

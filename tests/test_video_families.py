@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lorareg
-from lorareg.cli import main
-from lorareg.errors import InputError
+from lorareg.apps.cli.main import main
+from lorareg.core.errors import InputError
 from lorareg.port import port
 
 R = 2

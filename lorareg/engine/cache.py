@@ -116,10 +116,6 @@ class BasisCache:
     def path(self, key: BasisKey) -> Path:
         return self._dir(key) / f"k{key.k}.safetensors"
 
-    @property
-    def stats(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "corrupt": self.corrupt, "writes": self.writes}
-
     # -- read ----------------------------------------------------------------------------------
     def _load(self, path: Path, key: BasisKey, k_file: int) -> Basis | None:
         """Load and validate one entry; delete it and return None when it is bad."""

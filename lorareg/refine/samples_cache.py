@@ -13,7 +13,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..lora import Lora
+from ..core.lora import Lora
+from ..engine.cache import default_cache_root
 
 PathLike = Union[str, Path]
 _MODEL_FILES = (".safetensors", ".json", ".model", ".txt")
@@ -51,8 +52,6 @@ def tensor_digest(t: torch.Tensor) -> str:
 def cached(cache_dir: Optional[PathLike], kind: str, key: dict, make: Callable[[], dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], bool]:
     """(the tensors stored under ``key``, True) or (``make()``, False) after storing them atomically."""
     from safetensors.torch import load_file, save_file
-
-    from ..engine.cache import default_cache_root
 
     root = Path(cache_dir) if cache_dir else default_cache_root()
     path = root / kind / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest() + ".safetensors")

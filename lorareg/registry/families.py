@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import RegistryError
+from ..core.errors import RegistryError
 from .naming import FusedModule, Scheme, flatten
 
 CANONICAL = "canonical"
@@ -245,10 +245,6 @@ class Family:
     @property
     def id(self) -> str:
         return self.spec.id
-
-    def module_shape(self, component: str, name: str) -> Optional[tuple[int, ...]]:
-        comp = self.components.get(component)
-        return comp.modules.get(name) if comp else None
 
     def named_variant(self, value: str) -> Optional[NamedVariant]:
         """The named variant (Pony, Illustrious... of SDXL) a metadata value or user name means, if any."""

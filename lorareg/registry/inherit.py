@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import RegistryError
+from ..core.errors import RegistryError
 
 #: fields of a variant file that are never copied onto the parent's document as they are
 _OWN = ("config_overrides",)
