@@ -157,3 +157,16 @@ def test_cli_refine(llamas, adapter, tmp_path):
                                     "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "refined (distill, 3 steps" in res.output and "KL" in res.output
+
+
+def test_a_refinement_that_moves_away_from_the_teacher_keeps_the_projection(llamas, adapter, tmp_path):
+    """On the very same model the copy is already exact (KL 0): training can only move away, so the copy is kept."""
+    copy = lorareg.port(adapter, method="copy", progress=False)
+    res = lorareg.port(adapter, source_model=str(llamas / "v1"), target_model=str(llamas / "v1"), cache_dir=tmp_path / "cache",
+                       **{**FAST, "refine_lr": 0.05})
+    r = res.report.refine
+    assert r["kl_end"] > r["kl_start"] and r["kept_projection"] is True
+    assert "kept unchanged" in res.summary
+    for key, (up, down) in _factors(copy.lora).items():
+        got_up, got_down = _factors(res.lora)[key]
+        assert torch.equal(got_up, up) and torch.equal(got_down, down)

@@ -8,6 +8,7 @@ materialises tensors it does not change.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import mmap
@@ -162,6 +163,24 @@ def _check_layout(path: Path, tensors: Mapping[str, TensorInfo], data_size: int)
             raise InputError(f"{path}: tensors {n0!r} and {n1!r} overlap (corrupt header)")
 
 
+def tensor_buffer(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes in C order as a flat memoryview, without numpy (not a core dependency).
+
+    No copy for a contiguous CPU tensor: a ctypes array over its data, which keeps the tensor alive.
+    Non-contiguous, conjugated or non-CPU tensors are made contiguous CPU copies first.
+    """
+    t = t.detach().resolve_conj().resolve_neg()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    arr = (ctypes.c_ubyte * nbytes).from_address(t.data_ptr())
+    arr._owner = t  # type: ignore[attr-defined]  # the memory belongs to t: keep it alive with the view
+    return memoryview(arr).cast("B")
+
+
 class LazyTensor:
     """A tensor that is still a byte range of a file, or an in-memory torch tensor."""
 
@@ -207,10 +226,7 @@ class LazyTensor:
     def buffer(self) -> memoryview:
         """The stored bytes without copying (a view of the mapped file for tensors still in a file)."""
         if self._tensor is not None:
-            t = self._tensor.contiguous().cpu()
-            if t.numel() == 0:
-                return memoryview(b"")
-            return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            return tensor_buffer(self._tensor)
         assert self._header is not None and self._info is not None
         return self._header.view(self._info)
 

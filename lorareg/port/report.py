@@ -228,6 +228,8 @@ def summarize(report: PortReport) -> str:
         name, start, end = loss_summary(r)
         lines.append(f"  refined ({r['method']}, {r['steps']} steps, {samples_summary(r)}, {r['wall_s']:.1f} s): "
                      f"{name} {start:.4f} -> {end:.4f} (data-free quality signal: lower is closer to source + LoRA)")
+        if r.get("kept_projection"):
+            lines.append(f"  refinement ended further from the teacher than it started ({name} rose): the projected LoRA is kept unchanged")
     if report.output and report.output.get("files"):
         for f in report.output["files"]:
             lines.append(f"  wrote {f['path']} ({report.output['format']}): the {f['expert'].replace('_', '-')} expert ({f['component']})")

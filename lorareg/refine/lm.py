@@ -205,13 +205,14 @@ def refine_lm(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lor
     kl_end = _kl_all(student, data, dev)
     hooks.remove()
 
-    refined = hooks.into(ported)
+    kept = kl_end > kl_start  # never hand back a LoRA further from the teacher than the projection was
+    refined = ported if kept else hooks.into(ported)
     t_train = time.perf_counter() - t1
     report = RefineReport(
         steps=done, steps_requested=steps, samples=samples, sample_length=sample_length, batch=batches.batch, lr=lr, start_method=start_method,
         kl_start=round(kl_start, 6), kl_end=round(kl_end, 6), kl_history=thin(history),
         teacher_storage="full" if "idx" not in data else f"top-{TOP_K}+remainder", samples_cached=from_cache,
         sample_s=round(t_sample, 3), train_s=round(t_train, 3), wall_s=round(time.perf_counter() - t0, 3), device=str(dev),
-        dtype=str(_dtype(dev)).replace("torch.", ""), seed=seed, stopped_by_budget=stopped,
+        dtype=str(_dtype(dev)).replace("torch.", ""), seed=seed, stopped_by_budget=stopped, kept_projection=kept,
     )
     return refined, report

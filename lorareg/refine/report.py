@@ -25,6 +25,8 @@ class RefineReportBase(BaseModel):
     dtype: str
     seed: int
     stopped_by_budget: bool = False
+    #: the training ended further from the teacher than it started: the projected factors are kept unchanged
+    kept_projection: bool = False
 
 
 def loss_summary(r: dict) -> tuple[str, Optional[float], Optional[float]]:

@@ -244,7 +244,8 @@ def refine_unet(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[L
                                            budget_seconds=budget_seconds, progress=progress, desc="distill", loss_name="mse")
     mse_end = mse_all()
     hooks.remove()
-    refined = hooks.into(ported)
+    kept = mse_end > mse_start  # never hand back a LoRA further from the teacher than the projection was
+    refined = ported if kept else hooks.into(ported)
     t_train = time.perf_counter() - t1
     report = UnetRefineReport(
         steps=done, steps_requested=steps, samples=samples, noisings=noisings, latent_size=size, sampler_steps=sampler_steps,
@@ -252,6 +253,6 @@ def refine_unet(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[L
         prediction_type=sched.prediction_type, batch=batches.batch, lr=lr, start_method=start_method,
         mse_start=round(mse_start, 6), mse_end=round(mse_end, 6), mse_history=thin(history), samples_cached=from_cache,
         sample_s=round(t_sample, 3), train_s=round(t_train, 3), wall_s=round(time.perf_counter() - t0, 3), device=str(dev),
-        dtype=str(dtype).replace("torch.", ""), seed=seed, stopped_by_budget=stopped,
+        dtype=str(dtype).replace("torch.", ""), seed=seed, stopped_by_budget=stopped, kept_projection=kept,
     )
     return refined, report
