@@ -148,10 +148,16 @@ def test_dora_without_models_or_with_drop_is_never_silent(llamas, tmp_path):
     with pytest.raises(InputError, match="DoRA.*--source-model"):
         lorareg.port(llamas / "dora", output=tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
-    with pytest.raises(InputError, match="cannot store their magnitudes.*--dora drop"):  # musubi has no magnitude key
-        from lorareg.port.dora import check_output_format
+    # PEFT stores one magnitude per output only: a per-input magnitude (LyCORIS wd_on_out=False) has no place there
+    from dataclasses import replace
 
-        check_output_format(lorareg.load(llamas / "dora").modules, "musubi")
+    from lorareg.core.io import LazyTensor
+    from lorareg.port.dora import check_output_format
+
+    per_input = {k: replace(m, dora_scale=LazyTensor.from_torch(torch.ones(1, m.weight_shape[1])))
+                 for k, m in lorareg.load(llamas / "dora").modules.items()}
+    with pytest.raises(InputError, match="cannot store their magnitudes.*--dora drop"):
+        check_output_format(per_input, "peft")
     res = lorareg.port(llamas / "dora", dora="drop", output=tmp_path / "out", progress=False)
     assert "DoRA magnitude (drop): 6 dropped" in res.summary and "WARNING: DoRA magnitude dropped" in res.summary
     report = json.loads(res.report_path.read_text())

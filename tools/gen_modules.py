@@ -80,8 +80,51 @@ def _num_parameters(model) -> int:
 
 
 def load_family(path: Path) -> dict:
+    """The full family document (a variant_of file merged over its parent's)."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        doc = json.load(f)
+    return _inherit().resolve_family_doc(path, doc)
+
+
+def _inherit():
+    # the merge rule of variant files lives in the package; import it from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    try:
+        from lorareg.registry import inherit
+    finally:
+        sys.path.pop(0)
+    return inherit
+
+
+def own_table_needed(path: Path, family: dict, table: dict) -> bool:
+    """A variant family whose modules equal its parent's shares the parent's table (no file of its own)."""
+    parent = family.get("variant_of")
+    if not parent:
+        return True
+    ppath = path.parent / f"{parent}.json"
+    ptable_path = _inherit().modules_path(ppath, json.loads(ppath.read_text(encoding="utf-8")))
+    if not ptable_path.exists():
+        return True
+    ptable = json.loads(ptable_path.read_text(encoding="utf-8"))
+    return _expanded(ptable) != _expanded(table)
+
+
+def _expanded(table: dict) -> dict:
+    comps = table["components"]
+    return {c: comps[v["same_as"]] if "same_as" in v else v for c, v in comps.items()}
+
+
+def compact(table: dict) -> dict:
+    """Store a component whose table equals an earlier one's as {"same_as": that component}."""
+    out, seen = {}, {}
+    for cname, comp in sorted(table["components"].items()):
+        sig = json.dumps(comp, sort_keys=True)
+        if sig in seen:
+            out[cname] = {"same_as": seen[sig]}
+        else:
+            seen[sig] = cname
+            out[cname] = comp
+    return {**table, "components": out}
 
 
 def family_paths(ids: list[str] | None = None) -> list[Path]:
@@ -126,6 +169,9 @@ def dumps(table: dict) -> str:
     lines.append(' "components": {')
     comps = sorted(table["components"].items())
     for ci, (cname, comp) in enumerate(comps):
+        if "same_as" in comp:
+            lines.append(f'  {json.dumps(cname)}: {{"same_as": {json.dumps(comp["same_as"])}}}' + ("," if ci < len(comps) - 1 else ""))
+            continue
         lines.append(f"  {json.dumps(cname)}: {{")
         lines.append(f'   "num_parameters": {comp["num_parameters"]},')
         lines.append('   "modules": {')
@@ -152,7 +198,7 @@ def diff_components(fid: str, old: dict | None, new: dict, limit: int = 20) -> l
         if cname not in oc:
             out.append(f"{fid}/{cname}: component generated but missing from checked-in file")
             continue
-        o, n = oc[cname], nc[cname]
+        o, n = _expanded(old)[cname], _expanded(new)[cname]
         if o.get("num_parameters") != n["num_parameters"]:
             out.append(f"{fid}/{cname}: num_parameters {o.get('num_parameters')} -> {n['num_parameters']}")
         om, nm = o.get("modules", {}), n["modules"]
@@ -184,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = family_paths(args.families)
     problems: list[str] = []
     if args.check and not args.families:
-        known = {p.stem for p in paths}
+        known = {p.stem for p in paths}  # variant files without a table of their own are checked below
         for stale in sorted(MODULES_DIR.glob("*.json")):
             if stale.stem not in known:
                 problems.append(f"{stale.stem}: schemas/modules/{stale.name} has no family file")
@@ -194,8 +240,19 @@ def main(argv: list[str] | None = None) -> int:
         if fid != path.stem:
             problems.append(f"{path.name}: id {fid!r} does not match the file name")
             continue
-        table = generate(family)
+        table = compact(generate(family))
         out = MODULES_DIR / f"{fid}.json"
+        if not own_table_needed(path, family, table):
+            # same modules as its parent: it reads the parent's table
+            if out.exists():
+                if args.check:
+                    problems.append(f"{fid}: schemas/modules/{out.name} repeats its parent's table (delete it)")
+                else:
+                    out.unlink()
+                    print(f"removed {out} (the parent's table serves)")
+            elif not args.check:
+                print(f"shared {fid}: the table of {family['variant_of']}")
+            continue
         if args.check:
             old = json.loads(out.read_text(encoding="utf-8")) if out.exists() else None
             problems.extend(diff_components(fid, old, table))

@@ -183,6 +183,9 @@ class Lora:
     #: the source file's hashes (lorareg.core.hashes.FileHashes as a dict), recorded as lorareg.source_*
     source_hashes: Optional[dict[str, str]] = None
     unmapped: dict[str, str] = field(default_factory=dict)  # input key -> reason it has no module
+    #: families the file fits equally well when neither its shapes nor its metadata decide (family first); empty when decided
+    undecided: list[str] = field(default_factory=list)
+    undecided_names_differ: bool = False
 
     @property
     def components(self) -> list[str]:

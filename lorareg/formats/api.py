@@ -130,6 +130,8 @@ def _read_lora(path: Path, format: Optional[str], family: Optional[str], before_
         _refuse_mixed(det, result, tensors, metadata)
     lora = assemble(result, tensors, metadata, peft_config)
     lora.source_path = str(path)
+    lora.undecided = list(det.undecided) if not family else []
+    lora.undecided_names_differ = det.undecided_names_differ and not family
     facts = civitai.lookup_ref(str(path)) if not path.exists() else None
     if facts is not None:  # the API's trigger words feed the card and --refine's prompts; its facts, the provenance
         lora.metadata = {**lora.metadata, **civitai.provenance_metadata(facts)}
@@ -162,6 +164,8 @@ class Inspection(BaseModel):
     family: str
     confidence: float
     fitting_families: list[str]
+    undecided: list[str] = Field(default_factory=list)
+    named_variant: Optional[str] = None
     adapter_type: str
     adapter_types: list[str]
     components: list[str]
@@ -202,6 +206,8 @@ def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[st
         family=det.family,
         confidence=det.confidence,
         fitting_families=det.fitting_families,
+        undecided=det.undecided,
+        named_variant=det.named_variant,
         adapter_type=lora.adapter_type,
         adapter_types=types,
         components=lora.components,
@@ -269,7 +275,7 @@ def _save(lora: Lora, path: PathLike, *, format: Optional[str], variant: Optiona
     elif lora.format_state and lora.format_state.format == fmt.id and not fmt.variant(lora.format_state.variant).spec.read_only:
         var = fmt.variant(lora.format_state.variant)
     else:
-        var = fmt.default_write_variant
+        var = fmt.write_variant_for(registry.family(lora.family)) if lora.family else fmt.default_write_variant
     if var is None:
         raise ConversionError(f"format {fmt.id} is read-only")
     family = registry.family(lora.family) if lora.family else None
@@ -325,7 +331,11 @@ def _output_metadata(lora: Lora, fmt: str, variant: str, generated: dict[str, st
     meta = {k: v for k, v in without_inherited_hashes(lora.metadata).items() if k != LORA_ADAPTER_METADATA}
     meta.update(generated)
     meta["lorareg.version"] = __version__
-    meta["lorareg.family"] = lora.family or ""
+    if lora.undecided:  # never record a guess as if the file had said it
+        meta.pop("lorareg.family", None)
+        meta["lorareg.family_candidates"] = ",".join(lora.undecided)
+    else:
+        meta["lorareg.family"] = lora.family or ""
     meta["lorareg.format"] = f"{fmt}/{variant}"
     if lora.format_state is not None and lora.format_state.format != fmt:
         meta["lorareg.source_state"] = lora.format_state.model_dump_json()
@@ -385,6 +395,9 @@ def convert(
     registry.format(to)
     with ThreadPoolExecutor(max_workers=1) as pool:
         lora, digest = _read_lora(source, None, family, _hashing_in(pool))
+        if lora.undecided and lora.undecided_names_differ:
+            raise InputError(f"{source}: fits {', '.join(lora.undecided)} equally and its metadata names none, and they name "
+                             "its modules differently: pass --family")
         if lora.unmapped and not allow_unmapped:
             key, reason = next(iter(lora.unmapped.items()))
             raise ConversionError(

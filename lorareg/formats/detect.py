@@ -17,7 +17,8 @@ from .reader import ParseResult, SplitKey, parse_keys, split_keys
 from ..registry import Family, Registry
 
 SAMPLE_KEYS = 96
-METADATA_HINT_KEYS = ("ss_base_model_version", "modelspec.architecture", "base_model_name_or_path", "ss_sd_model_name")
+METADATA_HINT_KEYS = ("ss_base_model_version", "modelspec.architecture", "base_model_name_or_path", "ss_sd_model_name",
+                      "lorareg.port.target_family")
 
 
 class Candidate(BaseModel):
@@ -27,6 +28,8 @@ class Candidate(BaseModel):
     mapped: int
     total: int
     coverage: float = Field(description="share of the family's modules of the adapted kinds that the LoRA covers")
+    complete_groups: int = Field(0, description="repeated blocks (e.g. transformer_blocks.{i}.attn.to_q) the LoRA covers at every index the family has: block counts")
+    rank_on_tie: int = Field(0, description="the family's detection.rank_on_tie (listed first when no block count decides)")
     shape_mismatches: int
     metadata_agrees: bool
 
@@ -39,12 +42,17 @@ class Detection(BaseModel):
     fitting_families: list[str] = Field(description="every family whose modules fit all the keys")
     evidence: list[str]
     candidates: list[Candidate]
+    undecided: list[str] = Field(default_factory=list, description="families the file fits equally well with no metadata to choose (the chosen one first); empty when decided")
+    undecided_names_differ: bool = Field(False, description="the undecided families would name the modules differently")
+    named_variant: Optional[str] = Field(None, description="a named variant of the family (Pony of sdxl...) the metadata names")
 
 
 def metadata_hints(metadata: Mapping[str, str], registry: Registry) -> dict[str, list[str]]:
     """family id -> metadata entries that name it."""
     hints: dict[str, list[str]] = {}
-    for key in METADATA_HINT_KEYS:
+    # a port's output names its target; the source's own entries (kept in the file) describe the old base
+    keys = ("lorareg.port.target_family",) if metadata.get("lorareg.port.target_family") else METADATA_HINT_KEYS
+    for key in keys:
         value = metadata.get(key)
         if not value:
             continue
@@ -75,6 +83,44 @@ def _coverage(result: ParseResult) -> float:
     return len(modules) / total if total else 0.0
 
 
+def _group(name: str) -> tuple[str, Optional[int]]:
+    """A module name with its first block index taken out: ('transformer_blocks.{}.attn.to_q', 3)."""
+    segs = name.split(".")
+    for i, seg in enumerate(segs):
+        if seg.isdigit():
+            return ".".join(segs[:i] + ["{}"] + segs[i + 1 :]), int(seg)
+    return name, None
+
+
+def _family_groups(fam: Family) -> dict[tuple[str, str], set[int]]:
+    cached = _GROUPS.get(fam.id)
+    if cached is None:
+        cached = {}
+        for cid, comp in fam.components.items():
+            for name in comp.modules:
+                g, i = _group(name)
+                if i is not None:
+                    cached.setdefault((cid, g), set()).add(i)
+        _GROUPS[fam.id] = cached
+    return cached
+
+
+_GROUPS: dict[str, dict[tuple[str, str], set[int]]] = {}
+
+
+def _complete_groups(result: ParseResult) -> int:
+    """How many repeated blocks the LoRA covers at every index the family has (a block count that fits exactly)."""
+    seen: dict[tuple[str, str], set[int]] = {}
+    for pk in result.parsed.values():
+        names = [s.module for s in pk.target.slices] if hasattr(pk.target, "slices") else [pk.target]
+        for n in names:
+            g, i = _group(n)
+            if i is not None:
+                seen.setdefault((pk.component, g), set()).add(i)
+    fam = _family_groups(result.family)
+    return sum(1 for key, idx in seen.items() if len(fam.get(key, ())) > 1 and idx == fam[key])
+
+
 def score_candidates(
     tensors: Mapping[str, LazyTensor],
     metadata: Mapping[str, str],
@@ -98,7 +144,7 @@ def score_candidates(
             sample_split = split_keys(variant, sample)
             if not any(isinstance(item, SplitKey) for item in sample_split):
                 continue
-            live = [fam for fam in fams if parse_keys(variant, fam, sample_tensors, sample_split).parsed]
+            live = [fam for fam in fams if variant.applies_to(fam) and parse_keys(variant, fam, sample_tensors, sample_split).parsed]
             if not live:
                 continue
             split = split_keys(variant, keys)
@@ -115,13 +161,19 @@ def score_candidates(
                         mapped=len(res.parsed),
                         total=len(keys),
                         coverage=round(_coverage(res), 6),
+                        complete_groups=_complete_groups(res),
+                        rank_on_tie=fam.spec.detection.rank_on_tie,
                         shape_mismatches=len(res.shape_mismatches),
                         metadata_agrees=fam.id in hints,
                     )
                 )
     priority = {f.id: f.spec.priority for f in registry.formats.values()}
     candidates.sort(
-        key=lambda c: (-c.mapped, -c.coverage, not c.metadata_agrees, -priority[c.format], c.family, c.variant)
+        # block counts first (a FLUX.1 LoRA on all 19 double blocks is not a HunyuanVideo LoRA missing block 19),
+        # then rank_on_tie: coverage alone ranks a partial LoRA by family size, not by what it was trained on
+        # a variant file (Wan 2.1 I2V of T2V, FLUX.1 Krea of [dev]) is listed after its parent on a tie
+        key=lambda c: (-c.mapped, -c.complete_groups, c.rank_on_tie, -c.coverage, not c.metadata_agrees, -priority[c.format],
+                       len(registry.families[c.family].lineage), c.family, c.variant)
     )
     return candidates, results
 
@@ -155,6 +207,13 @@ def detect_tensors(
             confidence *= 0.5
         else:
             confidence *= 0.9
+    undecided, names_differ = _undecided(best, candidates, results)
+    if undecided:
+        evidence.append(f"shapes cannot tell {', '.join(undecided)} apart and no metadata names one: "
+                        f"{best.family} is listed first; port needs --family")
+    named = _named_variant(res.family, metadata)
+    if named:
+        evidence.append(f"metadata names {named} (a named variant of {best.family})")
     other_formats = {c.format for c in candidates if c.mapped == total} - {best.format}
     if other_formats:
         evidence.append(f"keys also read as: {', '.join(sorted(other_formats))} (priority chose {best.format})")
@@ -166,8 +225,33 @@ def detect_tensors(
         fitting_families=fitting,
         evidence=evidence,
         candidates=candidates[:8],
+        undecided=undecided,
+        undecided_names_differ=names_differ,
+        named_variant=named,
     )
     return det, res
+
+
+def _undecided(best: Candidate, candidates: list[Candidate], results) -> tuple[list[str], bool]:
+    """Families as good as the best on structure whom metadata does not rule out (best first)."""
+    tied = [c for c in candidates if c.family != best.family and c.format == best.format and c.variant == best.variant
+            and c.mapped == best.mapped and abs(c.coverage - best.coverage) < 1e-9 and c.complete_groups == best.complete_groups
+            and c.shape_mismatches == best.shape_mismatches and not (best.metadata_agrees and not c.metadata_agrees)]
+    if not tied:
+        return [], False
+    names = lambda c: {k: (pk.component, pk.target_name) for k, pk in results[(c.format, c.variant, c.family)].parsed.items()}  # noqa: E731
+    ref = names(best)
+    return [best.family, *sorted({c.family for c in tied})], any(names(c) != ref for c in tied)
+
+
+def _named_variant(fam: Family, metadata: Mapping[str, str]) -> Optional[str]:
+    for key in METADATA_HINT_KEYS:
+        value = metadata.get(key)
+        if value:
+            v = fam.named_variant(value.split("/lora")[0] if key == "modelspec.architecture" else value)
+            if v:
+                return v.id
+    return None
 
 
 def _evidence(best: Candidate, res: ParseResult, metadata, registry: Registry, fitting: list[str]) -> list[str]:

@@ -168,7 +168,7 @@ def build_card(report: dict[str, Any], info: CardInfo, registry=None) -> str:
         "energy_kept": _pct(totals.get("energy_kept")),
         "skipped_lines": _skipped_lines(report),
         "trigger_section": _trigger_section(info.instance_prompt),
-        "usage": usage(info, tgt_fam),
+        "usage": usage(info, tgt_fam) + experts_note(report, tgt_fam, info),
         "command": info.command or reconstruct_command(report, info.weight_name),
     }
     return string.Template(load_template()).substitute(values)
@@ -305,6 +305,22 @@ def usage(info: CardInfo, family) -> str:
     else:
         parts.append(f"Load `{info.weight_name}` with the tool that reads the `{info.output_format}` format on `{base}`.")
     return "\n\n".join(parts)
+
+
+def experts_note(report: dict[str, Any], family, info: CardInfo) -> str:
+    """Which file or key prefix holds which expert of a two-expert target (Wan 2.2 A14B)."""
+    ex = family.spec.experts if family is not None else None
+    if ex is None:
+        return ""
+    files = (report.get("output") or {}).get("files") or []
+    if files:
+        rows = "\n".join(f"- `{Path(str(f['path'])).name}`: the {f['expert'].replace('_', '-')} expert (`{f['component']}`)" for f in files)
+        return ("\n\nThis model has two experts; each file holds one (load each on its own expert model, e.g. "
+                f"ComfyUI's high-noise and low-noise model loaders):\n\n{rows}")
+    return ("\n\nThis model has two experts: the keys under `transformer.` are the high-noise expert "
+            f"(`{ex.high_noise}`), those under `transformer_2.` the low-noise expert (`{ex.low_noise}`):\n\n```python\n"
+            f'pipe.transformer.load_lora_adapter("{info.repo_id}", weight_name="{info.weight_name}", prefix="transformer")\n'
+            f'pipe.transformer_2.load_lora_adapter("{info.repo_id}", weight_name="{info.weight_name}", prefix="transformer_2")\n```')
 
 
 def reconstruct_command(report: dict[str, Any], weight_name: str) -> str:

@@ -96,6 +96,13 @@ def _bundle(obj: Any) -> _Bundle:
             if not f.exists():
                 raise InputError(f"{f}: missing from the PEFT folder")
         return _Bundle(report, raw, weights, {PEFT_WEIGHTS: weights, PEFT_CONFIG: config}, PEFT_WEIGHTS)
+    experts = [Path(f["path"]) for f in (report.get("output") or {}).get("files") or []]
+    if experts:  # one file per expert (Wan 2.2 in ComfyUI / musubi keys): push them all
+        experts = [out.with_name(p.name) for p in experts]
+        missing = [p for p in experts if not p.exists()]
+        if missing:
+            raise InputError(f"{missing[0]}: no such file (the port output was moved or deleted)")
+        return _Bundle(report, raw, experts[0], {p.name: p for p in experts}, experts[0].name)
     if not out.exists():
         raise InputError(f"{out}: no such file (the port output was moved or deleted)")
     return _Bundle(report, raw, out, {out.name: out}, out.name)

@@ -50,6 +50,10 @@ class PortOptions(BaseModel):
     check: Optional[str] = None
     #: DoRA magnitudes: transfer (rescaled to the target's norms; needs both models), copy (as stored) or drop (said in the report)
     dora: str = "transfer"
+    #: the LoRA's family when its shapes and metadata fit several (HunyuanVideo T2V/I2V, Wan 2.1/2.2, FLUX.1 dev/Krea)
+    family: Optional[str] = None
+    #: "high" | "low": which expert a single-expert Wan 2.2 source holds, or the one expert of a Wan 2.2 target to write
+    expert: Optional[str] = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "PortOptions":
@@ -142,6 +146,8 @@ _OUTPUT_FLAGS = (
     ("align_blocks", "--no-align"),
     ("refine", "--refine"),
     ("force_unrelated", "--force-unrelated"),
+    ("family", "--family"),
+    ("expert", "--expert"),
 )
 _REFINE_FLAGS = (
     ("steps", "--steps"),

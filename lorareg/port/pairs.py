@@ -42,10 +42,29 @@ def _flat(shape) -> tuple[int, int]:
 
 
 def correspondence(registry: Registry, source: str, target: str) -> Optional[dict]:
-    for doc in registry.correspondences:
-        if doc["source"] == source and doc["target"] == target:
-            return doc
+    """The correspondence file from ``source`` to ``target``, else one between their variant_of ancestors."""
+    src, tgt = registry.families.get(source), registry.families.get(target)
+    for s in (src.lineage if src and src.lineage else (source,)):
+        for t in (tgt.lineage if tgt and tgt.lineage else (target,)):
+            for doc in registry.correspondences:
+                if doc["source"] == s and doc["target"] == t:
+                    return doc
     return None
+
+
+def refusal(source: Family | str, target: Family | str) -> Optional[str]:
+    """Why a port between these families is refused unless the method is align (they only share a name)."""
+    registry = get_registry()
+    sid = source if isinstance(source, str) else source.id
+    tid = target if isinstance(target, str) else target.id
+    doc = correspondence(registry, registry.family(sid).id, registry.family(tid).id)
+    return doc.get("refuse") if doc else None
+
+
+def target_components(doc: dict, cid: str) -> list[str]:
+    """Target components of a source component: none, one, or several (both experts of Wan 2.2 A14B)."""
+    t = doc["components"].get(cid)
+    return [] if t is None else list(t) if isinstance(t, list) else [t]
 
 
 def resolve_pairs(
@@ -61,11 +80,12 @@ def resolve_pairs(
     tgt = registry.family(target) if isinstance(target, str) else target
     if modules is None:
         modules = [(cid, name) for cid, comp in src.components.items() for name in comp.modules]
-    if src.id == tgt.id:
+    doc = correspondence(registry, src.id, tgt.id) if src.id != tgt.id else None
+    if doc is None and (src.id == tgt.id or src.root == tgt.root):
+        # the same family, or two variant files of one architecture (FLUX.1 Krea -> Kontext): same names
         doc = {"components": {c: c for c in src.components}, "rules": [], "shape_mismatch": "skip"}
-        rule_name = "identity (same family)"
+        rule_name = "identity (same family)" if src.id == tgt.id else f"same name ({src.id}->{tgt.id}, variants of {src.root})"
     else:
-        doc = correspondence(registry, src.id, tgt.id)
         if doc is None and (is_derived(src) or is_derived(tgt)):
             doc = structural_correspondence(src, tgt)  # by module name, refusing unrelated models
         if doc is None:
@@ -73,30 +93,35 @@ def resolve_pairs(
             raise InputError(f"no correspondence from {src.id} to {tgt.id} (known: {', '.join(known)})")
         rule_name = f"same name ({src.id}->{tgt.id})"
     rules = [(r, Pattern.parse("^" + r["from"].lstrip("^"))) for r in doc["rules"]]
-    mismatch_ok = allow_shape_mismatch or doc.get("shape_mismatch") == "align"
-    pairs = []
+    pairs: list[Pair] = []
     for cid, name in modules:
         shape = list(src.components[cid].modules[name])
-        tcid = doc["components"].get(cid)
-        if tcid is None or tcid not in tgt.components:
+        tcids = [t for t in target_components(doc, cid) if t in tgt.components]
+        if not tcids:
             pairs.append(Pair(source_component=cid, source_module=name, source_shape=shape, rule="components",
                               skipped=f"{tgt.id} has no counterpart of component {cid}"))
             continue
-        tname, why, used = _apply_rules(cid, name, rules, rule_name)
-        if why is not None:
-            pairs.append(Pair(source_component=cid, source_module=name, source_shape=shape, rule=used, skipped=why))
-            continue
-        tshape = tgt.components[tcid].modules.get(tname)
-        if tshape is None:
-            pairs.append(Pair(source_component=cid, source_module=name, source_shape=shape, target_component=tcid,
-                              target_module=tname, rule=used, skipped=f"{tgt.id} has no module {tcid}:{tname}"))
-            continue
-        pair = Pair(source_component=cid, source_module=name, source_shape=shape, target_component=tcid,
-                    target_module=tname, target_shape=list(tshape), rule=used)
-        if not pair.same_shape and not mismatch_ok:
-            pair.skipped = f"shapes differ ({shape} -> {list(tshape)}): needs --method align"
-        pairs.append(pair)
+        mismatch_ok = allow_shape_mismatch or doc.get("shape_mismatch") == "align"
+        made = [_pair(src, tgt, cid, name, shape, tcid, rules, rule_name, mismatch_ok) for tcid in tcids]
+        # a rule's skip concerns the source module, whatever the target component: report it once
+        pairs += made[:1] if made[0].target_component is None else made
     return pairs
+
+
+def _pair(src: Family, tgt: Family, cid: str, name: str, shape: list[int], tcid: str, rules, rule_name: str, mismatch_ok: bool) -> Pair:
+    """The pair of one source module with its module in one target component (or why there is none)."""
+    tname, why, used = _apply_rules(cid, name, rules, rule_name)
+    if why is not None:
+        return Pair(source_component=cid, source_module=name, source_shape=shape, rule=used, skipped=why)
+    tshape = tgt.components[tcid].modules.get(tname)
+    if tshape is None:
+        return Pair(source_component=cid, source_module=name, source_shape=shape, target_component=tcid,
+                    target_module=tname, rule=used, skipped=f"{tgt.id} has no module {tcid}:{tname}")
+    pair = Pair(source_component=cid, source_module=name, source_shape=shape, target_component=tcid,
+                target_module=tname, target_shape=list(tshape), rule=used)
+    if not pair.same_shape and not mismatch_ok:
+        pair.skipped = f"shapes differ ({shape} -> {list(tshape)}): needs --method align"
+    return pair
 
 
 def _apply_rules(cid: str, name: str, rules, default_rule: str) -> tuple[str, Optional[str], str]:

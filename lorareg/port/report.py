@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -65,6 +65,7 @@ class PortTotals(BaseModel):
     mean_similarity: Optional[float] = None
     min_similarity: Optional[float] = None
     energy_kept: Optional[float] = Field(None, description="‖ΔW_out‖² / ‖ΔW_in‖² summed over ported layers")
+    energy_skipped: Optional[float] = Field(None, description="share of the LoRA's energy (‖ΔW‖² summed) in the source layers that were skipped")
     related: Optional[bool] = Field(None, description=f"mean weight cosine >= {RELATED_MIN_COSINE} (streamed check), "
                                                      f"else mean subspace similarity >= {RELATED_MIN_SIMILARITY}")
     related_similarity: Optional[float] = Field(None, description="mean similarity over every compared layer, ported or not")
@@ -93,6 +94,7 @@ class PortReport(BaseModel):
     refine: Optional[dict[str, Any]] = None
     check: Optional[dict[str, Any]] = Field(None, description="how the base models were compared: streamed or bases, bytes read")
     dora: Optional[str] = Field(None, description="how DoRA magnitudes were ported (transfer, copy, drop); None: no DoRA module")
+    experts: Optional[dict[str, str]] = Field(None, description="for a two-expert target (Wan 2.2 A14B): component -> the noise range it denoises")
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -103,6 +105,8 @@ class PortResult:
     output: Optional[Path] = None
     report_path: Optional[Path] = None
     summary: str = ""
+    #: one file per expert when the output format holds one expert per file (Wan 2.2 in ComfyUI / musubi keys)
+    files: list[Path] = field(default_factory=list)
 
 
 def rounded(x: Optional[float]) -> Optional[float]:
@@ -113,8 +117,14 @@ def totals(layers: list[LayerReport], lora: Lora) -> PortTotals:
     ported = [l for l in layers if not l.skipped]
     sims = [l.similarity for l in ported if l.similarity is not None]
     energy_in = {l.source: module_energy(lora.modules[l.source]) for l in layers}
-    energy_out = sum(energy_in[l.source] * l.kept_energy for l in ported if l.kept_energy is not None)
+    # a source layer copied into several targets (both Wan 2.2 experts) counts once: each target gets its share
+    fanout: dict[str, int] = {}
+    for l in layers:
+        fanout[l.source] = fanout.get(l.source, 0) + 1
+    energy_out = sum(energy_in[l.source] * l.kept_energy / fanout[l.source] for l in ported if l.kept_energy is not None)
     all_in = sum(energy_in.values())
+    reached = {l.source for l in ported}
+    energy_skipped = sum(e for src, e in energy_in.items() if src not in reached)
     compared = [l.similarity for l in layers if l.similarity is not None]
     related_sim = sum(compared) / len(compared) if compared else None
     cosines = [l.cosine for l in layers if l.cosine is not None]
@@ -139,6 +149,7 @@ def totals(layers: list[LayerReport], lora: Lora) -> PortTotals:
         mean_similarity=rounded(sum(sims) / len(sims)) if sims else None,
         min_similarity=rounded(min(sims)) if sims else None,
         energy_kept=rounded(energy_out / all_in) if all_in > 0 else None,
+        energy_skipped=rounded(energy_skipped / all_in) if all_in > 0 else None,
     )
 
 
@@ -202,6 +213,8 @@ def summarize(report: PortReport) -> str:
                      f"relative distance mean {t.mean_relative_distance:.4f}")
     if t.energy_kept is not None:
         lines.append(f"  energy of the LoRA kept: {100 * t.energy_kept:.1f}%")
+    if t.energy_skipped:
+        lines.append(f"  energy of the LoRA in skipped layers: {100 * t.energy_skipped:.1f}%")
     reasons: dict[str, int] = {}
     for l in report.layers:
         if l.skipped:
@@ -222,8 +235,14 @@ def summarize(report: PortReport) -> str:
                      f"{name} {start:.4f} -> {end:.4f} (data-free quality signal: lower is closer to source + LoRA)")
         if r.get("kept_projection"):
             lines.append(f"  refinement ended further from the teacher than it started ({name} rose): the projected LoRA is kept unchanged")
-    if report.output:
+    if report.output and report.output.get("files"):
+        for f in report.output["files"]:
+            lines.append(f"  wrote {f['path']} ({report.output['format']}): the {f['expert'].replace('_', '-')} expert ({f['component']})")
+    elif report.output:
         lines.append(f"  wrote {report.output['path']} ({report.output['format']})")
+        if report.experts:
+            held = {l.target.split(":")[0] for l in report.layers if l.target and not l.skipped}
+            lines += [f"    {c}: the {w.replace('_', '-')} expert" for c, w in report.experts.items() if c in held]
     return "\n".join(lines)
 
 
@@ -250,6 +269,8 @@ def public_report(report: dict[str, Any], weight_name: str, source_commit: Optio
             m["ref"] = public_model_ref(m["ref"])
     if isinstance(r.get("output"), dict):
         r["output"]["path"] = weight_name
+        for f in r["output"].get("files") or []:  # one file per expert (Wan 2.2): names only
+            f["path"] = Path(str(f.get("path", ""))).name
     return r
 
 

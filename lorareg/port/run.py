@@ -32,7 +32,8 @@ from .svdiff import check_output as check_svdiff_output, check_svdiff
 from .check import check_info, check_kind, streamed_check
 from .layers import project_layers
 from .options import PortOptions
-from .pairs import resolve_pairs
+from .pairs import refusal, resolve_pairs
+from . import experts as moe
 from .plan import plan_with_weights
 from .report import PortReport, PortResult, model_info, published_report, provenance_metadata, source_lora_info, summarize, totals, unrelated_score, unrelated_warning
 
@@ -59,6 +60,10 @@ def port(lora: Union[str, Path, Lora], options: Optional[PortOptions] = None, **
     opts.check_preconditions()
     src_lora = _load_source(lora, opts)
     src_fam, tgt_fam = _families(src_lora, opts)
+    src_lora, target_expert = _experts_in(src_lora, src_fam, tgt_fam, opts.expert)
+    why_not = refusal(src_fam, tgt_fam) if src_fam.id != tgt_fam.id else None
+    if why_not and opts.method != "align":
+        raise InputError(f"{src_fam.id} -> {tgt_fam.id} refused: {why_not}")
     device = resolve_device(opts.device)
     out_dtype = _dtype_name(opts.dtype) if opts.dtype else None
     refine_kind = refinement.check_pair(opts.refine, src_fam, tgt_fam) if opts.refine is not None else None
@@ -67,6 +72,8 @@ def port(lora: Union[str, Path, Lora], options: Optional[PortOptions] = None, **
 
     pairs = resolve_pairs(src_fam, tgt_fam, [(m.component, m.name) for m in src_lora.modules.values()],
                           allow_shape_mismatch=(opts.method == "align" or (opts.method == "auto" and opts.with_models)))
+    if target_expert is not None:  # --expert on a two-expert target: only that expert's pairs
+        pairs = [p for p in pairs if p.target_component in (None, target_expert)]
     models = _open_models(src_lora, src_fam, tgt_fam, sorted({p.target_component for p in pairs if p.target_component}), opts)
     if refine_kind is not None:
         refinement.check_models(refine_kind, models.source.folder(), models.target.folder())
@@ -108,12 +115,14 @@ def _load_source(lora: Union[str, Path, Lora], opts: PortOptions) -> Lora:
             check_output(Path(lora), Path(opts.output), opts.force)
         else:
             check_output(None, Path(opts.output), opts.force)
-    return lora if isinstance(lora, Lora) else _load_for_model(lora, opts.source_model)
+    return lora if isinstance(lora, Lora) else _load_for_model(lora, opts.source_model, opts.family)
 
 
-def _load_for_model(path: Union[str, Path], source_model: Optional[str]) -> Lora:
-    """The LoRA read against its source model's family: the registry's detection when that family holds the
-    model, else the family derived from the model (see lorareg.sources.derive)."""
+def _load_for_model(path: Union[str, Path], source_model: Optional[str], family: Optional[str]) -> Lora:
+    """The LoRA read against its source model's family: ``family`` when given, else the registry's detection when
+    that family holds the model, else the family derived from the model (see lorareg.sources.derive)."""
+    if family is not None:
+        return load(path, family=family)
     try:
         detected = load(path)
     except DetectionError:
@@ -125,12 +134,17 @@ def _load_for_model(path: Union[str, Path], source_model: Optional[str]) -> Lora
     registry = get_registry()
     fam = family_for_model(source_model, prefer=registry.family(detected.family) if detected else None, registry=registry,
                            components=detected.components if detected else None)
-    return detected if detected is not None and detected.family == fam.id else load(path, family=fam.id)
+    # the source model settles a family the LoRA's shapes left undecided
+    keep = detected is not None and detected.family == fam.id and not detected.undecided
+    return detected if keep else load(path, family=fam.id)
 
 
 def _families(lora: Lora, opts: PortOptions) -> tuple[Family, Family]:
     if lora.family is None:
         raise InputError("the LoRA's family is unknown; load it with family=...")
+    if lora.undecided:
+        raise InputError(f"the LoRA fits {', '.join(lora.undecided)} equally (same module shapes) and its metadata names "
+                         "none of them: pass --family to say which base it was trained on")
     registry = get_registry()
     src = registry.family(lora.family)
     if opts.to:
@@ -145,6 +159,23 @@ def _first_skip(layers) -> str:
     skipped = [l for l in layers if l.skipped]
     more = f", and {len(skipped) - 1} more" if len(skipped) > 1 else ""
     return f"{skipped[0].source}: {skipped[0].skipped}{more}" if skipped else "no layers"
+
+
+def _experts_in(lora: Lora, src_fam: Family, tgt_fam: Family, expert: Optional[str]) -> tuple[Lora, Optional[str]]:
+    """Apply --expert: to a two-expert source it says which expert the file holds; to a two-expert target, which to write."""
+    held = moe.from_metadata(lora) if src_fam.spec.experts is not None else None
+    if held is not None and {m.component for m in lora.modules.values()} == {src_fam.spec.experts.high_noise}:
+        lora = moe.assign(lora, src_fam, held)  # a single-expert file that says which expert it holds
+    elif expert is not None and src_fam.spec.experts is not None:
+        lora = moe.assign(lora, src_fam, expert)
+        expert = None if tgt_fam.spec.experts is None or tgt_fam.id == src_fam.id else expert
+    else:
+        moe.require_known(lora, src_fam)
+    if expert is None:
+        return lora, None
+    if tgt_fam.spec.experts is None:
+        raise InputError(f"--expert: neither {src_fam.id} nor {tgt_fam.id} has two experts")
+    return lora, tgt_fam.spec.experts.component(moe.which(expert))
 
 
 def _open_models(lora: Lora, src_fam: Family, tgt_fam: Family, tgt_components: list[str], opts: PortOptions) -> _Models:
@@ -169,6 +200,8 @@ def _report(lora: Lora, src_fam: Family, tgt_fam: Family, models: _Models, proje
         timings={"open_s": round(models.seconds, 3), "read_weights_s": round(bases.seconds_read if bases else 0.0, 3),
                  "build_bases_s": round(bases.seconds_build if bases else 0.0, 3), "project_s": round(projected.seconds, 3)},
         cache={"hits": cache.hits, "misses": cache.misses, "built": bases.built if bases else 0},
+        experts=({tgt_fam.spec.experts.high_noise: "high_noise", tgt_fam.spec.experts.low_noise: "low_noise"}
+                 if tgt_fam.spec.experts else None),
         warnings=unrelated_warning(t),
     )
 
@@ -201,9 +234,26 @@ def _write(result: PortResult, src_lora: Lora, opts: PortOptions) -> None:
     check_svdiff_output(result.lora.modules, out_format, opts.target_model, opts.rank)
     check_output_format(result.lora.modules, out_format)
     svdiff_out = any(m.kind == "svdiff" for m in result.lora.modules.values())  # written as LoRA: W' − W on the target
-    conv = save(result.lora, out_path, format=out_format, force=True, extra_metadata=provenance_metadata(report),
-                model=opts.target_model if svdiff_out else None, rank=opts.rank if svdiff_out else None)
-    report.output = {"path": str(out_path), "format": conv.target_format, "dropped": [d.model_dump() for d in conv.dropped]}
+    as_lora = dict(model=opts.target_model if svdiff_out else None, rank=opts.rank if svdiff_out else None)
+    meta = provenance_metadata(report)
+    tgt_fam = get_registry().family(result.lora.family)
+    parts = moe.split(result.lora, tgt_fam, out_format)
+    if parts is None:
+        conv = save(result.lora, out_path, format=out_format, force=True, extra_metadata=meta, **as_lora)
+        report.output = {"path": str(out_path), "format": conv.target_format, "dropped": [d.model_dump() for d in conv.dropped]}
+    else:
+        # ComfyUI / musubi load one expert per file: <name>_high_noise / <name>_low_noise
+        paths = moe.split_paths(out_path, tgt_fam)
+        for w in parts:
+            if paths[w].exists() and not opts.force:
+                raise InputError(f"{paths[w]}: already exists (use --force to replace it)")
+        files, dropped = [], []
+        for w, part in parts.items():
+            conv = save(part, paths[w], format=out_format, force=True, extra_metadata={**meta, "lorareg.expert": w}, **as_lora)
+            files.append({"path": str(paths[w]), "expert": w, "component": tgt_fam.spec.experts.component(w)})
+            dropped += [d.model_dump() for d in conv.dropped]
+        report.output = {"path": str(out_path), "format": conv.target_format, "files": files, "dropped": dropped}
+        result.files = [Path(f["path"]) for f in files]
     report.timings["write_s"] = round(time.perf_counter() - t0, 3)
     result.output, result.report_path = out_path, report_path(out_path)
 

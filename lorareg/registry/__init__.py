@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 from pydantic import ValidationError
 
@@ -12,6 +13,8 @@ from ..core.errors import InputError, RegistryError
 from .data import data_roots, iter_data_files, read_json, schema_file, validate
 from .families import CANONICAL, Component, Family, FamilySpec, build_family
 from .formats import Format, FormatSpec, Variant
+from .inherit import modules_path as resolve_modules_path
+from .inherit import resolve_family_doc
 
 __all__ = [
     "CANONICAL",
@@ -76,9 +79,18 @@ def _typed(model, doc: dict, path: Path):
         raise RegistryError(f"{path}: {e.errors()[0]['msg']} at {e.errors()[0]['loc']}") from None
 
 
+def _find_family_file(family_id: str) -> Optional[Path]:
+    return next((p for p in iter_data_files("families") if p.stem == family_id), None)
+
+
 def _load_family(path: Path) -> Family:
-    spec = _typed(FamilySpec, _read_valid(path, "family.schema.json"), path)
-    modules_path = path.parent.parent / "modules" / path.name
+    raw = _read_valid(path, "family.schema.json")
+    # a variant file (variant_of) is its parent's document with its own fields over it
+    doc = resolve_family_doc(path, raw, _find_family_file)
+    if doc is not raw:
+        validate(doc, schema_file("family.schema.json"), path)
+    spec = _typed(FamilySpec, doc, path)
+    modules_path = resolve_modules_path(path, raw, _find_family_file)
     if not modules_path.exists():
         raise RegistryError(f"{path}: generated module table {modules_path} is missing (run tools/gen_modules.py)")
     return build_family(spec, _read_valid(modules_path, "modules.schema.json"), path)
@@ -96,6 +108,12 @@ def _load(roots: tuple[Path, ...]) -> Registry:
         if fam.id != path.stem:
             raise RegistryError(f"{path}: id {fam.id!r} must match the file name")
         families[fam.id] = fam
+    for fam in families.values():
+        chain, cur = [fam.id], fam
+        while cur.spec.variant_of and cur.spec.variant_of in families and cur.spec.variant_of not in chain:
+            cur = families[cur.spec.variant_of]
+            chain.append(cur.id)
+        fam.lineage = tuple(chain)
     formats: dict[str, Format] = {}
     for path in iter_data_files("adapters"):
         fmt = _load_format(path)

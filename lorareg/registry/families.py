@@ -61,6 +61,7 @@ class Detection(BaseModel):
     model_config = ConfigDict(extra="allow")
     notes: list[str] = Field(default_factory=list)
     key_modules: list[str] = Field(default_factory=list)
+    rank_on_tie: int = 0
 
 
 class NoiseSchedule(BaseModel):
@@ -88,6 +89,37 @@ class DiffusionSpec(BaseModel):
     conditioning: list[TextConditioning] = Field(default_factory=list)
 
 
+class Experts(BaseModel):
+    """Mixture-of-experts denoisers (Wan 2.2 A14B): which component serves which noise range."""
+
+    high_noise: str
+    low_noise: str
+    boundary_ratio: Optional[float] = None
+    file_suffix: dict[str, str] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+
+    def suffix(self, which: str) -> str:
+        return self.file_suffix.get(which, f"_{which}")
+
+    def component(self, which: str) -> str:
+        return self.high_noise if which == "high_noise" else self.low_noise
+
+
+class NamedVariant(BaseModel):
+    """A community fine-tune sharing the family's shapes, recognised from metadata only."""
+
+    id: str
+    name: str
+    aliases: Aliases = Field(default_factory=Aliases)
+    hub: Optional[Hub] = None
+    notes: list[str] = Field(default_factory=list)
+
+    def matches_alias(self, value: str) -> bool:
+        v = value.strip().lower()
+        a = self.aliases
+        return any(v == p.lower() for p in [self.id, *a.names, *a.civitai, *a.kohya, *a.modelspec])
+
+
 class FamilySpec(BaseModel):
     """The hand-written family file."""
 
@@ -105,6 +137,9 @@ class FamilySpec(BaseModel):
     components: dict[str, ComponentSpec]
     detection: Detection = Field(default_factory=Detection)
     diffusion: Optional[DiffusionSpec] = None
+    variant_of: Optional[str] = None
+    experts: Optional[Experts] = None
+    variants: list[NamedVariant] = Field(default_factory=list)
 
 
 Target = Union[str, FusedModule]  # a canonical module name, or a fused original module
@@ -200,10 +235,20 @@ class Family:
     spec: FamilySpec
     components: dict[str, Component]
     path: Path
+    #: this family's id, then its parent's (variant_of), and so on; set by the registry
+    lineage: tuple[str, ...] = ()
+
+    @property
+    def root(self) -> str:
+        return self.lineage[-1] if self.lineage else self.id
 
     @property
     def id(self) -> str:
         return self.spec.id
+
+    def named_variant(self, value: str) -> Optional[NamedVariant]:
+        """The named variant (Pony, Illustrious... of SDXL) a metadata value or user name means, if any."""
+        return next((v for v in self.spec.variants if v.matches_alias(value)), None)
 
     def matches_alias(self, value: str) -> bool:
         v = value.strip().lower()
@@ -219,7 +264,9 @@ def build_family(spec: FamilySpec, modules_doc: dict, path: Path) -> Family:
     generated = modules_doc.get("components", {})
     for cid, cspec in spec.components.items():
         table = generated.get(cid)
-        if table is None:
+        if table is not None and "same_as" in table:  # an identical component stored once (Wan 2.2 experts)
+            table = generated.get(table["same_as"])
+        if table is None or "modules" not in table:
             raise RegistryError(f"family {spec.id!r}: no generated module table for component {cid!r}")
         modules = {name: tuple(shape) for name, shape in table["modules"].items()}
         components[cid] = Component(spec.id, cid, cspec, modules, table.get("num_parameters"))

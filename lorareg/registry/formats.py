@@ -42,6 +42,7 @@ class VariantSpec(BaseModel):
     factors: dict[str, dict[str, list[str]]]
     dora_scale: list[str] = Field(default_factory=list)
     alpha: AlphaSpec
+    families: list[str] = Field(default_factory=list)
 
 
 class FormatSpec(BaseModel):
@@ -79,6 +80,12 @@ class Variant:
     @property
     def qualified_id(self) -> str:
         return f"{self.format.id}/{self.spec.id}"
+
+    def applies_to(self, family) -> bool:
+        """A variant limited to some families (kohya's Flux spelling) reads and writes only those and their variants."""
+        if not self.spec.families:
+            return True
+        return any(f in self.spec.families for f in (family.lineage or (family.id,)))
 
     @cached_property
     def suffixes(self) -> list[Suffix]:
@@ -148,6 +155,13 @@ class Format:
     @property
     def default_write_variant(self) -> Optional[Variant]:
         for v in self.variants:
-            if not v.spec.read_only:
+            if not v.spec.read_only and not v.spec.families:
                 return v
         return None
+
+    def write_variant_for(self, family) -> Optional[Variant]:
+        """The first writable variant made for this family (kohya's Flux spelling for Flux), else the default one."""
+        for v in self.variants:
+            if not v.spec.read_only and v.spec.families and v.applies_to(family):
+                return v
+        return self.default_write_variant

@@ -29,6 +29,8 @@ def inspect(path: Path, format_: Optional[str], family: Optional[str], model: Op
         f"  format      {info.format} ({info.variant})",
         f"  family      {info.family}  confidence {info.confidence:.2f}"
         + (f"  (also fits: {', '.join(f for f in info.fitting_families if f != info.family)})" if len(info.fitting_families) > 1 else ""),
+        *([f"  undecided   {', '.join(info.undecided)} (same shapes, no metadata names one: port needs --family)"] if info.undecided else []),
+        *([f"  variant     {info.named_variant} (named by the metadata)"] if info.named_variant else []),
         f"  type        {info.adapter_type}",
         f"  components  {', '.join(info.components)}",
         f"  modules     {info.num_modules} ({info.num_tensors} tensors, {', '.join(info.dtypes)})",
@@ -107,6 +109,13 @@ def convert(path, to, output, variant, family, model, rank, drop_dora, force, al
     emit(as_json, report.model_dump(), "\n".join(lines))
 
 
+def _extra(row: dict) -> str:
+    bits = [f"variant of {row['variant_of']}"] if row["variant_of"] else []
+    bits += ["two experts"] if row["experts"] else []
+    bits += [f"named variants: {', '.join(row['named_variants'])}"] if row["named_variants"] else []
+    return f"  ({'; '.join(bits)})" if bits else ""
+
+
 @main.command()
 @click.option("--from", "from_model", metavar="MODEL", help="Show the family of this model (folder, .safetensors file or Hub id): "
               "the registered one that matches it, else one derived from its own weights and config.")
@@ -132,10 +141,13 @@ def families(from_model: Optional[str], write_dir: Optional[Path], as_json: bool
                 "components": {cid: len(c.modules) for cid, c in fam.components.items()},
                 "default_repo": fam.spec.hub.default_repo,
                 "aliases": fam.spec.aliases.model_dump(),
+                "variant_of": fam.spec.variant_of,
+                "experts": fam.spec.experts.model_dump() if fam.spec.experts else None,
+                "named_variants": [v.id for v in fam.spec.variants],
             }
         )
     text = "\n".join(
-        f"{r['id']:<14} {r['name']:<36} " + ", ".join(f"{c}:{n}" for c, n in r["components"].items()) for r in rows
+        f"{r['id']:<23} {r['name']:<44} " + ", ".join(f"{c}:{n}" for c, n in r["components"].items()) + _extra(r) for r in rows
     )
     emit(as_json, rows, text)
 

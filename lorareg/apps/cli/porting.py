@@ -11,6 +11,7 @@ from ...core.errors import InputError
 from ...evaluate import evaluate, summarize
 from ...hub.push import push as run_push
 from ...port import PortOptions, port as run_port, resolve_pairs
+from ...port.pairs import refusal
 from ...refine.conditioning import read_prompts
 from ...refine.options import RefineOptions
 from .derived import family_or_model
@@ -59,12 +60,14 @@ _REFINE = RefineOptions.model_fields
               "(subspace similarity; default for projections, block alignment and --threshold).")
 @click.option("--dora", "dora", type=click.Choice(["transfer", "copy", "drop"]), default=_PORT["dora"].default, show_default=True,
               help="DoRA magnitudes: transfer = rescale to the target's norms (needs both models), copy = as stored (exact only on the same weights), drop = write a plain LoRA (said in the summary and report).")
+@click.option("--family", help="The LoRA's family, when its shapes and metadata fit several (HunyuanVideo T2V/I2V, Wan 2.1/2.2, FLUX.1 dev/Krea).")
+@click.option("--expert", type=click.Choice(["high", "low"]), help="Wan 2.2 A14B: which expert a single-expert source file holds, or the one expert of a two-expert target to write (default both).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--push", "push_to", metavar="REPO", help="Upload the result (weights, README.md, report.json) to this Hub repo in one commit.")
 @push_options
 def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, device, dtype, output, format_, force, no_align,
          refine, refine_steps, refine_samples, refine_sample_length, refine_prompts, refine_latent_size, refine_sampler_steps, refine_noisings,
-         refine_guidance, refine_batch, refine_lr, refine_seed, refine_budget_seconds, force_unrelated, check, dora, as_json,
+         refine_guidance, refine_batch, refine_lr, refine_seed, refine_budget_seconds, force_unrelated, check, dora, family, expert, as_json,
          push_to, private, create_pr, revision, commit_message, instance_prompt, base_model_id, owner_permission) -> None:
     """Port a LoRA to another base model, training-free; writes the LoRA and a report.json."""
     if not push_to and (private or create_pr or revision or commit_message or instance_prompt or base_model_id or owner_permission):
@@ -78,7 +81,7 @@ def port(lora, source_model, target_model, to, method, rank_k, threshold, rank, 
     options = PortOptions(
         source_model=source_model, target_model=target_model, to=to, method=method, rank_k=rank_k, threshold=threshold, rank=rank,
         device=device, dtype=dtype, output=output, format=format_, force=force, align_blocks=not no_align, progress=not as_json,
-        refine=refine, refine_options=refine_options, force_unrelated=force_unrelated, check=check, dora=dora,
+        refine=refine, refine_options=refine_options, force_unrelated=force_unrelated, check=check, dora=dora, family=family, expert=expert,
     )
     result = run_port(lora, options)
     text = result.summary + f"\n  report {result.report_path}"
@@ -107,9 +110,15 @@ def pairs(source: str, target: str, component: Optional[str], show_all: bool, as
         for name, shape in comp.modules.items()
         if show_all or len(shape) == 2
     ]
+    why_not = refusal(src, tgt) if src.id != tgt.id else None
     result = resolve_pairs(src, tgt, modules)
     paired = [p for p in result if not p.skipped]
-    lines = [f"{src.id} -> {tgt.id}: {len(paired)} of {len(result)} modules paired"]
+    lines = [f"{src.id} -> {tgt.id}: {len(paired)} of {len(result)} pairs made"]
+    if why_not:
+        lines.append(f"  REFUSED unless --method align: {why_not}")
+    if tgt.spec.experts:
+        ex = tgt.spec.experts
+        lines.append(f"  {tgt.id} has two experts: {ex.high_noise} (high noise), {ex.low_noise} (low noise); each source module pairs with both")
     for p in result:
         dst = f"{p.target_component}:{p.target_module} {p.target_shape}" if not p.skipped else f"SKIP ({p.skipped})"
         lines.append(f"  {p.source_component}:{p.source_module} {p.source_shape} -> {dst}  [{p.rule}]")
