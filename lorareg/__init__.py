@@ -9,6 +9,8 @@ from .lora import Lora, Module  # noqa: E402
 from .port import PortReport, PortResult, port  # noqa: E402
 from .resolve import Pair, resolve_pairs as pairs  # noqa: E402
 from .registry import get_registry  # noqa: E402
+from . import batch  # noqa: E402  (the package, callable: lorareg.batch(...) runs a batch)
+from .batch import scan  # noqa: E402
 
 __all__ = [
     "ConversionError",
@@ -33,5 +35,7 @@ __all__ = [
     "PushResult",
     "push",
     "Pair",
+    "batch",
+    "scan",
     "save",
 ]

@@ -396,5 +396,11 @@ def eval_(lora, target_model, data, base_only, reference_lora, source_model, sou
     _emit(as_json, res.model_dump(), summarize(res))
 
 
+from .batch.cli import batch_cmd, scan_cmd  # noqa: E402
+
+main.add_command(scan_cmd)
+main.add_command(batch_cmd)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
