@@ -271,11 +271,9 @@ class ScanCache:
         if hit is None or hit.get("fp") != fp:
             return None
         try:
-            row = ScanRow.model_validate(hit["row"])
+            return ScanRow.model_validate({**hit["row"], "path": ref, "cached": True})
         except ValueError:
             return None
-        row.path, row.cached = ref, True
-        return row
 
     def put(self, ref: str, fp: Optional[list[int]], row: dict) -> None:
         if fp is not None:
