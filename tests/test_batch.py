@@ -233,3 +233,24 @@ def test_batch_push_to_loopback_hub_failures_isolated_and_no_recommit(library, h
     assert again.ok and all(not r.push["changed"] for r in again.rows)
     assert all(len(hub_server.commits(f"lorareg-tester/style{i}")) == 2 for i in range(3))
     assert hub_server.token not in (tmp_path / "o" / "ledger.jsonl").read_text()
+
+
+def test_scan_checks_embedded_hash_fields(tmp_path):
+    import hashlib
+    import struct
+
+    import torch
+    from lora_factory import make_lora
+
+    lora = make_lora("tiny-sdxl", r"attn1\.to_q$", rank=2, dtype=torch.float32)
+    plain = tmp_path / "plain.safetensors"
+    lorareg.save(lora, plain, format="kohya")
+    data = plain.read_bytes()
+    tensor_sha = hashlib.sha256(data[8 + struct.unpack("<Q", data[:8])[0]:]).hexdigest()
+    lora.metadata.update({"sshs_model_hash": tensor_sha, "modelspec.hash_sha256": "0x" + "0" * 64})
+    lorareg.save(lora, tmp_path / "embedded.safetensors", format="kohya")
+    row = lorareg.scan([tmp_path / "embedded.safetensors"], cache=False, progress=False).rows[0]
+    assert row.hashes["tensor_sha256"] == tensor_sha and row.hashes["autov2"] == row.sha256[:10]
+    assert row.embedded_hashes["sshs_model_hash"]["ok"] is True
+    assert row.embedded_hashes["modelspec.hash_sha256"]["ok"] is False
+    assert row.ok and row.problems == [f"embedded-hash: modelspec.hash_sha256=0x{'0' * 64} does not match the file"]

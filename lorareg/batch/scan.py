@@ -78,22 +78,20 @@ class ScanResult(BaseModel):
 # -- hashes: one place, so that lorareg.core.hashes can take over -----------------------------------
 
 def _hashes(path: Path, sha256: Optional[str], metadata: dict[str, str]) -> tuple[str, dict[str, str], dict[str, dict]]:
-    """(SHA-256, other hashes, embedded hash checks) of a file."""
-    sha = sha256 or sha256_file(path)
-    try:  # the provenance module (AutoV2, tensor-data hash, embedded checks) when this tree has it
-        from ..core import hashes as provenance  # type: ignore[attr-defined]
-    except ImportError:
-        provenance = None
-    if provenance is not None:
-        return _provenance_hashes(provenance, path, sha, metadata)
-    embedded = {k: {"value": metadata[k], "ok": None} for k in EMBEDDED_HASH_FIELDS if metadata.get(k)}
-    return sha, {}, embedded
+    """(SHA-256, other hashes, embedded hash checks) of a safetensors file."""
+    try:  # the provenance module (AutoV2, tensor-data hash / AutoV3, legacy hash, embedded checks)
+        from ..core.hashes import check_embedded, file_hashes
+    except ImportError:  # a tree without it: the SHA-256 only, embedded fields listed unchecked
+        embedded = {k: {"value": metadata[k], "ok": None} for k in EMBEDDED_HASH_FIELDS if metadata.get(k)}
+        return sha256 or sha256_file(path), {}, embedded
+    from ..io import read_header
 
-
-def _provenance_hashes(provenance, path: Path, sha: str, metadata: dict[str, str]):
-    """Filled in when lorareg.core.hashes lands (see the batch-scan report)."""
-    embedded = {k: {"value": metadata[k], "ok": None} for k in EMBEDDED_HASH_FIELDS if metadata.get(k)}
-    return sha, {}, embedded
+    header = read_header(path)
+    hashes, legacy_in_header = file_hashes(header)
+    checks = check_embedded(header.metadata, hashes, legacy_in_header)
+    embedded = {c.key: {"value": c.embedded, "ok": None if c.status == "unverifiable" else c.status == "ok", "expected": c.expected}
+                for c in checks if c.status != "absent"}
+    return hashes.sha256, hashes.model_dump(exclude={"sha256"}), embedded
 
 
 # -- one file ---------------------------------------------------------------------------------------
