@@ -81,6 +81,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's local instance stays on 127.0.0.1
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray 2.60 writes a token to ~/.ray/auth_token
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-batch-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ["LORAREG_CACHE"] = str(work / "bases")

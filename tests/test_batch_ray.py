@@ -43,7 +43,8 @@ def cluster(tmp_path_factory):
     """``127.0.0.1:PORT`` of a Ray head started here (and stopped here, by its process group)."""
     port = _free_port()
     temp = Path("/tmp") / f"lorareg-ray-{os.getpid()}"  # Ray's socket paths must stay short
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    # no token auth (a ~/.ray/auth_token left by another Ray run would otherwise switch it on for the head only)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     ray_bin = Path(sys.executable).with_name("ray")
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "wb")
     proc = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address", LOOPBACK, "--port", str(port),
