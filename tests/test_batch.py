@@ -151,18 +151,14 @@ def test_batch_cli_manifest_csv_from_scan_and_exit_code(library, models, tmp_pat
     assert res.exit_code == 2 and res.stderr.startswith("error: bad.jsonl:1: speed: Extra inputs")
 
 
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            out += kids
-            todo += kids
-    return out
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return sorted(out)
 
 
 def _wait_records(ledger: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> int:
@@ -187,11 +183,11 @@ def test_sigkill_a_worker_then_the_driver_then_rerun_every_row_done_once(models,
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         _wait_records(out / "ledger.jsonl", 2, proc)
-        # the workers are the fork server's children (grandchildren of the driver)
-        workers = [p for p in _descendants(proc.pid) if b"forkserver" not in Path(f"/proc/{p}/cmdline").read_bytes()
-                   or _descendants(p) == []]
-        victim = max(workers)  # the newest process: a pool worker, not the fork server
-        os.kill(victim, signal.SIGKILL)
+        # the pool's workers are the fork server's children (grandchildren of the driver)
+        (server,) = [p for p in _children(proc.pid) if b"forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        workers = _children(server)
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
         seen = _wait_records(out / "ledger.jsonl", 5, proc)
         assert seen < len(rows), "the batch finished before it could be interrupted"
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, as a lost machine would
