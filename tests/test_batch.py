@@ -250,3 +250,18 @@ def test_scan_checks_embedded_hash_fields(tmp_path):
     assert row.embedded_hashes["sshs_model_hash"]["ok"] is True
     assert row.embedded_hashes["modelspec.hash_sha256"]["ok"] is False
     assert row.ok and row.problems == [f"embedded-hash: modelspec.hash_sha256=0x{'0' * 64} does not match the file"]
+
+
+def test_batch_cli_push_prefix_uses_the_environment_token(library, hub_server, monkeypatch, tmp_path):
+    root, good, bad = library
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.endpoint)
+    m = manifest(tmp_path / "m.jsonl", [{"lora": str(good[i]), "to": "tiny-ssd", "method": "copy"} for i in range(2)])
+    res = CliRunner().invoke(main, ["batch", str(m), "-o", str(tmp_path / "o"), "--push-prefix", "lorareg-tester/", "--json",
+                                    "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert [r["push"]["repo_id"] for r in doc["rows"]] == [f"lorareg-tester/{good[i].stem}-tiny-ssd" for i in range(2)]
+    assert hub_server.token not in res.output
+    for r in doc["rows"]:
+        assert r["output"] in hub_server.repo_files(r["push"]["repo_id"])
