@@ -32,6 +32,7 @@ def _gen_sdxl(folder: Path, n: int) -> list[Path]:
     import torch
 
     import lorareg
+    from lorareg.core.io import LazyTensor
     from lora_factory import make_lora
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -43,7 +44,7 @@ def _gen_sdxl(folder: Path, n: int) -> list[Path]:
         # distinct files (distinct SHA-256), same shapes: one random tensor per file differs
         lora = base
         first = next(iter(lora.modules.values()))
-        first.factors["down"] = lorareg.io.LazyTensor.from_torch(torch.randn(first.factors["down"].torch().shape, dtype=torch.float16))
+        first.factors["down"] = LazyTensor.from_torch(torch.randn(first.factors["down"].torch().shape, dtype=torch.float16))
         lorareg.save(lora, path, format=fmt)
         out.append(path)
     return out

@@ -118,12 +118,7 @@ def main() -> None:
 
         def lorareg_bare_path():
             # the same read + write without the SHA-256 provenance hash and the NaN/Inf scan
-            from lorareg.api import _detect
-            from lorareg.reader import assemble
-
-            det, result, tensors, metadata, peft, _ = _detect(src, None, None)
-            lora = assemble(result, tensors, metadata, peft)
-            lora.source_path = str(src)
+            lora = lorareg.load(src, hash=False)
             lorareg.save(lora, tmp / "lorareg-bare.safetensors", format="diffusers")
 
         def lorareg_path():

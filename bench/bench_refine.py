@@ -118,7 +118,7 @@ def bench_unet(work: Path, src: str, tgt: str, steps: int, latent: int, device, 
     _sync(device)
     port_s = time.perf_counter() - t
     r = res.report.refine
-    from lorareg.refine.distill_unet import load_unet
+    from lorareg.refine.unet import load_unet
     from lorareg.registry import get_registry
 
     unet = load_unet(get_registry().family(tgt), work / "tgt", dtype).to(device)

@@ -1,13 +1,19 @@
 """lorareg: a registry of model families and LoRA key formats; detect, convert and port LoRAs."""
 
-__version__ = "0.1.0"
+import warnings
 
-from .api import Inspection, convert, detect, inspect, load, save  # noqa: E402
-from .hub import HubError, PushResult, push  # noqa: E402
-from .errors import ConversionError, DetectionError, InputError, LoraregError, RegistryError  # noqa: E402
-from .lora import Lora, Module  # noqa: E402
-from .port import PortReport, PortResult, port  # noqa: E402
-from .resolve import Pair, resolve_pairs as pairs  # noqa: E402
+# torch warns on import when numpy is absent; lorareg does not use numpy (not a dependency), so the
+# warning would only alarm users of a plain install
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+
+from .core.version import __version__  # noqa: E402
+from .core.errors import ConversionError, DetectionError, InputError, LoraregError, RegistryError  # noqa: E402
+from .core.lora import Lora, Module  # noqa: E402
+from .formats.api import Inspection, convert, detect, inspect, load, save  # noqa: E402
+from .hub.client import HubError  # noqa: E402
+from .hub.push import PushResult, push  # noqa: E402
+from .port import Pair, PortOptions, PortReport, PortResult, port  # noqa: E402
+from .port import resolve_pairs as pairs  # noqa: E402
 from .registry import get_registry  # noqa: E402
 from . import batch  # noqa: E402  (the package, callable: lorareg.batch(...) runs a batch)
 from .batch import scan  # noqa: E402
@@ -30,6 +36,7 @@ __all__ = [
     "load",
     "pairs",
     "port",
+    "PortOptions",
     "PortReport",
     "PortResult",
     "PushResult",

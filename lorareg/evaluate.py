@@ -16,19 +16,20 @@ what the original LoRA achieves on its own base model ("gain retained").
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from pydantic import BaseModel
 
-from .errors import InputError
-from .lora import Lora
+from .core.errors import InputError
+from .core.lora import Lora
+from .formats.api import load
 from .refine.hooks import find_module
+from .refine.runtime import TOKENIZER_FILES, load_causal_lm
+from .registry.examples import example_registry_for
 
 PathLike = Union[str, Path]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class EvalResult(BaseModel):
@@ -61,33 +62,6 @@ def gain(loss_none: float, loss: float, loss_reference: float) -> Optional[float
 
 
 # ---------------------------------------------------------------- models and tokens
-
-
-@contextmanager
-def quiet_progress_bars(library_logging):
-    """Silence a library's own progress bars (transformers' or diffusers' ``utils.logging``) while it loads
-    a model: only lorareg's bars are shown, and --json output stays clean."""
-    bars = library_logging.is_progress_bar_enabled()
-    library_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bars:
-            library_logging.enable_progress_bar()
-
-
-def load_causal_lm(ref: PathLike, dtype: torch.dtype = torch.float32):
-    """A transformers causal LM from a local folder (config.json + weights), in eval mode."""
-    path = Path(ref)
-    if not (path / "config.json").exists():
-        raise InputError(f"{path}: not a transformers model folder (no config.json)")
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    with quiet_progress_bars(hf_logging):
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    model.eval()
-    return model
 
 
 def tokenize(text: bytes, model_ref: PathLike, model=None, tokenizer: str = "auto") -> tuple[torch.Tensor, str]:
@@ -188,22 +162,7 @@ class LossEvaluator:
 def _as_lora(lora: Union[Lora, PathLike], family: Optional[str] = None) -> Lora:
     if isinstance(lora, Lora):
         return lora
-    from .api import load
-
     return load(lora, family=family)
-
-
-def _registry_for(paths):
-    """The embedded example's family is visible when evaluating the example's own files."""
-    from contextlib import nullcontext
-
-    from .demo import example_registry, lm_example_path
-
-    ex = lm_example_path().resolve()
-    for p in paths:
-        if p is not None and ex in Path(p).resolve().parents:
-            return example_registry()
-    return nullcontext()
 
 
 # ---------------------------------------------------------------- the command's job
@@ -224,7 +183,7 @@ def evaluate(
     family: Optional[str] = None,
 ) -> EvalResult:
     """Held-out loss on ``data`` of the target with no adapter and with ``lora`` (None: base only)."""
-    with _registry_for([lora, reference_lora, source_lora]):
+    with example_registry_for([lora, reference_lora, source_lora]):
         return _evaluate(lora, target_model, data, reference_lora, source_model, source_lora, tokenizer, seq_len, max_windows, batch_size, family)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import lorareg
+from lorareg.core.io import LazyTensor
 from lora_factory import make_lora, tiny_family_config, ssd_like
 
 ATTN = r"attn[12]\.to_(q|k|v|out\.0)$"
@@ -56,7 +57,7 @@ def broken_files(folder: Path) -> dict[str, Path]:
     first = next(iter(nan.modules.values()))
     bad = first.factors["up"].torch().clone()
     bad[0, 0] = float("nan")
-    first.factors["up"] = lorareg.io.LazyTensor.from_torch(bad)
+    first.factors["up"] = LazyTensor.from_torch(bad)
     out["nan"] = folder / "nan.safetensors"
     lorareg.save(nan, out["nan"], format="kohya")
     out["undetected"] = folder / "junk.safetensors"

@@ -11,8 +11,8 @@ from typing import Callable, Optional
 import torch
 
 import lorareg
-from lorareg.io import LazyTensor
-from lorareg.lora import FormatState, Lora, Module
+from lorareg.core.io import LazyTensor
+from lorareg.core.lora import FormatState, Lora, Module
 from lorareg.registry import get_registry
 
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 import lorareg
-from lorareg import action
+from lorareg.apps import action
 from hub_server import HubServer
 from lora_factory import make_lora, write
 
@@ -260,7 +260,7 @@ def test_oidc_trusted_publishing_is_scoped_to_each_repo(tmp_path, monkeypatch):
         return lorareg.PushResult(repo_id=repo_id, repo_url=f"https://hf.co/{repo_id}", revision="main", changed=True,
                                   commit_oid="abc", commit_url=f"https://hf.co/{repo_id}/commit/abc", files=[])
 
-    monkeypatch.setattr(lorareg, "push", fake_push)
+    monkeypatch.setattr(action, "push", fake_push)  # the Action calls lorareg.hub.push.push
     for var in ("HF_TOKEN", "HF_OIDC_RESOURCE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_URL", "https://example.invalid/token")

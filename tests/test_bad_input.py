@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from lorareg.cli import main
+from lorareg.apps.cli.main import main
 from lora_factory import make_lora, write
 
 SELECT = r"^unet:down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn[12]\.to_(q|k)"
@@ -185,8 +185,8 @@ def test_missing_file_and_directory_without_adapter(tmp_path):
 
 
 def test_lokr_to_diffusers_needs_rank(tmp_path):
-    from lorareg.io import LazyTensor
-    from lorareg.lora import Lora, Module
+    from lorareg.core.io import LazyTensor
+    from lorareg.core.lora import Lora, Module
 
     g = torch.Generator().manual_seed(0)
     f = {"lokr_w1": torch.randn(8, 8, generator=g), "lokr_w2_a": torch.randn(40, 4, generator=g), "lokr_w2_b": torch.randn(4, 40, generator=g)}
@@ -225,7 +225,7 @@ def test_fuzzed_headers_never_crash(tmp_path, good):
 
 
 def test_no_partial_output_when_writing_fails(tmp_path, good, monkeypatch):
-    import lorareg.io as lio
+    import lorareg.core.io as lio
 
     out = tmp_path / "o.safetensors"
 
@@ -239,7 +239,7 @@ def test_no_partial_output_when_writing_fails(tmp_path, good, monkeypatch):
 
 
 def test_cli_subprocess_error_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lorareg.cli", "inspect", str(tmp_path / "nope.safetensors")], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "lorareg.apps.cli", "inspect", str(tmp_path / "nope.safetensors")], capture_output=True, text=True)
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 

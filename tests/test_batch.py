@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 import lorareg
 from lorareg.batch.ledger import Ledger
-from lorareg.cli import main
+from lorareg.apps.cli import main
 from batch_library import base_models, broken_files, manifest, sdxl_loras
 
 pytestmark = pytest.mark.usefixtures("tiny_families")
@@ -179,7 +179,7 @@ def test_sigkill_a_worker_then_the_driver_then_rerun_every_row_done_once(models,
     m = manifest(tmp_path / "m.jsonl", rows)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-c", "from lorareg.cli import main; main()", "batch", str(m), "-o", str(out), "--workers", "2", "--json"]
+    cmd = [sys.executable, "-c", "from lorareg.apps.cli import main; main()", "batch", str(m), "-o", str(out), "--workers", "2", "--json"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         _wait_records(out / "ledger.jsonl", 2, proc)
@@ -238,13 +238,17 @@ def test_scan_checks_embedded_hash_fields(tmp_path):
     import torch
     from lora_factory import make_lora
 
+    from safetensors.torch import load_file, save_file
+
     lora = make_lora("tiny-sdxl", r"attn1\.to_q$", rank=2, dtype=torch.float32)
-    plain = tmp_path / "plain.safetensors"
-    lorareg.save(lora, plain, format="kohya")
-    data = plain.read_bytes()
+    lorareg.save(lora, tmp_path / "plain.safetensors", format="kohya")
+    tensors = load_file(str(tmp_path / "plain.safetensors"))
+    # as a trainer writes it (safetensors' own writer): the tensor data does not depend on the metadata
+    out = tmp_path / "embedded.safetensors"
+    save_file(tensors, str(out), metadata={"ss_network_dim": "2"})
+    data = out.read_bytes()
     tensor_sha = hashlib.sha256(data[8 + struct.unpack("<Q", data[:8])[0]:]).hexdigest()
-    lora.metadata.update({"sshs_model_hash": tensor_sha, "modelspec.hash_sha256": "0x" + "0" * 64})
-    lorareg.save(lora, tmp_path / "embedded.safetensors", format="kohya")
+    save_file(tensors, str(out), metadata={"ss_network_dim": "2", "sshs_model_hash": tensor_sha, "modelspec.hash_sha256": "0x" + "0" * 64})
     row = lorareg.scan([tmp_path / "embedded.safetensors"], cache=False, progress=False).rows[0]
     assert row.hashes["tensor_sha256"] == tensor_sha and row.hashes["autov2"] == row.sha256[:10]
     assert row.embedded_hashes["sshs_model_hash"]["ok"] is True

@@ -191,7 +191,7 @@ def _descends_from(pid: int, ancestor: int) -> bool:
 
 def test_cli_ray_json(cluster, tiny_data, tmp_path):  # noqa: ARG001
     from click.testing import CliRunner
-    from lorareg.cli import main
+    from lorareg.apps.cli import main
 
     good = sdxl_loras(tmp_path / "lib", 2)
     m = tmp_path / "m.jsonl"

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 
 import lorareg
-from lorareg.lora import FormatState
+from lorareg.core.lora import FormatState
 from lora_factory import make_lora, max_delta_error, write
 
 SDXL_SELECT = r"^unet:.*attentions\.0\.transformer_blocks\.[01]\.attn[12]\.to_|^text_encoder(_2)?:.*layers\.[0-2]\.self_attn"
@@ -163,7 +163,7 @@ def test_ldm_format_drops_text_encoders_with_a_reason(tmp_path):
 
 def test_dora_magnitude_survives_kohya_diffusers_round_trip(tmp_path):
     """LyCORIS/kohya store the DoRA magnitude as a column [out, 1]; PEFT/diffusers as a vector [out]."""
-    from lorareg.io import LazyTensor
+    from lorareg.core.io import LazyTensor
 
     lora = make_lora("sd15", r"^unet:down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn1\.to_(q|v)$", alpha=2.0)
     for m in lora.modules.values():

@@ -6,8 +6,8 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from lorareg.cli import main
-from lorareg.demo import lm_example_path
+from lorareg.apps.cli.main import main
+from lorareg.apps.demo import lm_example_path
 
 pytest.importorskip("transformers")
 

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import lorareg
-from lorareg.cli import main
-from lorareg.lora import FormatState
+from lorareg.apps.cli.main import main
+from lorareg.core.lora import FormatState
 from lora_factory import make_lora, write
 
 ATTN = r"^unet:.*transformer_blocks\.\d+\.attn[12]\.to_(q|k|v|out\.0)$"

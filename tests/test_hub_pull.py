@@ -15,11 +15,11 @@ from click.testing import CliRunner
 from safetensors.torch import save as st_save
 
 import lorareg
-from lorareg.cli import main
+from lorareg.apps.cli.main import main
 from lorareg.hub.pull import select_weight_files, snapshot_for_family
-from lorareg.io import read_header
+from lorareg.core.io import read_header
 from lorareg.registry import get_registry
-from lorareg.weights import open_model
+from lorareg.sources.weights import open_model
 from lora_factory import make_lora, tiny_family_config, write
 
 DATA = Path(__file__).parent / "data"

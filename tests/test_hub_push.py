@@ -13,8 +13,8 @@ import yaml
 from click.testing import CliRunner
 
 import lorareg
-from lorareg.cli import main
-from lorareg.io import read_header
+from lorareg.apps.cli.main import main
+from lorareg.core.io import read_header
 from hub_server import HubServer
 from lora_factory import make_lora, write
 
@@ -134,7 +134,7 @@ def test_cli_port_push_twice_is_idempotent(hub_server, tmp_path):
     assert "nothing to push" in res.stdout
     assert len(hub_server.commits(REPO)) == 2
     card = hub_server.repo_files(REPO)["README.md"].decode()
-    assert "lorareg port dog.safetensors --method copy --output p.safetensors --push lorareg-tester/ported --private" in card
+    assert "lorareg port dog.safetensors --method copy -o p.safetensors" in card
     assert str(tmp_path) not in card
 
 

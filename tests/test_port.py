@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import lorareg
-from lorareg.cli import main
+from lorareg.apps.cli.main import main
 from lora_factory import make_lora, ssd_like, tiny_family_config, write
 
 pytestmark = pytest.mark.usefixtures("tiny_families")
@@ -71,7 +71,10 @@ def test_checkpoint_pair_port(models, llama_lora, tmp_path, method):
     rep = res.report
     assert rep.totals.ported == 14 and rep.totals.skipped == 0
     for layer in rep.layers:
-        assert layer.similarity is not None and 0.5 < layer.similarity <= 1.0 + 1e-6
+        if method == "copy":  # the streamed check: v2 = v1 + 2% noise
+            assert layer.cosine > 0.999 and 0.015 < layer.relative_distance < 0.025
+        else:
+            assert layer.similarity is not None and 0.5 < layer.similarity <= 1.0 + 1e-6 and layer.cosine is None
         assert layer.kept_energy is not None and layer.rank_out <= 4
     ported = lorareg.load(tmp_path / "out")
     assert ported.family == "tiny-llama" and len(ported.modules) == 14
@@ -176,8 +179,46 @@ def test_unrelated_models_are_flagged_without_a_threshold(models, llama_lora):
     res = lorareg.port(llama_lora, source_model=str(models / "llama-v1"), target_model=str(models / "llama-other"), progress=False)
     assert res.report.totals.related is False and res.report.warnings
     assert "WARNING" in res.summary and "unrelated" in res.summary
+    assert res.report.totals.related_by == "cosine" and abs(res.report.totals.mean_cosine) < 0.1  # another seed: orthogonal
     ok = lorareg.port(llama_lora, source_model=str(models / "llama-v1"), target_model=str(models / "llama-v2"), progress=False)
-    assert ok.report.totals.related is True and not ok.report.warnings
+    assert ok.report.totals.related is True and not ok.report.warnings and ok.report.totals.mean_cosine > 0.999
+    by_bases = lorareg.port(llama_lora, source_model=str(models / "llama-v1"), target_model=str(models / "llama-other"), check="bases",
+                            progress=False)
+    assert by_bases.report.totals.related is False and by_bases.report.totals.related_by == "subspace"
+
+
+def test_copy_port_default_check_is_streamed(models, llama_lora, tmp_path):
+    """Copy ports compare the base weights in one streamed read each: no basis is built, nothing hashed."""
+    from lorareg.registry import get_registry
+    from lorareg.sources.weights import open_model
+
+    args = dict(source_model=str(models / "llama-v1"), target_model=str(models / "llama-v2"), progress=False,
+                cache_dir=tmp_path / "empty-cache")
+    res = lorareg.port(llama_lora, method="copy", **args)
+    rep = res.report
+    fam = get_registry().family("tiny-llama")
+    v1, v2 = open_model(fam, str(models / "llama-v1")), open_model(fam, str(models / "llama-v2"))
+    expected = sum(v1.stored(*l.source.split(":")).nbytes + v2.stored(*l.target.split(":")).nbytes for l in rep.layers)
+    assert rep.check["kind"] == "streamed" and rep.check["bytes_read"] == expected and rep.check["layers"] == 14
+    assert rep.cache["built"] == 0 and not any((tmp_path / "empty-cache").rglob("*.safetensors"))
+    assert all(l.similarity is None and l.cosine > 0.999 for l in rep.layers)  # no cached bases: no subspace similarity
+    assert "streamed check" in res.summary and "cosine mean" in res.summary
+    # with the bases in the cache (built by a projection port), the copy port's report gets the similarity too
+    lorareg.port(llama_lora, method="prolora", **args)
+    again = lorareg.port(llama_lora, method="copy", **args).report
+    assert again.check["kind"] == "streamed" and again.cache["built"] == 0
+    assert all(l.similarity is not None and l.similarity > 0.5 and l.cosine > 0.999 for l in again.layers)
+    # a threshold is on subspace similarity: the bases path; a projection cannot run on the streamed check
+    assert lorareg.port(llama_lora, method="copy", threshold=0.1, **args).report.check["kind"] == "bases"
+    with pytest.raises(lorareg.InputError, match="--check streamed is for copy ports"):
+        lorareg.port(llama_lora, method="lora-x", check="streamed", **args)
+    with pytest.raises(lorareg.InputError, match="needs --source-model"):
+        lorareg.port(llama_lora, method="copy", check="streamed", progress=False)
+    bad = CliRunner().invoke(main, ["port", str(llama_lora), "--source-model", str(models / "llama-v1"), "--target-model",
+                                    str(models / "llama-v2"), "--check", "bases", "--json", "-o", str(tmp_path / "o")])
+    assert bad.exit_code == 0, bad.output
+    report = json.loads(bad.stdout)
+    assert report["check"]["kind"] == "bases" and report["layers"][0]["cosine"] is None and report["layers"][0]["similarity"] > 0.5
 
 
 def test_cross_family_shape_mismatch_uses_align_or_is_skipped(models, tmp_path):

@@ -7,8 +7,8 @@ import torch
 from click.testing import CliRunner
 
 import lorareg
-from lorareg.cli import main
-from lorareg.errors import InputError
+from lorareg.apps.cli.main import main
+from lorareg.core.errors import InputError
 from lora_factory import make_lora, tiny_family_config
 
 pytestmark = pytest.mark.usefixtures("tiny_families")
@@ -71,7 +71,8 @@ def test_distill_lowers_the_kl_and_writes_a_loadable_lora(llamas, adapter, tmp_p
     again = lorareg.port(adapter, source_model=str(llamas / "v1"), target_model=str(llamas / "v2"), cache_dir=tmp_path / "cache", **FAST)
     assert again.report.refine["samples_cached"]
     # the model card records the refinement and its final KL; the published report drops wall times
-    from lorareg.hub.card import CardInfo, build_card, public_report
+    from lorareg.hub.card import CardInfo, build_card
+    from lorareg.port.report import public_report
 
     card = build_card(res.report.model_dump(), CardInfo(repo_id="me/refined", weight_name="adapter_model.safetensors",
                                                         output_format="peft/peft"))
@@ -105,7 +106,7 @@ def test_language_model_to_image_model_is_refused(adapter, tmp_path):
 
 def test_top_k_teacher_storage(llamas, adapter, tmp_path, monkeypatch):
     """Large vocabularies keep the teacher's top-k log-probs plus a remainder bucket (forced here on a 300-token vocab)."""
-    from lorareg.refine import distill_lm
+    from lorareg.refine import lm as distill_lm
 
     monkeypatch.setattr(distill_lm, "FULL_VOCAB_MAX", 64)
     monkeypatch.setattr(distill_lm, "TOP_K", 16)
@@ -118,7 +119,7 @@ def test_top_k_teacher_storage(llamas, adapter, tmp_path, monkeypatch):
 
 def test_top_k_kl_is_a_lower_bound_that_is_exact_on_the_full_support():
     """Merging the tail into one bucket can only lose information: KL_topk <= KL_full, equal when k = vocab."""
-    from lorareg.refine.distill_lm import _kl
+    from lorareg.refine.lm import _kl
 
     g = torch.Generator().manual_seed(0)
     teacher = torch.log_softmax(torch.randn(3, 5, 40, generator=g) * 3, dim=-1)

@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 
 import lorareg
-from lorareg.cli import main
-from lorareg.errors import InputError
+from lorareg.apps.cli.main import main
+from lorareg.core.errors import InputError
 from lorareg.registry import get_registry
 from lora_factory import clip_tokenizer_folder, make_lora, ssd_like, tiny_family_config
 
@@ -148,7 +148,7 @@ def test_sd15_to_sdxl_is_refused_with_the_reason(tmp_path):
 
 
 def test_refusals_between_real_families():
-    from lorareg.refine.dispatch import check_pair
+    from lorareg.refine.checks import check_pair
 
     reg = get_registry()
     fam = reg.family

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import lorareg
-from lorareg.errors import RegistryError
+from lorareg.core.errors import RegistryError
 from lorareg.registry import get_registry
 from lorareg.registry.data import builtin_root
 

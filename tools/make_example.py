@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 import lorareg
-from lorareg.io import LazyTensor
-from lorareg.lora import Lora, Module
+from lorareg.core.io import LazyTensor
+from lorareg.core.lora import Lora, Module
 from lorareg.registry import get_registry
 
 OUT = Path(__file__).resolve().parent.parent / "lorareg" / "examples" / "sd15-kohya-example.safetensors"

@@ -12,15 +12,19 @@ import torch
 import torch.nn.functional as F
 
 import lorareg
-from lorareg.io import LazyTensor
-from lorareg.lora import Lora, Module
+from lorareg.core.io import LazyTensor
+from lorareg.core.lora import Lora, Module
 
 HERE = Path(__file__).resolve().parent
 DATA_ROOT = HERE / "data"
 
 
 class LoraHooks:
-    """A plain LoRA (ΔW = alpha/r · B A, B initialised to zero) on named nn.Linear layers, via forward hooks."""
+    """A plain LoRA (ΔW = alpha/r · B A, B initialised to zero) on named nn.Linear layers, via forward hooks.
+
+    The benchmark trains LoRAs from scratch as a trainer would; lorareg.refine.hooks.TrainableLora only
+    continues an existing LoRA's factors, so it is not reused here.
+    """
 
     def __init__(self, model: torch.nn.Module, names: Iterable[str], rank: int, alpha: float, seed: int):
         g = torch.Generator().manual_seed(seed)
@@ -85,13 +89,20 @@ def deltas_of(lora: Lora, keep: Optional[set] = None) -> dict[str, torch.Tensor]
 
 
 def gain(none: float, loss: float, ref: float) -> float:
+    # lorareg.evaluate.gain returns None for a reference that gains nothing (an API value); the benchmark
+    # keeps NaN instead so its averages, ratios and plots need no special case
     d = none - ref
     return float("nan") if abs(d) < 1e-12 else (none - loss) / d
 
 
 def port(lora, src_dir: Path, tgt_dir: Path, method: str, out: Path, **kw):
-    """lorareg.port with weights on both sides; returns (ported Lora read back from disk, report)."""
+    """lorareg.port with weights on both sides; returns (ported Lora read back from disk, report).
+
+    Subspace similarities of every layer (the threshold sweeps and the flag use them): the bases check,
+    also for copy, whose default is the streamed weight check.
+    """
     t0 = time.perf_counter()
+    kw.setdefault("check", "bases")
     res = lorareg.port(lora, source_model=str(src_dir), target_model=str(tgt_dir), method=method, output=out,
                        force=True, progress=False, device="cpu", **kw)
     fam = res.report.target_model.family

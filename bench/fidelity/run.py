@@ -38,12 +38,10 @@ def _log(msg: str) -> None:
 
 def _methods() -> list[str]:
     """lorareg port's default ("auto" where it exists) and every engine method."""
-    import inspect
-
+    from lorareg import PortOptions
     from lorareg.engine import METHODS as ENGINE
-    from lorareg.port import port
 
-    default = inspect.signature(port).parameters["method"].default
+    default = PortOptions.model_fields["method"].default
     return list(dict.fromkeys([default, "copy", *ENGINE]))
 THRESHOLDS = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 #: the similarity below which a pair is reported as "flagged" (not related enough to port)
@@ -68,7 +66,7 @@ def _setup_env(work: Path) -> None:
 
 
 def run(out: Path, *, tiny: bool = False, work: Path | None = None, threads: int | None = None, parts=("lm", "diffusion"),
-        write_example: bool = False, refine_steps: tuple[int, ...] = (), refine_targets: tuple[str, ...] = ("v2", "v4", "v3"),
+        refine_steps: tuple[int, ...] = (), refine_targets: tuple[str, ...] = ("v2", "v4", "v3"),
         reuse: bool = False, skip_methods: bool = False, command: str = "python bench/fidelity/run.py", log=_log) -> dict:
     """Build everything, evaluate, write results.json, RESULTS.md and plots into ``out``; returns the results.
 
@@ -114,10 +112,6 @@ def run(out: Path, *, tiny: bool = False, work: Path | None = None, threads: int
                         steps, kw = list(refine_steps), {}
                     results["lm"]["distill"][target] = lm.evaluate_distill(work / "lm", b, steps, log, target=target, **kw)
             results["lm"]["wall_s"] = time.perf_counter() - t
-            if write_example:
-                import export_example
-
-                export_example.export(work / "lm", log=log)
         if "diffusion" in parts and skip_methods and not refine_steps:
             log("diffusion: skipped (--skip-methods without --refine-steps)")
         elif "diffusion" in parts:
@@ -321,7 +315,7 @@ def distill_markdown(results: dict) -> list[str]:
 
 def unet_distill_markdown(results: dict) -> list[str]:
     """The `--refine distill` section of the diffusion pairs."""
-    from lorareg.refine.distill_unet import DEFAULT_LR
+    from lorareg.refine.unet import DEFAULT_LR
 
     assert DEFAULT_LR == UNET_DEFAULT_LR, "update UNET_DEFAULT_LR"
     d = results["diffusion"]["distill"]
@@ -395,7 +389,6 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, help="keep the trained models and LoRAs here (default: a temp folder, removed)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, 1 with --tiny; use 1 on a busy machine)")
     ap.add_argument("--only", choices=["lm", "diffusion"], help="run one half")
-    ap.add_argument("--write-example", action="store_true", help="also export the LM pair as lorareg's embedded example (lorareg/examples/lm)")
     ap.add_argument("--refine-steps", default="", help="also evaluate `port --refine distill` on the LM pairs at these step budgets, e.g. 25,50,100")
     ap.add_argument("--refine-targets", default="v2,v4,v3", help=f"the LM targets of the distill rows (default: all; the negative control v3 at {UNRELATED_STEPS} steps, forced)")
     ap.add_argument("--reuse-work", action="store_true", help="reuse models and LoRAs already trained in --work (train only the missing ones)")
@@ -407,7 +400,7 @@ def main(argv=None) -> int:
     steps = tuple(int(x) for x in args.refine_steps.split(",") if x.strip())
     targets = tuple(x.strip() for x in args.refine_targets.split(",") if x.strip())
     command = shlex.join(["python", "bench/fidelity/run.py", *(sys.argv[1:] if argv is None else argv)])
-    run(out, tiny=args.tiny, work=args.work, threads=threads, parts=parts, write_example=args.write_example,
+    run(out, tiny=args.tiny, work=args.work, threads=threads, parts=parts, 
         refine_steps=steps, refine_targets=targets, reuse=args.reuse_work, skip_methods=args.skip_methods, command=command)
     return 0
 

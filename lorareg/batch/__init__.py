@@ -8,7 +8,7 @@ ray_runner.py the same tasks on a Ray cluster
 plan.py      key every row, name its output, group rows by base-model pair, warm the bases
 tasks.py     what a worker runs for one row (port, write, push)
 workers.py   warm local worker processes (fork server) with the caller's environment
-cli.py       the `lorareg scan` and `lorareg batch` commands
+(the `lorareg scan` and `lorareg batch` commands are in lorareg/apps/cli/library.py)
 """
 
 import sys

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .. import __version__
-from ..errors import InputError
+from ..core.errors import InputError
+from ..core.version import __version__
 
 LEDGER = "ledger.jsonl"
 LOCK = "ledger.lock"

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 
 class BatchRow(BaseModel):
@@ -34,6 +34,7 @@ class BatchRow(BaseModel):
     dtype: Optional[str] = None
     format: Optional[str] = None
     no_align: bool = False
+    check: Optional[str] = None
     device: str = "auto"
     output: Optional[str] = None
     # --refine distill and its options (`lorareg port --steps ...`)

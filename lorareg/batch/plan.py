@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..errors import LoraregError
+from ..core.errors import LoraregError
+from ..port.bases import build_model_bases
+from ..registry import get_registry
+from ..sources.refs import looks_like_hub_ref
 from .ledger import row_key
 from .manifest import BatchRow, default_output
 from .scan import ScanRow, scan
@@ -63,8 +66,6 @@ def plan(rows: list[BatchRow], *, workers: Optional[int], progress: bool) -> tup
         fam = info.family if info else None
         error = None
         if info is None and not Path(row.lora).exists():
-            from ..hub.refs import looks_like_hub_ref
-
             if not looks_like_hub_ref(row.lora):
                 error = f"{row.lora}: no such file or folder"
         elif info is not None and not info.ok:
@@ -95,8 +96,6 @@ def _dedupe_outputs(tasks: list[Task]) -> None:
 
 def groups(tasks: list[Task]) -> list[Group]:
     """Rows that need base weights, grouped by (source model, target model) and the basis options."""
-    from ..registry import get_registry
-
     out: dict[tuple, Group] = {}
     reg = get_registry()
     for t in tasks:
@@ -116,10 +115,7 @@ def groups(tasks: list[Task]) -> list[Group]:
 def warm(group: Group, components: dict[str, list[str]], cache_dir: Optional[str], progress: bool,
          build: Optional[Callable] = None) -> dict:
     """Build (or find cached) the bases of both models of a group; raises on a model that cannot be read."""
-    from ..bases_cli import build_bases
-    from ..registry import get_registry
-
-    build = build or build_bases
+    build = build or build_model_bases
     reg = get_registry()
     src_comps = sorted({c for t in group.tasks for c in components.get(t.row.lora, [])}) or None
     tgt_fam = reg.family(group.target_family)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
-from ..errors import InputError
+from ..core.errors import InputError
+from .tasks import run_task
+from .workers import _sync_hub_constants
 
 #: environment a worker needs to see what the driver sees (registry data, caches, Hub endpoint)
 FORWARDED_ENV = ("LORAREG_DATA_PATH", "LORAREG_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "HF_HUB_OFFLINE",
@@ -29,9 +31,6 @@ def _ray():
 
 
 def _remote_run(task: dict) -> dict:
-    from .tasks import run_task
-    from .workers import _sync_hub_constants
-
     _sync_hub_constants()
     return run_task(task)
 

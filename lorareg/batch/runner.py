@@ -17,10 +17,11 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 from pydantic import BaseModel, Field
 
-from ..errors import InputError, LoraregError
+from ..core.errors import InputError, LoraregError
 from .ledger import Ledger
 from .manifest import BatchRow, make_row, read_manifest, rows_from_scan
 from .plan import Task, groups, plan, warm
+from .ray_runner import run_on_ray
 from .tasks import run_task
 from .workers import default_workers, process_pool
 
@@ -138,8 +139,6 @@ def batch(
             if not payloads:
                 pass
             elif use_ray:
-                from .ray_runner import run_on_ray
-
                 run_on_ray(payloads, record, address=ray_address, retries=retries, bar=bar)
             else:
                 run_local(payloads, record, workers=min(n_workers, len(payloads)), retries=retries, bar=bar)

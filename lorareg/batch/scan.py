@@ -8,6 +8,7 @@ data roots, so an unchanged library re-scans with one ``stat`` per file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -17,9 +18,14 @@ from typing import Any, Iterable, Optional, Union
 
 from pydantic import BaseModel, Field
 
-from .. import __version__
-from ..errors import DetectionError, InputError, LoraregError
-from ..io import PEFT_CONFIG, PICKLE_MAGIC, ZIP_MAGIC, atomic_write_text, sha256_file
+from ..core.errors import DetectionError, InputError, LoraregError
+from ..core.io import PEFT_CONFIG, PEFT_WEIGHTS, PICKLE_MAGIC, ZIP_MAGIC, atomic_write_text
+from ..core.version import __version__
+from ..engine.cache import default_cache_root
+from ..formats.api import Inspection, inspect
+from ..registry import get_registry
+from ..registry.data import data_roots
+from ..sources.refs import looks_like_hub_ref
 from .workers import default_workers, process_pool
 
 #: files a library holds LoRAs in; pickles are listed (and refused) so that they show up in the inventory
@@ -27,8 +33,6 @@ LORA_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 LIST_SUFFIXES = (".txt", ".lst")
 CACHE_FORMAT = "lorareg-scan-1"
-#: metadata fields in which trainers record a hash of the file
-EMBEDDED_HASH_FIELDS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 
 
 class ScanRow(BaseModel):
@@ -77,21 +81,20 @@ class ScanResult(BaseModel):
 
 # -- hashes: one place, so that lorareg.core.hashes can take over -----------------------------------
 
-def _hashes(path: Path, sha256: Optional[str], metadata: dict[str, str]) -> tuple[str, dict[str, str], dict[str, dict]]:
-    """(SHA-256, other hashes, embedded hash checks) of a safetensors file."""
-    try:  # the provenance module (AutoV2, tensor-data hash / AutoV3, legacy hash, embedded checks)
-        from ..core.hashes import check_embedded, file_hashes
-    except ImportError:  # a tree without it: the SHA-256 only, embedded fields listed unchecked
-        embedded = {k: {"value": metadata[k], "ok": None} for k in EMBEDDED_HASH_FIELDS if metadata.get(k)}
-        return sha256 or sha256_file(path), {}, embedded
-    from ..io import read_header
+def _hashes(info: Inspection) -> tuple[str, dict[str, str], dict[str, dict]]:
+    """(SHA-256, the other hashes, the embedded hash fields checked) from an inspection (lorareg.core.hashes)."""
+    embedded = {h.key: {"value": h.embedded, "ok": None if h.status == "unverifiable" else h.status == "ok", "expected": h.expected}
+                for h in info.embedded_hashes if h.status != "absent"}
+    return info.sha256, info.hashes.model_dump(exclude={"sha256"}), embedded
 
-    header = read_header(path)
-    hashes, legacy_in_header = file_hashes(header)
-    checks = check_embedded(header.metadata, hashes, legacy_in_header)
-    embedded = {c.key: {"value": c.embedded, "ok": None if c.status == "unverifiable" else c.status == "ok", "expected": c.expected}
-                for c in checks if c.status != "absent"}
-    return hashes.sha256, hashes.model_dump(exclude={"sha256"}), embedded
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of a file inspect could not read (a broken file or a pickle is still identified)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # -- one file ---------------------------------------------------------------------------------------
@@ -106,9 +109,6 @@ def _head(path: Path) -> bytes:
 
 def scan_one(ref: str) -> ScanRow:
     """One row for a LoRA file, PEFT folder or Hub reference; never raises for a bad file."""
-    from ..api import inspect
-    from ..registry import get_registry
-
     t0 = time.perf_counter()
     path = Path(ref)
     row = ScanRow(path=ref, ok=False)
@@ -117,7 +117,7 @@ def scan_one(ref: str) -> ScanRow:
             row.size = path.stat().st_size
             head = _head(path)
             if head[:2] in PICKLE_MAGIC or head.startswith(ZIP_MAGIC):
-                row.sha256 = sha256_file(path)
+                row.sha256 = _file_sha256(path)
                 row.problems.append("pickle: a pickle/PyTorch checkpoint (never unpickled); convert it to .safetensors")
                 row.error = row.problems[-1]
                 return row
@@ -136,14 +136,10 @@ def scan_one(ref: str) -> ScanRow:
             row.problems.append(f"nan: {len(info.nonfinite)} tensors hold NaN/Inf (e.g. {info.nonfinite[0]['name']})")
         if info.unmapped_keys:
             row.problems.append(f"unmapped: {len(info.unmapped_keys)} tensors map to no module (e.g. {next(iter(info.unmapped_keys))})")
-        weights = path if path.is_file() else (path / "adapter_model.safetensors" if path.is_dir() else None)
-        if weights is not None and weights.is_file():
-            row.sha256, row.hashes, row.embedded_hashes = _hashes(weights, info.sha256, info.metadata)
-            for field, check in row.embedded_hashes.items():
-                if check["ok"] is False:
-                    row.problems.append(f"embedded-hash: {field}={check['value']} does not match the file")
-        else:
-            row.sha256 = info.sha256
+        row.sha256, row.hashes, row.embedded_hashes = _hashes(info)
+        for field, check in row.embedded_hashes.items():
+            if check["ok"] is False:
+                row.problems.append(f"embedded-hash: {field}={check['value']} does not match the file")
     except DetectionError as e:
         kind = "mixed" if "mixed key formats" in str(e) else "undetected"
         row.problems.append(f"{kind}: {_line(e)}")
@@ -156,10 +152,10 @@ def scan_one(ref: str) -> ScanRow:
         row.error = row.problems[-1]
     finally:
         row.seconds = round(time.perf_counter() - t0, 4)
-    weights = path / "adapter_model.safetensors" if path.is_dir() else path
+    weights = path / PEFT_WEIGHTS if path.is_dir() else path
     if row.error and row.sha256 is None and weights.is_file():
         try:
-            row.sha256 = sha256_file(weights)
+            row.sha256 = _file_sha256(weights)
         except OSError:
             pass
     return row
@@ -212,8 +208,6 @@ def list_inputs(paths: Iterable[Union[str, Path]]) -> list[str]:
         elif p.exists():
             add(str(p))
         else:
-            from ..hub.refs import looks_like_hub_ref
-
             if not looks_like_hub_ref(str(given)):
                 raise InputError(f"{given}: no such file or folder")
             add(str(given))
@@ -227,7 +221,7 @@ def fingerprint(ref: str) -> Optional[list[int]]:
     p = Path(ref)
     try:
         if p.is_dir():
-            w, c = os.stat(p / "adapter_model.safetensors"), os.stat(p / PEFT_CONFIG)
+            w, c = os.stat(p / PEFT_WEIGHTS), os.stat(p / PEFT_CONFIG)
             return [w.st_size, w.st_mtime_ns, w.st_ino, c.st_size, c.st_mtime_ns, c.st_ino]
         st = os.stat(p)
         return [st.st_size, st.st_mtime_ns, st.st_ino]
@@ -237,14 +231,10 @@ def fingerprint(ref: str) -> Optional[list[int]]:
 
 def _cache_context() -> str:
     """What else a row depends on: the lorareg version and the registry's data roots."""
-    from ..registry.data import data_roots
-
     return f"{__version__}|{os.pathsep.join(str(r) for r in data_roots())}"
 
 
 def default_scan_cache() -> Path:
-    from ..engine.cache import default_cache_root
-
     return default_cache_root().parent / "scan-cache.json"
 
 

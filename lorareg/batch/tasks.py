@@ -11,15 +11,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import LoraregError
+from ..hub.push import push
+from ..port import port
+from ..refine.conditioning import read_prompts
+
 #: keys of a task that the record does not repeat
 _PRIVATE = ("token", "endpoint", "row", "cache_dir", "output_path")
 
 
 def run_task(task: dict[str, Any]) -> dict[str, Any]:
     """Port (and push) one row; a record for the ledger."""
-    import lorareg
-    from ..errors import LoraregError
-
     t0 = time.perf_counter()
     rec = {k: v for k, v in task.items() if k not in _PRIVATE}
     rec["status"] = "failed"
@@ -28,15 +30,13 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     try:
         prompts = None
         if row.get("prompts"):
-            from ..refine.conditioning import read_prompts
-
             prompts = read_prompts(Path(row["prompts"]))
-        result = lorareg.port(
+        result = port(
             row["lora"], source_model=row.get("source_model"), target_model=row.get("target_model"), to=row.get("to"),
             method=row["method"], rank_k=row.get("rank_k"), threshold=row["threshold"], rank=row.get("rank"),
             device=row["device"], dtype=row.get("dtype"), output=task["output_path"], format=row.get("format"),
             force=True,  # an output without a done record is a leftover of an interrupted run: redo it
-            cache_dir=task.get("cache_dir"), align_blocks=not row["no_align"], progress=False,
+            cache_dir=task.get("cache_dir"), align_blocks=not row["no_align"], check=row.get("check"), progress=False,
             refine=row.get("refine"), refine_steps=row["steps"], refine_samples=row["samples"],
             refine_sample_length=row["sample_length"], refine_lr=row.get("lr"), refine_seed=row["seed"],
             refine_budget_seconds=row.get("budget_seconds"), refine_batch=row.get("batch"), refine_prompts=prompts,
@@ -51,7 +51,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         if row.get("push"):
             stage = "push"
             t1 = time.perf_counter()
-            pushed = lorareg.push(result, row["push"], private=row["private"], create_pr=row["create_pr"],
+            pushed = push(result, row["push"], private=row["private"], create_pr=row["create_pr"],
                                   revision=row.get("revision"), commit_message=row.get("commit_message"),
                                   instance_prompt=row.get("instance_prompt"), command=task.get("command"),
                                   token=task.get("token"), endpoint=task.get("endpoint"))

@@ -29,7 +29,7 @@ from typing import Iterable, Literal, Mapping, Optional
 
 from pydantic import BaseModel
 
-from ..io import LazyTensor, SafetensorsHeader, build_header
+from .io import LazyTensor, SafetensorsHeader, build_header
 
 LEGACY_OFFSET = 0x100000
 LEGACY_LENGTH = 0x10000

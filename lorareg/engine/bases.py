@@ -15,7 +15,7 @@ Q = I). On CPU it is cheaper than the randomized path once l is a sizeable fract
 which is the case for LoRA-X's k = 320 on SD/SDXL widths; ``method="auto"`` (default) picks it on
 CPU when l ≥ ``GRAM_FRACTION``·min(m, n), and the randomized path otherwise (always on CUDA).
 
-Defaults (measured, see docs/methods.md and tests/engine/test_bases.py): oversample = k (l = 2k)
+Defaults (measured, see docs/methods.md and tests/engine/test_engine_bases.py): oversample = k (l = 2k)
 and power_iters = 3 give a mean squared principal-angle cosine ≥ 0.995 against a full SVD on
 power-law spectra (σ_i ∝ i^-α, α ∈ [0.5, 1]) plus a noise bulk at the level of σ_k.
 

@@ -20,7 +20,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..core.io import tensor_buffer, write_safetensors
 from .bases import BASES_VERSION, Basis, top_k
 
 __all__ = ["BasisCache", "BasisKey", "weight_digest", "default_cache_root", "tensor_checksum"]
@@ -49,19 +49,11 @@ def default_cache_root() -> Path:
     return Path(constants.HF_HOME).expanduser() / "lorareg" / "bases"
 
 
-def _raw_bytes(t: Tensor) -> memoryview:
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
-
-
 def weight_digest(weight: Tensor) -> str:
     """sha256 (hex) of a tensor's dtype, shape and raw bytes (no copy for contiguous CPU tensors)."""
     h = hashlib.sha256()
     h.update(f"{str(weight.dtype).removeprefix('torch.')}|{tuple(weight.shape)}|".encode())
-    h.update(_raw_bytes(weight))
+    h.update(tensor_buffer(weight))
     return h.hexdigest()
 
 
@@ -115,10 +107,6 @@ class BasisCache:
 
     def path(self, key: BasisKey) -> Path:
         return self._dir(key) / f"k{key.k}.safetensors"
-
-    @property
-    def stats(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "corrupt": self.corrupt, "writes": self.writes}
 
     # -- read ----------------------------------------------------------------------------------
     def _load(self, path: Path, key: BasisKey, k_file: int) -> Basis | None:
@@ -195,8 +183,6 @@ class BasisCache:
     # -- write ---------------------------------------------------------------------------------
     def put(self, key: BasisKey, basis: Basis) -> Path:
         """Store ``basis`` under ``key`` atomically (temp file + ``os.replace``)."""
-        from safetensors.torch import save_file
-
         if basis.k != key.k:
             raise ValueError(f"basis has k={basis.k} but key says k={key.k}")
         tensors = {
@@ -215,18 +201,8 @@ class BasisCache:
         }
         meta.update({f"checksum.{name}": tensor_checksum(t) for name, t in tensors.items()})
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        # lorareg's own writer (atomic: temp file + rename); safetensors' save_file needs numpy
+        write_safetensors(path, tensors, metadata=meta)
         self.writes += 1
         return path
 

@@ -7,20 +7,20 @@ Same port, same card: nothing here depends on the time, the machine or where fil
 from __future__ import annotations
 
 import json
-import shlex
 import string
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from .. import __version__
-from .refs import looks_like_hub_ref, parse_hub_ref
+from ..core.version import __version__
+from ..port.options import PortOptions
+from ..refine.report import loss_summary, samples_summary
+from ..registry import get_registry
+from ..sources.refs import is_local, parse_hub_ref, public_model_ref
+from .licence import Licence, licence_section
 
 TEMPLATE = "card_template.md"
-#: volatile report fields emptied in the published copy (they change on every run)
-VOLATILE = ("timings", "cache")
-REFINE_VOLATILE = ("sample_s", "train_s", "wall_s", "samples_cached", "stopped_by_budget")
 
 
 @dataclass
@@ -35,6 +35,13 @@ class CardInfo:
     license: Optional[str] = None
     source_commit: Optional[str] = None
     command: Optional[str] = None
+    licence: Optional[Licence] = None  # default: from ``license`` (or unknown)
+    output_hashes: Optional[dict[str, str]] = None  # the pushed weights file's (lorareg.core.hashes.FileHashes)
+
+    def licence_facts(self) -> Licence:
+        if self.licence is not None:
+            return self.licence
+        return Licence(origin="metadata" if self.license else "unknown", license=self.license)
 
 
 def load_template() -> str:
@@ -44,31 +51,9 @@ def load_template() -> str:
 # --------------------------------------------------------------------------- references
 
 
-def is_local(text: str) -> bool:
-    return Path(text).expanduser().exists() or not looks_like_hub_ref(text)
-
-
-def display_lora_ref(text: Optional[str]) -> Optional[str]:
-    """A LoRA reference as published: the canonical hf:// form, or a local file's name."""
-    if not text:
-        return None
-    if is_local(text):
-        return Path(text).name
-    return parse_hub_ref(text).uri
-
-
-def display_model_ref(text: Optional[str]) -> Optional[str]:
-    """A model reference as published: ``org/name[@rev]``, or a local folder/file's name."""
-    if not text:
-        return None
-    if Path(text).expanduser().exists() or text.startswith((".", "/", "~")):
-        return Path(text).name
-    return text[5:] if text.startswith("hf://") else text
-
-
 def model_repo_id(text: Optional[str]) -> Optional[str]:
     """The Hub repo id of a model reference, or None for a local one."""
-    shown = display_model_ref(text)
+    shown = public_model_ref(text)
     if not shown or shown != text.removeprefix("hf://"):
         return None
     try:
@@ -76,36 +61,6 @@ def model_repo_id(text: Optional[str]) -> Optional[str]:
     except Exception:
         return None
     return ref.repo_id
-
-
-# --------------------------------------------------------------------------- report
-
-
-def public_report(report: dict[str, Any], weight_name: str, source_commit: Optional[str] = None) -> dict[str, Any]:
-    """The report as published: volatile fields emptied, local paths reduced to names."""
-    r = json.loads(json.dumps(report, default=str))
-    for key in VOLATILE:
-        if key in r:
-            r[key] = {}
-    if isinstance(r.get("refine"), dict):
-        # wall-clock fields change on every run; the losses are deterministic for a seed
-        r["refine"] = {k: v for k, v in r["refine"].items() if k not in REFINE_VOLATILE}
-    src = r.get("source_lora")
-    if isinstance(src, dict):
-        src["path"] = display_lora_ref(src.get("path"))
-        if source_commit:
-            src["commit"] = source_commit
-    for key in ("source_model", "target_model"):
-        m = r.get(key)
-        if isinstance(m, dict) and m.get("ref"):
-            m["ref"] = display_model_ref(m["ref"])
-    if isinstance(r.get("output"), dict):
-        r["output"]["path"] = weight_name
-    return r
-
-
-def report_bytes(public: dict[str, Any]) -> bytes:
-    return (json.dumps(public, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 # --------------------------------------------------------------------------- trigger words
@@ -164,8 +119,7 @@ def card_metadata(report: dict[str, Any], info: CardInfo, family) -> dict[str, A
         meta["library_name"] = lib
     if spec is not None and spec.pipeline_tag:
         meta["pipeline_tag"] = spec.pipeline_tag
-    if info.license:
-        meta["license"] = info.license
+    meta.update(info.licence_facts().front_matter())
     meta["tags"] = list(dict.fromkeys(tags))
     if info.instance_prompt:
         meta["instance_prompt"] = info.instance_prompt
@@ -175,8 +129,6 @@ def card_metadata(report: dict[str, Any], info: CardInfo, family) -> dict[str, A
 def build_card(report: dict[str, Any], info: CardInfo, registry=None) -> str:
     """The README.md text: YAML front matter + the body from ``card_template.md``."""
     import yaml
-
-    from ..registry import get_registry
 
     registry = registry or get_registry()
     tgt = report.get("target_model") or {}
@@ -196,8 +148,12 @@ def build_card(report: dict[str, Any], info: CardInfo, registry=None) -> str:
         "source_family": src.get("family", "?"),
         "source_family_name": src_fam.spec.name if src_fam else src.get("family", "?"),
         "method": report.get("method", "?"),
-        "source_lora": _lora_cell(src_lora.get("path"), info.source_commit),
+        "source_lora": _lora_cell(src_lora.get("path"), info.source_commit, src_lora.get("civitai")),
         "source_sha256": src_lora.get("sha256") or "unknown",
+        "source_tensor_hash": _tensor_hash_cell(src_lora.get("hashes")),
+        "output_sha256": (info.output_hashes or {}).get("sha256") or "unknown",
+        "output_tensor_hash": _tensor_hash_cell(info.output_hashes) + (" (also its `sshs_model_hash`)" if info.output_hashes else ""),
+        "licence_section": licence_section(info.licence_facts()),
         "source_format": f"`{src_lora['format']}`" if src_lora.get("format") else "unknown",
         "source_model": _model_cell(src),
         "target_model": _model_cell(tgt),
@@ -227,7 +183,17 @@ def _family(registry, fid: Optional[str]):
         return None
 
 
-def _lora_cell(path: Optional[str], commit: Optional[str]) -> str:
+def _tensor_hash_cell(hashes: Optional[dict]) -> str:
+    if not hashes or not hashes.get("tensor_sha256"):
+        return "unknown"
+    return f"`{hashes['tensor_sha256']}` (AutoV3 `{hashes['tensor_sha256'][:12].upper()}`)"
+
+
+def _lora_cell(path: Optional[str], commit: Optional[str], civitai: Optional[dict] = None) -> str:
+    if civitai:
+        name = " — ".join(x for x in (civitai.get("model_name"), civitai.get("version_name")) if x)
+        by = f" by [{civitai['creator']}]({civitai.get('creator_url')})" if civitai.get("creator") else ""
+        return f"[{name or 'Civitai'}]({civitai.get('page_url')}) (`civitai:{civitai.get('version_id')}`, Civitai){by}"
     if not path:
         return "an in-memory LoRA"
     if is_local(path):
@@ -241,14 +207,18 @@ def _model_cell(m: dict[str, Any]) -> str:
     fam = m.get("family", "?")
     if not ref:
         return f"not read (family `{fam}`)"
-    shown = display_model_ref(ref)
-    where = "Hub" if model_repo_id(ref) else "local"
-    out = f"`{shown}` ({where}, family `{fam}`"
+    shown = public_model_ref(ref)
+    hub = m.get("location") == "hub" if m.get("location") else bool(model_repo_id(ref))
+    out = f"`{shown}` ({'Hub' if hub else 'local'}, family `{fam}`"
     if m.get("layout"):
         out += f", {m['layout']} layout"
     if m.get("revision"):
         out += f", commit `{m['revision']}`"
-    return out + ")"
+    out += ")"
+    files = m.get("weights_sha256")
+    if files:  # a local folder is named by its weights, not by a Hub id it may not be
+        out += "; weights " + ", ".join(f"`{name}` sha256 `{digest}`" for name, digest in sorted(files.items()))
+    return out
 
 
 def _num(x) -> str:
@@ -275,8 +245,6 @@ def _method_lines(report: dict[str, Any]) -> str:
         rows.insert(1, ("per layer", ", ".join(f"`{m}` × {n}" for m, n in sorted(per_layer.items()))))
     refine = report.get("refine")
     if refine:
-        from ..refine.dispatch import loss_summary, samples_summary
-
         name, start, end = loss_summary(refine)
         rows.append(("refinement", f"`{refine.get('method')}` from `{refine.get('start_method')}`: {refine.get('steps')} steps on "
                                    f"{samples_summary(refine)} (seed {refine.get('seed')})"))
@@ -340,26 +308,14 @@ def usage(info: CardInfo, family) -> str:
 
 
 def reconstruct_command(report: dict[str, Any], weight_name: str) -> str:
-    """The ``lorareg port`` command that gives this output, from the report's parameters."""
-    src = report.get("source_model") or {}
-    tgt = report.get("target_model") or {}
-    lora = (report.get("source_lora") or {}).get("path")
-    args = ["lorareg", "port", display_lora_ref(lora) or "LORA"]
-    if src.get("ref"):
-        args += ["--source-model", display_model_ref(src["ref"])]
-    if tgt.get("ref"):
-        args += ["--target-model", display_model_ref(tgt["ref"])]
-    if tgt.get("family") and tgt.get("family") != src.get("family"):
-        args += ["--to", tgt["family"]]
-    args += ["--method", str(report.get("method"))]
-    if report.get("rank_k") is not None:
-        args += ["--rank-k", str(report["rank_k"])]
-    if report.get("threshold"):
-        args += ["--threshold", str(report["threshold"])]
-    if report.get("rank") is not None:
-        args += ["--rank", str(report["rank"])]
-    out = report.get("output") or {}
-    if out.get("format"):
-        args += ["--format", str(out["format"]).split("/")[0]]
-    args += ["-o", weight_name if not weight_name.startswith("adapter_model") else "adapter"]
-    return shlex.join(args)
+    """The ``lorareg port`` command that gives this output, from the options the report recorded."""
+    recorded = dict(report.get("options") or {})
+    if not report.get("options"):  # a report written before options were recorded: its top-level fields
+        recorded = {k: report[k] for k in ("method", "rank_k", "threshold", "rank") if report.get(k) not in (None, 0, 0.0)}
+        src, tgt = report.get("source_model") or {}, report.get("target_model") or {}
+        recorded.update(source_model=src.get("ref"), target_model=tgt.get("ref"))
+        if tgt.get("family") and tgt.get("family") != src.get("family"):
+            recorded["to"] = tgt["family"]
+    options = PortOptions.model_validate(recorded)
+    lora = (report.get("source_lora") or {}).get("path") or "LORA"
+    return options.command(lora, weight_name if not weight_name.startswith("adapter_model") else "adapter")

@@ -11,21 +11,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-from ..errors import InputError
-from . import hub_endpoint, is_offline, translate_errors
-from .refs import HubRef, looks_like_hub_ref, parse_hub_ref
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..registry import Family
+from ..core.errors import InputError
+from ..core.names import CARD_NAME, PICKLE_SUFFIXES
+from ..registry import Family
+from ..sources.layout import weight_files_in
+from ..sources.refs import HubRef, looks_like_hub_ref, parse_hub_ref
+from .client import hub_endpoint, is_offline, translate_errors
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 #: text files a model needs at run time besides its weights (never pickles; tokenizer.model is protobuf)
 CONFIG_SUFFIXES = ("config.json", "vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "generation_config.json")
-_PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-CARD = "README.md"
 
 
 @dataclass(frozen=True)
@@ -143,7 +141,7 @@ def _choose_lora(ref: HubRef, names: list[str]) -> tuple[list[str], str]:
         if p in names:
             if p.endswith(".safetensors"):
                 return [p], p
-            if p.endswith(_PICKLES):
+            if p.endswith(PICKLE_SUFFIXES):
                 raise InputError(f"{where}: a pickle checkpoint; lorareg never unpickles files (use .safetensors)")
             raise InputError(f"{where}: not a .safetensors LoRA file")
         inside = [n for n in names if n.startswith(p + "/")]
@@ -174,7 +172,7 @@ def _choose_in(where: str, ref: HubRef, folder: str, names: list[str]) -> tuple[
             return [f"{d}/{f}" for f in PEFT_FILES], d
         return [c], c
     if not candidates:
-        pickles = any(n.endswith(_PICKLES) for n in names if n.startswith(prefix))
+        pickles = any(n.endswith(PICKLE_SUFFIXES) for n in names if n.startswith(prefix))
         raise InputError(f"{where}: no .safetensors LoRA file or PEFT adapter found"
                          + (" (only pickle files, which lorareg never reads)" if pickles else ""))
     shown = ", ".join(candidates[:4]) + (f", ... ({len(candidates)} in all)" if len(candidates) > 4 else "")
@@ -200,13 +198,13 @@ def pull_lora(text: str, *, endpoint: Optional[str] = None, token: Optional[str]
                 raise
             return _remember(PulledLora(ref, _commit_of(cached), (ref.path or "",), cached))
         files, target = _choose_lora(ref, names)
-        extra = [CARD] if CARD in names and CARD not in files else []
+        extra = [CARD_NAME] if CARD_NAME in names and CARD_NAME not in files else []
         folder = _download(ref.repo_id, ref.repo_type, ref.revision, files + extra, endpoint=endpoint, token=token,
                            offline=cached_only)
     local = folder / target if target else folder
     if not local.exists():
         raise InputError(f"{ref.uri}: {target or 'the adapter'} was not downloaded (it changed on the Hub meanwhile?)")
-    card = folder / CARD
+    card = folder / CARD_NAME
     return _remember(PulledLora(ref, folder.name, tuple(files), local, _card_license(card) if card.exists() else None))
 
 
@@ -255,10 +253,8 @@ def lookup_lora(text: Optional[str]) -> Optional[PulledLora]:
 # --------------------------------------------------------------------------- base models
 
 
-def select_weight_files(family: "Family", components: Optional[list[str]], names: list[str], where: str) -> list[str]:
+def select_weight_files(family: Family, components: Optional[list[str]], names: list[str], where: str) -> list[str]:
     """The weight files (and indexes) the family's layouts need for ``components``; never pickles."""
-    from ..weights import INDEX_FILES, WEIGHT_FILES
-
     wanted = components or list(family.components)
     for layout in family.spec.layouts:
         if layout.type == "single_file":
@@ -266,7 +262,7 @@ def select_weight_files(family: "Family", components: Optional[list[str]], names
         chosen: list[str] = []
         for cid, lc in layout.components.items():
             if cid in wanted and cid in family.components:
-                chosen += _folder_weights(lc.path or "", names, INDEX_FILES, WEIGHT_FILES)
+                chosen += _folder_weights(lc.path or "", names)
         if chosen:
             return chosen
     for layout in family.spec.layouts:
@@ -275,27 +271,20 @@ def select_weight_files(family: "Family", components: Optional[list[str]], names
     root = [n for n in names if "/" not in n and n.endswith(".safetensors")]
     if len(root) == 1 and any(l.type == "single_file" for l in family.spec.layouts):
         return root
-    if any(n.endswith(_PICKLES) for n in names):
+    if any(n.endswith(PICKLE_SUFFIXES) for n in names):
         raise InputError(f"{where}: only pickle checkpoints for {family.id} (lorareg never unpickles; it needs .safetensors)")
     raise InputError(f"{where}: no {family.id} .safetensors weights found for {', '.join(wanted)} "
                      "in the folders the family's layouts name")
 
 
-def _folder_weights(folder: str, names: list[str], index_files, weight_files) -> list[str]:
+def _folder_weights(folder: str, names: list[str]) -> list[str]:
+    """The weight files of one folder of a repo listing (paths relative to the repo)."""
     prefix = folder.strip("/") + "/" if folder.strip("/") else ""
     here = [n[len(prefix):] for n in names if n.startswith(prefix) and "/" not in n[len(prefix):]]
-    for index in index_files:
-        if index in here:
-            stem = index[: -len(".safetensors.index.json")]
-            shards = sorted(f for f in here if f.startswith(stem + "-") and f.endswith(".safetensors"))
-            return [prefix + index] + [prefix + s for s in shards]
-    for fname in weight_files:
-        if fname in here:
-            return [prefix + fname]
-    return sorted(prefix + f for f in here if f.endswith(".safetensors"))
+    return [prefix + f for f in weight_files_in(here)]
 
 
-def snapshot_for_family(family: "Family", repo_id: str, revision: Optional[str], components: Optional[list[str]],
+def snapshot_for_family(family: Family, repo_id: str, revision: Optional[str], components: Optional[list[str]],
                         *, path: Optional[str] = None, endpoint: Optional[str] = None,
                         token: Optional[str] = None, with_configs: bool = False) -> tuple[Path, str]:
     """Download (or find in the cache) only the weight files a port needs: (local path, commit sha).

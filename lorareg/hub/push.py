@@ -17,14 +17,18 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel
 
-from ..errors import InputError
-from ..io import PEFT_CONFIG, PEFT_WEIGHTS, read_header
-from . import hub_endpoint, is_offline, translate_errors
-from .card import CardInfo, build_card, license_of, model_repo_id, public_report, report_bytes, trigger_words
-from .refs import parse_repo_id
+from ..core.errors import InputError, LoraregError
+from ..core.hashes import file_hashes
+from ..core.io import PEFT_CONFIG, PEFT_WEIGHTS, read_header
+from ..core.names import CARD_NAME, REPORT_NAME
+from ..port.report import PortReport, PortResult
+from ..registry import get_registry
+from ..sources.refs import parse_repo_id
+from .card import CardInfo, build_card, license_of, model_repo_id, trigger_words
+from .client import hub_endpoint, is_offline, translate_errors
+from .licence import check_publishable, licence_of
+from .pull import lookup_lora
 
-REPORT = "report.json"
-CARD = "README.md"
 
 
 class PushResult(BaseModel):
@@ -43,6 +47,7 @@ class PushResult(BaseModel):
 @dataclass
 class _Bundle:
     report: dict[str, Any]
+    report_bytes: bytes  # report.json as the port wrote it: pushed as is
     weights: Path
     files: dict[str, Path] = field(default_factory=dict)  # path in repo -> local file
     weight_name: str = ""
@@ -54,11 +59,11 @@ def _locate(path: Path) -> tuple[Path, Path]:
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
         if (path / PEFT_CONFIG).exists():
-            return path, path / REPORT
+            return path, path / REPORT_NAME
         pairs = sorted(
-            (r.with_name(r.name[: -len("." + REPORT)] + ".safetensors"), r)
-            for r in path.glob("*." + REPORT)
-            if r.with_name(r.name[: -len("." + REPORT)] + ".safetensors").exists()
+            (r.with_name(r.name[: -len("." + REPORT_NAME)] + ".safetensors"), r)
+            for r in path.glob("*." + REPORT_NAME)
+            if r.with_name(r.name[: -len("." + REPORT_NAME)] + ".safetensors").exists()
         )
         if len(pairs) == 1:
             return pairs[0]
@@ -67,35 +72,33 @@ def _locate(path: Path) -> tuple[Path, Path]:
         raise InputError(f"{path}: {len(pairs)} port outputs here; name the .safetensors file to push")
     if path.suffix != ".safetensors":
         raise InputError(f"{path}: expected a .safetensors file or a PEFT folder written by `lorareg port`")
-    return path, path.with_name(path.stem + "." + REPORT)
+    return path, path.with_name(path.stem + "." + REPORT_NAME)
 
 
 def _bundle(obj: Any) -> _Bundle:
-    from ..port import PortReport, PortResult
-
     if isinstance(obj, PortResult):
-        if obj.output is None:
+        if obj.output is None or obj.report_path is None:
             raise InputError("this port result was not written to disk (port with output=...); nothing to push")
-        out = Path(obj.output)
-        report = obj.report.model_dump(mode="json")
+        out, report_path = Path(obj.output), Path(obj.report_path)
     else:
         out, report_path = _locate(Path(obj))
-        if not report_path.exists():
-            raise InputError(f"{out}: no {report_path.name} next to it; push pushes `lorareg port` outputs")
-        try:
-            report = json.loads(report_path.read_text(encoding="utf-8"))
-            PortReport.model_validate(report)
-        except ValueError:
-            raise InputError(f"{report_path}: not a lorareg port report") from None
+    if not report_path.exists():
+        raise InputError(f"{out}: no {report_path.name} next to it; push pushes `lorareg port` outputs")
+    raw = report_path.read_bytes()
+    try:
+        report = json.loads(raw.decode("utf-8"))
+        PortReport.model_validate(report)
+    except ValueError:
+        raise InputError(f"{report_path}: not a lorareg port report") from None
     if out.is_dir():
         weights, config = out / PEFT_WEIGHTS, out / PEFT_CONFIG
         for f in (weights, config):
             if not f.exists():
                 raise InputError(f"{f}: missing from the PEFT folder")
-        return _Bundle(report, weights, {PEFT_WEIGHTS: weights, PEFT_CONFIG: config}, PEFT_WEIGHTS)
+        return _Bundle(report, raw, weights, {PEFT_WEIGHTS: weights, PEFT_CONFIG: config}, PEFT_WEIGHTS)
     if not out.exists():
         raise InputError(f"{out}: no such file (the port output was moved or deleted)")
-    return _Bundle(report, out, {out.name: out}, out.name)
+    return _Bundle(report, raw, out, {out.name: out}, out.name)
 
 
 @contextlib.contextmanager
@@ -122,39 +125,50 @@ def prepare(
     license: Optional[str] = None,
     base_model: Optional[str] = None,
     command: Optional[str] = None,
+    owner_permission: Optional[str] = None,
 ) -> tuple[dict[str, Union[Path, bytes]], CardInfo]:
-    """The files a push uploads (path in repo -> local file or bytes) and the card's inputs; no network."""
-    from .pull import lookup_lora
+    """The files a push uploads (path in repo -> local file or bytes) and the card's inputs; no network.
 
+    Refused when the source's creator forbids derivatives, unless ``owner_permission`` says how the
+    owner allowed it (it is then written in the card)."""
     bundle = _bundle(result_or_dir)
-    metadata = read_header(bundle.weights).metadata
+    header = read_header(bundle.weights)
+    metadata = header.metadata
     report = bundle.report
-    pulled = lookup_lora((report.get("source_lora") or {}).get("path"))
-    tgt = report.get("target_model") or {}
-    if base_model is None:
-        base_model = model_repo_id(tgt.get("ref"))
-    if base_model is None:
-        from ..registry import get_registry
-
-        try:
-            base_model = get_registry().family(tgt.get("family")).spec.hub.default_repo
-        except Exception:
-            base_model = None
+    src = report.get("source_lora") or {}
+    pulled = lookup_lora(src.get("path"))
+    lic = licence_of(given=license, civitai=src.get("civitai"), hub_license=pulled.license if pulled else None,
+                     file_license=license_of(metadata), owner_permission=owner_permission)
+    check_publishable(lic, src.get("path") or "the source LoRA")
     info = CardInfo(
         repo_id=repo_id,
         weight_name=bundle.weight_name,
         output_format=str((report.get("output") or {}).get("format") or "unknown"),
-        base_model=base_model,
+        base_model=base_model or _claimed_base_model(report.get("target_model") or {}),
         instance_prompt=instance_prompt or trigger_words(metadata),
-        license=license or license_of(metadata) or (pulled.license if pulled else None),
+        license=lic.license,
         source_commit=pulled.commit if pulled else None,
         command=command,
+        licence=lic,
+        output_hashes=file_hashes(header)[0].model_dump(),
     )
     card = build_card(report, info)
     files: dict[str, Union[Path, bytes]] = dict(sorted(bundle.files.items()))
-    files[CARD] = card.encode("utf-8")
-    files[REPORT] = report_bytes(public_report(report, bundle.weight_name, info.source_commit))
+    files[CARD_NAME] = card.encode("utf-8")
+    files[REPORT_NAME] = bundle.report_bytes  # the same bytes as the report left next to the output
     return files, info
+
+
+def _claimed_base_model(tgt: dict[str, Any]) -> Optional[str]:
+    """The Hub id the card may claim as ``base_model``: the target's when it was read from the Hub; the
+    family's reference repo when no target weights were read (the port is for the family); none for a
+    local folder, which may be any checkpoint (the card names its weights by SHA-256 instead)."""
+    if tgt.get("ref"):
+        return None if tgt.get("location") == "local" else model_repo_id(tgt["ref"])
+    try:
+        return get_registry().family(tgt.get("family")).spec.hub.default_repo
+    except LoraregError:
+        return None
 
 
 def push(
@@ -169,6 +183,7 @@ def push(
     license: Optional[str] = None,
     base_model: Optional[str] = None,
     command: Optional[str] = None,
+    owner_permission: Optional[str] = None,
     token: Optional[str] = None,
     endpoint: Optional[str] = None,
 ) -> PushResult:
@@ -183,7 +198,7 @@ def push(
     if is_offline():
         raise InputError("pushing needs the network, but HF_HUB_OFFLINE=1 is set")
     files, info = prepare(result_or_dir, repo_id, instance_prompt=instance_prompt, license=license,
-                          base_model=base_model, command=command)
+                          base_model=base_model, command=command, owner_permission=owner_permission)
     from huggingface_hub import CommitOperationAdd, HfApi
 
     endpoint = hub_endpoint(endpoint)
@@ -200,7 +215,7 @@ def push(
             repo_id,
             ops,
             commit_message=message,
-            commit_description=f"Ported with lorareg; see {CARD} and {REPORT}.",
+            commit_description=f"Ported with lorareg; see {CARD_NAME} and {REPORT_NAME}.",
             revision=revision,
             create_pr=create_pr,
             parent_commit=head,

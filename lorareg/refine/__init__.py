@@ -4,12 +4,43 @@
 teacher; it makes its own samples once (text for language models, latents for diffusion UNets),
 and the ported LoRA's factors are trained on the target model to match the teacher's outputs on
 them (KL of next-token distributions; MSE of noise predictions). The base weights stay frozen.
+
+Each model kind is one module with one entry point of the same signature, registered in
+:data:`REFINERS`; :mod:`.checks` says which kind a pair of families gets.
 """
 
-from .dispatch import RefineOptions
-from .distill_lm import RefineReport, refine_lm
-from .distill_unet import UnetRefineReport, refine_unet
+from __future__ import annotations
 
-REFINE_METHODS = ("distill",)
+from typing import Callable
 
-__all__ = ["REFINE_METHODS", "RefineOptions", "RefineReport", "UnetRefineReport", "refine_lm", "refine_unet"]
+from ..core.lora import Lora
+from .checks import Kind, check_models, check_pair
+from .lm import RefineReport, refine_lm
+from .options import RefineJob, RefineOptions
+from .report import RefineReportBase, loss_summary, samples_summary
+from .unet import UnetRefineReport, refine_unet
+
+Refiner = Callable[[Lora, RefineJob, RefineOptions], tuple[Lora, RefineReportBase]]
+REFINERS: dict[Kind, Refiner] = {"lm": refine_lm, "unet": refine_unet}
+
+
+def run(kind: Kind, ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lora, dict]:
+    """Refine ``ported`` with the refinement of this model kind; the LoRA and its report entry."""
+    refined, report = REFINERS[kind](ported, job, options)
+    return refined, report.model_dump()
+
+
+__all__ = [
+    "REFINERS",
+    "RefineJob",
+    "RefineOptions",
+    "RefineReport",
+    "UnetRefineReport",
+    "check_models",
+    "check_pair",
+    "loss_summary",
+    "refine_lm",
+    "refine_unet",
+    "run",
+    "samples_summary",
+]

@@ -16,10 +16,11 @@ from typing import Optional
 
 import torch
 
-from ..errors import InputError
-from ..lora import Lora
+from ..core.errors import InputError
+from ..core.lora import Lora
 from ..registry.families import Family
 from .hooks import merge, modules_of
+from .runtime import quiet_progress_bars
 
 MAX_TAGS = 64  # the most frequent tags only: rare ones are often noise in the captions
 _KOHYA_DIR = re.compile(r"^\d+_(.+)$")
@@ -140,8 +141,6 @@ def _text_encoder(family: Family, path: Path, component: str, dtype: torch.dtype
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: no config.json; --refine distill needs the model as a diffusers folder with its text encoders")
     from transformers.utils import logging as hf_logging
-
-    from ..evaluate import quiet_progress_bars
 
     with quiet_progress_bars(hf_logging):
         model = cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True)  # never a pickle

@@ -7,9 +7,9 @@ from typing import Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
-from ..io import DTYPES, LazyTensor
-from ..lora import Lora, Module
+from ..core.errors import InputError
+from ..core.io import DTYPES, LazyTensor
+from ..core.lora import Lora, Module
 
 
 def find_module(model: torch.nn.Module, name: str, prefixes: Iterable[str] = ("model.", "text_model.")) -> torch.nn.Module:
@@ -90,7 +90,8 @@ class TrainableLora:
             factors["down"] = LazyTensor.from_torch(down.detach().cpu().reshape(m.factors["down"].shape).to(dtype).contiguous())
             modules[key] = Module(m.component, m.name, m.kind, factors, m.alpha, m.dora_scale, m.weight_shape, list(m.source_keys))
         return Lora(family=lora.family, modules=modules, metadata=dict(lora.metadata), format_state=lora.format_state,
-                    source_path=lora.source_path, source_sha256=lora.source_sha256)
+                    source_path=lora.source_path, source_sha256=lora.source_sha256,
+                    source_hashes=lora.source_hashes)
 
 
 def _hook(up: torch.nn.Parameter, down: torch.nn.Parameter, scale: float):

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 from pydantic import BaseModel
 
-from ..errors import InputError
+from ..core.errors import InputError
 from ..registry.families import DiffusionSpec
 
 

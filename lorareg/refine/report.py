@@ -25,3 +25,16 @@ class RefineReportBase(BaseModel):
     dtype: str
     seed: int
     stopped_by_budget: bool = False
+
+
+def loss_summary(r: dict) -> tuple[str, Optional[float], Optional[float]]:
+    """(loss name, value before, value after) of a refinement report."""
+    name = r.get("loss", "kl")
+    return name.upper(), r.get(f"{name}_start"), r.get(f"{name}_end")
+
+
+def samples_summary(r: dict) -> str:
+    if r.get("model") == "diffusion unet":
+        return (f"{r['samples']} teacher latents of {r['latent_size']}x{r['latent_size']} ({r['sampler_steps']} DDIM steps), "
+                f"{r['noisings']} noisings each, prompts: {r['prompts_from']}")
+    return f"{r['samples']} teacher samples of {r['sample_length']} tokens"

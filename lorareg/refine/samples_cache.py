@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
 
-from ..lora import Lora
+from ..core.io import tensor_buffer, write_safetensors
+from ..core.lora import Lora
+from ..engine.cache import default_cache_root
 
 PathLike = Union[str, Path]
 _MODEL_FILES = (".safetensors", ".json", ".model", ".txt")
@@ -30,7 +31,7 @@ def lora_digest(lora: Lora) -> str:
         for role in sorted(m.factors):
             t = m.factors[role].torch().contiguous()
             h.update(role.encode() + str(tuple(t.shape)).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+            h.update(tensor_buffer(t if t.dtype != torch.bfloat16 else t.float()))
     return h.hexdigest()
 
 
@@ -45,14 +46,12 @@ def model_digest(folder: Path) -> str:
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(tensor_buffer(t.detach().float())).hexdigest()
 
 
 def cached(cache_dir: Optional[PathLike], kind: str, key: dict, make: Callable[[], dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], bool]:
     """(the tensors stored under ``key``, True) or (``make()``, False) after storing them atomically."""
-    from safetensors.torch import load_file, save_file
-
-    from ..engine.cache import default_cache_root
+    from safetensors.torch import load_file
 
     root = Path(cache_dir) if cache_dir else default_cache_root()
     path = root / kind / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest() + ".safetensors")
@@ -64,9 +63,7 @@ def cached(cache_dir: Optional[PathLike], kind: str, key: dict, make: Callable[[
     data = make()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in data.items()}, str(tmp))
-        os.replace(tmp, path)
+        write_safetensors(path, data)  # atomic; safetensors' save_file would need numpy
     except OSError:
         pass  # a read-only cache still works
     return data, False

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..errors import InputError, RegistryError
+from ..core.errors import InputError, RegistryError
 from .data import data_roots, iter_data_files, read_json, schema_file, validate
 from .families import CANONICAL, Component, Family, FamilySpec, build_family
 from .formats import Format, FormatSpec, Variant

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import jsonschema
 
-from ..errors import RegistryError
+from ..core.errors import RegistryError
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 

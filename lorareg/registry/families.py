@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import RegistryError
+from ..core.errors import RegistryError
 from .naming import FusedModule, Scheme, flatten
 
 CANONICAL = "canonical"
@@ -204,10 +204,6 @@ class Family:
     @property
     def id(self) -> str:
         return self.spec.id
-
-    def module_shape(self, component: str, name: str) -> Optional[tuple[int, ...]]:
-        comp = self.components.get(component)
-        return comp.modules.get(name) if comp else None
 
     def matches_alias(self, value: str) -> bool:
         v = value.strip().lower()

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from ..errors import RegistryError
+from ..core.errors import RegistryError
 
 _VAR = re.compile(r"^\{([a-z]\w*)\}$")
 _EXPR = re.compile(r"^\{([^{}]+)\}$")

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..bases import Basis
-from . import Projection, ShapeMismatchError, finish, fit_k, prepare, require
+from .base import Projection, ShapeMismatchError, finish, fit_k, prepare, require
 
 
 def project(

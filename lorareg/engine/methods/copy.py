@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..bases import Basis
-from . import Projection, check_same_shape, finish, prepare
+from .base import Projection, check_same_shape, finish, prepare
 
 
 def project(

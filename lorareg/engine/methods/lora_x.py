@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..bases import Basis
-from . import Projection, check_same_shape, finish, fit_k, prepare, require
+from .base import Projection, check_same_shape, finish, fit_k, prepare, require
 
 
 def project(

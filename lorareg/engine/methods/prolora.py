@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..bases import Basis
-from . import Projection, check_same_shape, finish, fit_k, prepare, require
+from .base import Projection, check_same_shape, finish, fit_k, prepare, require
 
 
 def _bases(up, down, source, target, k, name):

@@ -1,0 +1,373 @@
+"""The Python API: load, detect, inspect, save, convert."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import Future, ThreadPoolExecutor
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+from pydantic import BaseModel, Field
+
+from ..core.hashes import EmbeddedHash, FileHashes, check_embedded, file_hashes, own_hash_fields, source_hash_fields, without_inherited_hashes
+from ..core.version import __version__
+from .refactor import ConversionReport, DroppedItem, check_target, plan_for
+from .detect import Detection, detect_tensors
+from ..core.errors import ConversionError, DetectionError, InputError
+from ..core.io import (
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    LazyTensor,
+    SafetensorsHeader,
+    atomic_write_text,
+    open_tensors,
+    read_peft_directory,
+    same_file,
+    scan_nonfinite,
+    write_safetensors,
+)
+from ..core.lora import Lora
+from ..hub.pull import resolve_lora_ref
+from ..registry import Registry, get_registry
+from ..sources import civitai
+from ..sources.civitai_refs import looks_like_civitai_ref
+from ..sources.refs import looks_like_hub_ref
+from .reader import LORA_ADAPTER_METADATA, assemble, parse_keys
+from .writer import write_modules
+
+PathLike = Union[str, Path]
+
+
+def _read_source(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str], str, Optional[dict], SafetensorsHeader]:
+    """tensors, metadata, container, PEFT config, the weights file's header."""
+    if not path.exists() and looks_like_civitai_ref(str(path)):  # civitai:<id>, a civitai.com URL, an AIR
+        path = civitai.resolve(str(path), progress=True)[0]
+    elif not path.exists() and looks_like_hub_ref(str(path)):  # hf://org/repo/file.safetensors@rev or org/repo[@rev]
+        path = resolve_lora_ref(str(path))
+    if path.is_dir():
+        peft = read_peft_directory(path)
+        tensors, metadata, header = open_tensors(peft.weights)
+        return tensors, metadata, "peft_dir", peft.config, header
+    tensors, metadata, header = open_tensors(path)
+    return tensors, metadata, "safetensors", None, header
+
+
+def _hint_metadata(metadata: dict[str, str], peft_config: Optional[dict]) -> dict[str, str]:
+    hinted = dict(metadata)
+    if peft_config and isinstance(peft_config.get("base_model_name_or_path"), str):
+        hinted["base_model_name_or_path"] = peft_config["base_model_name_or_path"]
+    return hinted
+
+
+def detect(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None) -> Detection:
+    """Which key format and model family a LoRA file or PEFT folder is, with evidence."""
+    return _detect(Path(path), format, family)[0]
+
+
+def _detect(path: Path, format: Optional[str], family: Optional[str], registry: Optional[Registry] = None):
+    registry = registry or get_registry()
+    tensors, metadata, container, peft_config, weights = _read_source(path)
+    if format:
+        registry.format(format)
+    if family:
+        family = registry.family(family).id
+    facts = civitai.lookup_ref(str(path)) if not path.exists() else None
+    families = [family] if family else (facts.families if facts and facts.families else None)
+    det, result = detect_tensors(
+        tensors,
+        _hint_metadata(metadata, peft_config),
+        registry,
+        container,
+        formats=[format] if format else None,
+        families=families,
+    )
+    return det, result, tensors, metadata, peft_config, weights
+
+
+def load(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None, hash: bool = True) -> Lora:
+    """Read a LoRA file (or PEFT folder) of any known format into canonical modules.
+
+    ``hash=False`` skips the source file's SHA-256 (``source_sha256`` stays None): provenance is then unknown.
+    """
+    path = Path(path)
+    if not hash:
+        return _read_lora(path, format, family)[0]
+    # the provenance hash runs beside the rest: hashlib releases the GIL on large buffers
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        lora, digest = _read_lora(path, format, family, _hashing_in(pool))
+        _set_source_hashes(lora, digest.result())
+    return lora
+
+
+def _set_source_hashes(lora: Lora, hashes: FileHashes) -> None:
+    lora.source_sha256 = hashes.sha256
+    lora.source_hashes = hashes.model_dump()
+
+
+def _hashing_in(pool: ThreadPoolExecutor):
+    """Start the source file's hashes in ``pool`` once its header is known (a future of FileHashes)."""
+    return lambda header: pool.submit(lambda: file_hashes(header)[0])
+
+
+def _read_lora(path: Path, format: Optional[str], family: Optional[str], before_assembly=None):
+    """Detect and assemble; ``before_assembly(header)`` starts work (the hashes) before the factors are read."""
+    det, result, tensors, metadata, peft_config, weights = _detect(path, format, family)
+    started = before_assembly(weights) if before_assembly else weights
+    if result.unmapped:
+        _refuse_mixed(det, result, tensors, metadata)
+    lora = assemble(result, tensors, metadata, peft_config)
+    lora.source_path = str(path)
+    facts = civitai.lookup_ref(str(path)) if not path.exists() else None
+    if facts is not None:  # the API's trigger words feed the card and --refine's prompts; its facts, the provenance
+        lora.metadata = {**lora.metadata, **civitai.provenance_metadata(facts)}
+        if facts.trained_words and not (lora.metadata.get("modelspec.trigger_phrase") or "").strip():
+            lora.metadata["modelspec.trigger_phrase"] = ", ".join(facts.trained_words)
+    return lora, started
+
+
+def _refuse_mixed(det: Detection, result, tensors, metadata) -> None:
+    """Keys that another format reads are a mixed file, not unknown keys: refuse it clearly."""
+    others = [c for c in det.candidates if c.format != det.format and c.family == det.family]
+    if not others:
+        return
+    registry = get_registry()
+    other = others[0]
+    variant = registry.format(other.format).variant(other.variant)
+    leftover = {k: tensors[k] for k in result.unmapped}
+    extra = parse_keys(variant, result.family, leftover)
+    if extra.parsed:
+        raise DetectionError(
+            f"mixed key formats in one file: {len(result.parsed)} keys are {det.format}, "
+            f"{len(extra.parsed)} are {other.format} (e.g. {next(iter(extra.parsed))!r}); split or convert them separately"
+        )
+
+
+class Inspection(BaseModel):
+    path: str
+    format: str
+    variant: str
+    family: str
+    confidence: float
+    fitting_families: list[str]
+    adapter_type: str
+    adapter_types: list[str]
+    components: list[str]
+    num_modules: int
+    num_tensors: int
+    ranks: dict[str, int]
+    alphas: dict[str, int]
+    dtypes: list[str]
+    unmapped_keys: dict[str, str]
+    nonfinite: list[dict] = Field(default_factory=list)
+    evidence: list[str]
+    metadata: dict[str, str]
+    sha256: str
+    hashes: FileHashes
+    embedded_hashes: list[EmbeddedHash] = Field(description="the file's own hash fields checked against it: ok, wrong, absent")
+
+    @property
+    def wrong_hashes(self) -> list[EmbeddedHash]:
+        return [h for h in self.embedded_hashes if h.status == "wrong"]
+
+
+def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None) -> Inspection:
+    """Everything a user asks first about a LoRA file."""
+    path = Path(path)
+    det, result, tensors, metadata, peft_config, weights = _detect(path, format, family)
+    if result.unmapped:
+        _refuse_mixed(det, result, tensors, metadata)
+    lora = assemble(result, tensors, metadata, peft_config)
+    types = lora.adapter_types
+    nonfinite = [nf.__dict__ for nf in scan_nonfinite(tensors)]
+    shown_meta = {k: (v if len(v) <= 2000 else v[:2000] + f"... ({len(v)} chars)") for k, v in metadata.items()}
+    hashes, legacy_in_header = file_hashes(weights)
+    return Inspection(
+        path=str(path),
+        format=det.format,
+        variant=det.variant,
+        family=det.family,
+        confidence=det.confidence,
+        fitting_families=det.fitting_families,
+        adapter_type=types[0] if len(types) == 1 else "mixed",
+        adapter_types=types,
+        components=lora.components,
+        num_modules=len(lora.modules),
+        num_tensors=len(tensors),
+        ranks=lora.ranks(),
+        alphas=lora.alphas(),
+        dtypes=sorted({t.dtype for t in tensors.values()}),
+        unmapped_keys=lora.unmapped,
+        nonfinite=nonfinite,
+        evidence=det.evidence,
+        metadata=shown_meta,
+        sha256=hashes.sha256,
+        hashes=hashes,
+        embedded_hashes=check_embedded(metadata, hashes, legacy_in_header),
+    )
+
+
+def check_output(src: Optional[Path], dst: Path, force: bool) -> None:
+    if src is not None and (same_file(src, dst) or (src.is_dir() and same_file(src / PEFT_WEIGHTS, dst))):
+        raise InputError(f"{dst}: output would overwrite the input")
+    if dst.exists() and not force:
+        raise InputError(f"{dst}: already exists (use --force to replace it)")
+
+
+def save(
+    lora: Lora,
+    path: PathLike,
+    *,
+    format: Optional[str] = None,
+    variant: Optional[str] = None,
+    rank: Optional[int] = None,
+    force: bool = False,
+    extra_metadata: Optional[dict[str, str]] = None,
+) -> ConversionReport:
+    """Write a LoRA in a format (default: the one it was read from). Atomic; never touches the input."""
+    return _save(lora, path, format=format, variant=variant, rank=rank, force=force, extra_metadata=extra_metadata)
+
+
+def _save(lora: Lora, path: PathLike, *, format: Optional[str], variant: Optional[str], rank: Optional[int], force: bool,
+          extra_metadata: Optional[dict[str, str]], pending: Optional[Future] = None) -> ConversionReport:
+    """``save``; ``pending``: the source's hashes, still computing (awaited only once the output's own
+    hashes are done, so that both run at once)."""
+    registry = get_registry()
+    path = Path(path)
+    src = Path(lora.source_path) if lora.source_path else None
+    check_output(src, path, force)
+    fmt_id = format or (lora.format_state.format if lora.format_state else None)
+    if fmt_id is None:
+        raise InputError("no output format given")
+    fmt = registry.format(fmt_id)
+    if variant:
+        try:
+            var = fmt.variant(variant)
+        except KeyError:
+            raise InputError(f"format {fmt.id} has no variant {variant!r}") from None
+    elif lora.format_state and lora.format_state.format == fmt.id and not fmt.variant(lora.format_state.variant).spec.read_only:
+        var = fmt.variant(lora.format_state.variant)
+    else:
+        var = fmt.default_write_variant
+    if var is None:
+        raise ConversionError(f"format {fmt.id} is read-only")
+    family = registry.family(lora.family) if lora.family else None
+    if family is None:
+        raise InputError("the LoRA has no family; pass one")
+    check_target(var)
+    plan = plan_for(lora, var, rank)
+    planned = Lora(
+        family=lora.family,
+        modules=plan.modules,
+        metadata=lora.metadata,
+        format_state=lora.format_state,
+        source_path=lora.source_path,
+        source_sha256=lora.source_sha256,
+        unmapped=lora.unmapped,
+    )
+    written = write_modules(planned, var, family)
+    # the output's own hash fields: from its tensors and its ss_* metadata only (not lorareg.source_*)
+    own = own_hash_fields({k: _lazy(t) for k, t in written.tensors.items()},
+                          _output_metadata(lora, fmt.id, var.id, written.metadata, extra_metadata))
+    if pending is not None:
+        _set_source_hashes(lora, pending.result())
+    metadata = {**_output_metadata(lora, fmt.id, var.id, written.metadata, extra_metadata), **own}
+    dropped = [DroppedItem(item=k, reason=v) for k, v in sorted(lora.unmapped.items())]
+    dropped += [DroppedItem(item=d.item, reason=d.reason) for d in written.dropped]
+    if fmt.spec.container == "peft_dir":
+        _write_peft_dir(path, written.tensors, metadata, written.peft_config or {}, force)
+    else:
+        write_safetensors(path, written.tensors, metadata)
+    return ConversionReport(
+        source_format=f"{lora.format_state.format}/{lora.format_state.variant}" if lora.format_state else "memory",
+        target_format=var.qualified_id,
+        family=family.id,
+        modules_in=len(lora.modules),
+        modules_out=len(plan.modules) - len({d.item for d in written.dropped if d.item in plan.modules}),
+        tensors_in=sum(len(m.source_keys) for m in lora.modules.values()) + len(lora.unmapped),
+        tensors_out=len(written.tensors),
+        refactored=plan.refactored,
+        dropped=dropped,
+    )
+
+
+def _lazy(t) -> LazyTensor:
+    return t if isinstance(t, LazyTensor) else LazyTensor.from_torch(t)
+
+
+def _output_metadata(lora: Lora, fmt: str, variant: str, generated: dict[str, str], extra) -> dict[str, str]:
+    # the source's own hash fields describe the source's bytes, not this file's: dropped, then
+    # recomputed for the written tensors; the source's hashes go under lorareg.source_*
+    meta = {k: v for k, v in without_inherited_hashes(lora.metadata).items() if k != LORA_ADAPTER_METADATA}
+    meta.update(generated)
+    meta["lorareg.version"] = __version__
+    meta["lorareg.family"] = lora.family or ""
+    meta["lorareg.format"] = f"{fmt}/{variant}"
+    if lora.format_state is not None and lora.format_state.format != fmt:
+        meta["lorareg.source_state"] = lora.format_state.model_dump_json()
+    if lora.format_state is not None:
+        meta["lorareg.source_format"] = f"{lora.format_state.format}/{lora.format_state.variant}"
+    if lora.source_sha256:
+        meta["lorareg.source_sha256"] = lora.source_sha256
+    if lora.source_hashes:
+        meta.update(source_hash_fields(FileHashes.model_validate(lora.source_hashes)))
+    if extra:
+        meta.update(extra)
+    return meta
+
+
+def _write_peft_dir(path: Path, tensors, metadata, config: dict, force: bool) -> None:
+    """Build the folder next to its destination, then swap it in."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        write_safetensors(tmp / PEFT_WEIGHTS, tensors, {"format": "pt", **metadata})
+        atomic_write_text(tmp / PEFT_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if path.exists():
+            if not force:
+                raise InputError(f"{path}: already exists (use --force to replace it)")
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert(
+    source: PathLike,
+    output: PathLike,
+    *,
+    to: str,
+    variant: Optional[str] = None,
+    family: Optional[str] = None,
+    rank: Optional[int] = None,
+    force: bool = False,
+    allow_unmapped: bool = False,
+    allow_nonfinite: bool = False,
+) -> ConversionReport:
+    """Convert a LoRA file or PEFT folder to another key format."""
+    source, output = Path(source), Path(output)
+    check_output(source, output, force)
+    registry = get_registry()
+    registry.format(to)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        lora, digest = _read_lora(source, None, family, _hashing_in(pool))
+        if lora.unmapped and not allow_unmapped:
+            key, reason = next(iter(lora.unmapped.items()))
+            raise ConversionError(
+                f"{len(lora.unmapped)} tensors map to no module (e.g. {key!r}: {reason}); "
+                "pass --allow-unmapped to convert the rest and list them as dropped"
+            )
+        if not allow_nonfinite:  # scanned while the hash runs on the other core
+            bad = scan_nonfinite({f"{m.key}/{role}": t for m in lora.modules.values() for role, t in m.factors.items()})
+            if bad:
+                raise ConversionError(
+                    f"{source}: {len(bad)} factor tensors hold NaN/Inf values; pass --allow-nonfinite to convert anyway"
+                )
+        return _save(lora, output, format=to, variant=variant, rank=rank, force=force, extra_metadata=None, pending=digest)

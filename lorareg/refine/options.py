@@ -1,0 +1,49 @@
+"""The settings of ``--refine distill``, with their defaults (the one place they are set)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ..core.lora import Lora
+from ..registry.families import Family
+
+
+class RefineOptions(BaseModel):
+    """Settings of ``--refine distill``; the ones that do not apply to a model kind are ignored."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    steps: int = 100
+    samples: int = 64
+    lr: Optional[float] = None  # None: the model kind's default (lm.DEFAULT_LR, unet.DEFAULT_LR)
+    seed: int = 0
+    budget_seconds: Optional[float] = None
+    batch: Optional[int] = None  # None: the model kind's default (lm.DEFAULT_BATCH, unet.DEFAULT_BATCH)
+    # language models
+    sample_length: int = 128
+    # diffusion UNets
+    prompts: Optional[list[str]] = None
+    conditions: Optional[Any] = None  # a [P, L, D] tensor of contexts, for UNets without text encoders
+    latent_size: Optional[int] = None
+    sampler_steps: int = 8
+    noisings: int = 4
+    guidance: float = 5.0
+
+
+@dataclass
+class RefineJob:
+    """What a refinement works on, besides the ported LoRA: the source side (teacher) and the target's model."""
+
+    source_lora: Lora
+    source_family: Family
+    target_family: Family
+    source_model: Path
+    target_model: Path
+    device: torch.device
+    progress: bool = True
+    start_method: Optional[str] = None
+    cache_dir: Optional[Path] = None

@@ -1,0 +1,42 @@
+"""Loading the models a refinement (or an evaluation) runs: transformers and diffusers are optional
+dependencies (``lorareg[refine]``), imported inside the loaders for that reason."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from ..core.errors import InputError
+
+PathLike = Union[str, Path]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@contextmanager
+def quiet_progress_bars(library_logging):
+    """Silence a library's own progress bars (transformers' or diffusers' ``utils.logging``) while it loads
+    a model: only lorareg's bars are shown, and --json output stays clean."""
+    bars = library_logging.is_progress_bar_enabled()
+    library_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            library_logging.enable_progress_bar()
+
+
+def load_causal_lm(ref: PathLike, dtype: torch.dtype = torch.float32):
+    """A transformers causal LM from a local folder (config.json + weights), in eval mode."""
+    path = Path(ref)
+    if not (path / "config.json").exists():
+        raise InputError(f"{path}: not a transformers model folder (no config.json)")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    with quiet_progress_bars(hf_logging):
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model.eval()
+    return model
