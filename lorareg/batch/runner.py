@@ -89,7 +89,8 @@ def batch(
     ``manifest``: a JSONL/CSV file, or rows (dicts with `lorareg port`'s option names); or ``from_scan``
     (a `lorareg scan --json` file, only ``families`` if given) with ``defaults`` (e.g. ``to``,
     ``source_model``) for every row. ``ray``/``ray_address`` run the rows on Ray instead of local
-    processes. ``cache_dir`` is the basis cache (on Ray: a path every node sees).
+    processes. ``cache_dir`` is the basis cache (on Ray: a path every node sees). As with any process
+    pool, a script that calls this must guard its top level with ``if __name__ == "__main__":``.
     """
     t_start = time.perf_counter()
     rows = _rows(manifest, from_scan, families, defaults)
