@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,6 +84,7 @@ def cluster(tmp_path_factory):
         mp.undo()
         _stop_group(proc)
         log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
