@@ -6,15 +6,16 @@ import warnings
 # warning would only alarm users of a plain install
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
-from .core.version import __version__  # noqa: E402
-from .core.errors import ConversionError, DetectionError, InputError, LoraregError, RegistryError  # noqa: E402
-from .core.lora import Lora, Module  # noqa: E402
-from .formats.api import Inspection, convert, detect, inspect, load, save  # noqa: E402
-from .hub.client import HubError  # noqa: E402
-from .hub.push import PushResult, push  # noqa: E402
-from .port import Pair, PortOptions, PortReport, PortResult, port  # noqa: E402
-from .port import resolve_pairs as pairs  # noqa: E402
-from .registry import get_registry  # noqa: E402
+from .core.version import __version__
+from .core.errors import ConversionError, DetectionError, InputError, LoraregError, RegistryError
+from .core.lora import Lora, Module
+from .formats.api import Inspection, convert, detect, inspect, load, save
+from .hub.client import HubError
+from .hub.push import PushResult, push
+from .port import Pair, PortOptions, PortReport, PortResult, port
+from .port import resolve_pairs as pairs
+from .registry import get_registry
+from .library import BatchResult, ScanResult, batch, scan
 
 __all__ = [
     "ConversionError",
@@ -40,5 +41,9 @@ __all__ = [
     "PushResult",
     "push",
     "Pair",
+    "batch",
+    "BatchResult",
+    "ScanResult",
+    "scan",
     "save",
 ]
