@@ -189,3 +189,17 @@ def test_lookup_by_sha256_then_by_tensor_hash(civ, tmp_path):
     write(make_lora("sdxl", SDXL_ATTN, seed=3), other, "kohya")
     res = CliRunner().invoke(main, ["lookup", str(other)])
     assert res.exit_code == 0 and "not on Civitai" in res.stdout
+
+
+def test_scan_looks_files_up_on_civitai(civ, tmp_path):
+    from lorareg.library.scan import scan
+
+    lib = tmp_path / "library"
+    lib.mkdir()
+    (lib / "exact.safetensors").write_bytes(civ.data)
+    write(make_lora("sdxl", SDXL_ATTN, seed=3), lib / "other.safetensors", "kohya")
+    rows = {Path(r.path).name: r for r in scan([lib], cache=False, progress=False, workers=1, civitai=True).rows}
+    assert rows["exact.safetensors"].civitai["version_id"] == 11 and rows["exact.safetensors"].civitai["matched_by"] == "sha256"
+    assert rows["exact.safetensors"].civitai["page_url"].endswith("/models/1?modelVersionId=11")
+    assert rows["other.safetensors"].civitai == {}
+    assert all(r.civitai is None for r in scan([lib], cache=False, progress=False, workers=1).rows)  # only when asked

@@ -19,12 +19,14 @@ from typing import Any, Iterable, Optional, Union
 from pydantic import BaseModel, Field
 
 from ..core.errors import DetectionError, InputError, LoraregError
+from ..core.progress import progress_bar
 from ..core.io import PEFT_CONFIG, PEFT_WEIGHTS, PICKLE_MAGIC, ZIP_MAGIC, atomic_write_text
 from ..core.version import __version__
 from ..engine.cache import default_cache_root
 from ..formats.api import Inspection, inspect
 from ..registry import get_registry
 from ..registry.data import data_roots
+from ..sources.civitai_lookup import lookup_hashes
 from ..sources.refs import looks_like_hub_ref
 from .workers import default_workers, process_pool
 
@@ -59,6 +61,8 @@ class ScanRow(BaseModel):
     problems: list[str] = Field(default_factory=list, description="'kind: detail'; kinds: broken, pickle, mixed, "
                                 "undetected, ambiguous, nan, unmapped, embedded-hash")
     error: Optional[str] = Field(None, description="why the file cannot be used (ok is False)")
+    civitai: Optional[dict[str, Any]] = Field(None, description="with civitai=True: the Civitai version this file is "
+                                              "(matched_by sha256 or autov3, version_id, model, page_url), or {} when none")
     seconds: float = 0.0
     cached: bool = False
 
@@ -285,11 +289,13 @@ def scan(
     workers: Optional[int] = None,
     cache: Union[str, Path, None, bool] = True,
     progress: bool = True,
+    civitai: bool = False,
 ) -> ScanResult:
     """Scan files, folders (recursively), list files and Hub refs; one :class:`ScanRow` per LoRA.
 
     ``cache``: True for the default cache file (beside the basis cache), a path, or False/None for none.
     ``workers``: processes (default: the machine's cores); small scans run in this process.
+    ``civitai``: also look each file up on Civitai by its hashes (one request or two per file, never cached).
     """
     t0 = time.perf_counter()
     refs = list_inputs(paths)
@@ -319,6 +325,8 @@ def scan(
         if todo:
             store.save()
     ordered = [rows[i] for i in range(len(refs)) if i in rows]
+    if civitai:
+        _look_up_on_civitai(ordered, progress)
     return ScanResult(rows=ordered, summary=summarize(ordered, time.perf_counter() - t0))
 
 
@@ -373,3 +381,17 @@ def to_csv(rows: list[ScanRow]) -> str:
         w.writerow([json.dumps(d[f], sort_keys=True) if isinstance(d[f], (list, dict)) else ("" if d[f] is None else d[f])
                     for f in CSV_FIELDS])
     return buf.getvalue()
+
+
+def _look_up_on_civitai(rows: list[ScanRow], progress: bool) -> None:
+    """Each readable file's Civitai version, from the driver (the API is the bound, not the CPU)."""
+    todo = [r for r in rows if r.sha256]
+    bar = progress_bar(len(todo), "civitai", progress, unit="file")
+    for row in todo:
+        matched_by, hit = lookup_hashes(row.sha256, row.hashes.get("autov3"))
+        row.civitai = {} if hit is None else {"matched_by": matched_by, "version_id": hit.version_id, "model": hit.model_name,
+                                              "version": hit.version_name, "creator": hit.creator, "page_url": hit.page_url}
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()

@@ -28,11 +28,12 @@ def _counts(d: dict[str, int]) -> str:
 @click.option("--cache", "cache_path", type=click.Path(path_type=Path), help="Fingerprint cache file (default: beside the basis cache).")
 @click.option("--no-cache", is_flag=True, help="Read every file again, and keep no cache.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the JSON/CSV here instead of stdout.")
-def scan_cmd(paths, as_json, as_csv, workers, cache_path, no_cache, output) -> None:
+@click.option("--civitai", is_flag=True, help="Also look each file up on Civitai by SHA-256, then by tensor-data hash (AutoV3).")
+def scan_cmd(paths, as_json, as_csv, workers, cache_path, no_cache, output, civitai) -> None:
     """Inventory LoRA files: folders (recursively), files, list files (.txt) or Hub refs; one row each."""
     if as_json and as_csv:
         raise InputError("--json or --csv, not both")
-    res = scan(paths, workers=workers, cache=False if no_cache else (cache_path or True), progress=True)
+    res = scan(paths, workers=workers, cache=False if no_cache else (cache_path or True), progress=True, civitai=civitai)
     s = res.summary
     if as_json:
         text = json.dumps(res.model_dump(), indent=1) + "\n"
@@ -44,7 +45,8 @@ def scan_cmd(paths, as_json, as_csv, workers, cache_path, no_cache, output) -> N
             if r.ok:
                 ranks = ",".join(sorted(r.ranks, key=int))
                 lines.append(f"{r.path}  {r.format}  {r.family}  {r.adapter_type}  r{ranks}  {r.modules} modules  {(r.sha256 or '')[:10]}"
-                             + (f"  [{'; '.join(r.problems)}]" if r.problems else ""))
+                             + (f"  [{'; '.join(r.problems)}]" if r.problems else "")
+                             + (f"  civitai:{r.civitai['version_id']} {r.civitai['page_url']}" if r.civitai else ""))
             else:
                 lines.append(f"{r.path}  FAILED  {r.error}")
         lines.append(f"{s.files} files: {s.ok} ok, {s.failed} failed, {s.cached} from cache, {s.seconds:.2f} s")
