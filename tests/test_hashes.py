@@ -144,3 +144,22 @@ def test_cli_inspect_flags_a_wrong_embedded_hash(tmp_path):
     doc = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--json"]).output)
     assert doc["hashes"]["autov2"] == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
     assert {c["key"]: c["status"] for c in doc["embedded_hashes"]}["sshs_model_hash"] == "wrong"
+
+
+def test_a_file_is_hashed_once_per_fingerprint(tmp_path, monkeypatch):
+    """A second load of the same file reuses its hashes; a rewritten file (new fingerprint) is hashed again."""
+    from lorareg.core import hash_memory
+
+    monkeypatch.setenv("LORAREG_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = hash_memory.file_hashes
+    monkeypatch.setattr(hash_memory, "file_hashes", lambda header: calls.append(header.path) or real(header))
+    src = tmp_path / "src.safetensors"
+    save_file(_kohya_tensors(*SMALL), src, {"ss_network_dim": "4"})
+    first = lorareg.load(src)
+    second = lorareg.load(src)
+    assert len(calls) == 1 and first.source_hashes == second.source_hashes
+    assert first.source_sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
+    save_file(_kohya_tensors(*SMALL), src, {"ss_network_dim": "4", "ss_comment": "edited"})  # new bytes, new fingerprint
+    third = lorareg.load(src)
+    assert len(calls) == 2 and third.source_sha256 == hashlib.sha256(src.read_bytes()).hexdigest() != first.source_sha256

@@ -12,7 +12,9 @@ from typing import Optional, Union
 from pydantic import BaseModel, Field
 
 from ..core.hashes import EmbeddedHash, FileHashes, check_embedded, file_hashes, own_hash_fields, source_hash_fields, without_inherited_hashes
+from ..core.hash_memory import remembered_file_hashes
 from ..core.version import __version__
+from ..engine.cache import default_cache_root
 from .refactor import ConversionReport, DroppedItem, check_target, plan_for
 from .detect import Detection, detect_tensors
 from ..core.errors import ConversionError, DetectionError, InputError
@@ -118,8 +120,9 @@ def _set_source_hashes(lora: Lora, hashes: FileHashes) -> None:
 
 
 def _hashing_in(pool: ThreadPoolExecutor):
-    """Start the source file's hashes in ``pool`` once its header is known (a future of FileHashes)."""
-    return lambda header: pool.submit(lambda: file_hashes(header)[0])
+    """Start the source file's hashes in ``pool`` once its header is known (a future of FileHashes); a file
+    whose fingerprint the cache remembers is not hashed again."""
+    return lambda header: pool.submit(remembered_file_hashes, header, default_cache_root())
 
 
 def _read_lora(path: Path, format: Optional[str], family: Optional[str], before_assembly=None):
