@@ -18,10 +18,15 @@ import json
 import os
 import re
 import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 import venv
 import zipfile
+from contextlib import contextmanager, nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,12 +44,17 @@ FAMILIES = {"sd15", "sd21", "sdxl", "ssd-1b", "segmind-vega", "hunyuan-video", "
 FORMATS = {"kohya", "diffusers", "diffusers-old", "peft", "ldm", "musubi"}
 LM = "{ex}/lm/lora-v1 --source-model {ex}/lm/v1 --target-model {ex}/lm/v2"
 
-# extra -> (command, text its stdout must hold) run with only that extra installed ({ex}: the installed
-# examples, {out}: an empty folder). One line per command; a new extra is one more entry.
+# extra -> (command, text its output must hold) run in order with only that extra installed ({ex}: the
+# installed examples, {out}: one empty folder for the extra's commands, {ray}: the address of a Ray head that
+# venv started on 127.0.0.1). One line per command; a new extra is one more entry.
 EXTRA_COMMANDS: dict[str, list[tuple[str, str]]] = {
     "refine": [
         (f"port {LM} --method copy -o {{out}}/refined --refine distill --steps 2 --samples 4 --sample-length 16 --batch 2 --device cpu",
          "refined (distill, 2 steps"),
+    ],
+    "ray": [
+        ("scan {ex}/sd15-kohya-example.safetensors --json --no-cache -o {out}/scan.json", "1 files (1 ok, 0 failed)"),
+        ("batch --from-scan {out}/scan.json --to sd15 -o {out}/ported --ray-address {ray}", "1 rows: 1 done, 0 already done, 0 failed (ray"),
     ],
 }
 
@@ -254,9 +264,54 @@ def test_action_script(core):
 def test_extra(extra, installs):
     """``pip install 'lorareg[extra]'`` alone: that extra's commands work."""
     v = installs[extra].result()
-    for i, (command, expect) in enumerate(EXTRA_COMMANDS[extra]):
-        out = v.root / f"out{i}"
-        out.mkdir()
-        res = v.lorareg(command, env=lm_env(v), out=str(out))
-        assert expect in res.stdout, res.stdout[-3000:]
+    out = v.root / "out"
+    out.mkdir()
+    with (ray_head(v) if extra == "ray" else nullcontext(None)) as ray:
+        for command, expect in EXTRA_COMMANDS[extra]:
+            env = {**lm_env(v), **(RAY_ENV if ray else {})}
+            res = v.lorareg(command, env=env, out=str(out), ray=ray or "")
+            assert expect in res.stdout + res.stderr, (res.stdout + res.stderr)[-3000:]
+
+
+#: Ray 2.60 resolves 127.0.0.1 to the machine's network address unless this is set (tests/test_batch_ray.py)
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@contextmanager
+def ray_head(v: Venv):
+    """``127.0.0.1:PORT`` of a one-CPU Ray head started from the venv's own ``ray`` and stopped by its process
+    group (never `ray stop`); skipped, sending nothing, if a node advertises any other address."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    temp = Path("/tmp") / f"lorareg-ci-ray-{os.getpid()}"  # Ray's socket paths must stay short
+    env = {**v.env, **RAY_ENV}
+    head = subprocess.Popen([str(v.py.parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                             "--num-cpus", "1", "--object-store-memory", str(100 * 2**20), "--include-dashboard", "false",
+                             "--temp-dir", str(temp), "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert head.poll() is None, "the Ray head exited at start"
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert time.time() < deadline, "the Ray head did not start in 90 s"
+                time.sleep(0.5)
+        code = (f"import ray; ray.init(address='127.0.0.1:{port}', log_to_driver=False); "
+                "print(sorted({n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']})); ray.shutdown()")
+        seen = subprocess.run([str(v.py), "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout.strip()
+        if seen != "['127.0.0.1']":
+            pytest.skip(f"the Ray node advertises {seen}, not only 127.0.0.1: no work is sent")
+        yield f"127.0.0.1:{port}"
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
 
