@@ -205,6 +205,10 @@ def test_copy_port_default_check_is_streamed(models, llama_lora, tmp_path):
     assert rep.cache["built"] == 0 and not any((tmp_path / "empty-cache").rglob("*.safetensors"))
     assert all(l.similarity is None and l.cosine > 0.999 for l in rep.layers)  # no cached bases: no subspace similarity
     assert "streamed check" in res.summary and "cosine mean" in res.summary
+    from lorareg.hub.card import CardInfo, build_card
+
+    card = build_card(rep.model_dump(), CardInfo(repo_id="me/x", weight_name="p.safetensors", output_format="peft/peft"))
+    assert f"cosine mean {rep.totals.mean_cosine:.4f}" in card  # the card shows what the relatedness verdict used
     # with the bases in the cache (built by a projection port), the copy port's report gets the similarity too
     lorareg.port(llama_lora, method="prolora", **args)
     again = lorareg.port(llama_lora, method="copy", **args).report

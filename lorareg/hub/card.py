@@ -167,6 +167,7 @@ def build_card(report: dict[str, Any], info: CardInfo, registry=None) -> str:
         "min_similarity": _num(totals.get("min_similarity")),
         "energy_kept": _pct(totals.get("energy_kept")),
         "skipped_lines": _skipped_lines(report),
+        "weights_line": _weights_line(totals),
         "trigger_section": _trigger_section(info.instance_prompt),
         "usage": usage(info, tgt_fam) + experts_note(report, tgt_fam, info),
         "command": info.command or reconstruct_command(report, info.weight_name),
@@ -219,6 +220,15 @@ def _model_cell(m: dict[str, Any]) -> str:
     if files:  # a local folder is named by its weights, not by a Hub id it may not be
         out += "; weights " + ", ".join(f"`{name}` sha256 `{digest}`" for name, digest in sorted(files.items()))
     return out
+
+
+def _weights_line(totals: dict[str, Any]) -> str:
+    """The streamed check's comparison of the two base models, when the port ran it (copy ports)."""
+    if totals.get("mean_cosine") is None:
+        return ""
+    return (f"\nBase weights compared layer by layer (streamed check): cosine mean {_num(totals.get('mean_cosine'))}, "
+            f"min {_num(totals.get('min_cosine'))}; relative distance ‖W_t − W_s‖/‖W_s‖ mean "
+            f"{_num(totals.get('mean_relative_distance'))}.\n")
 
 
 def _num(x) -> str:
