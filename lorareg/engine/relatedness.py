@@ -331,6 +331,15 @@ def check_pairs(
         if on_layer is not None:
             on_layer(layer)
 
+    def add(loaded) -> None:
+        """Fold one chunk of a layer into its accumulator; finish the layer at its last chunk."""
+        (i, _, count), s, t = loaded
+        out.max_chunk_elems = max(out.max_chunk_elems, count)
+        accs[i].add(s, t, work)
+        remaining[i] -= 1
+        if remaining[i] == 0:
+            finish(i)
+
     for i, n in enumerate(remaining):
         if n == 0:  # an empty weight: nothing to read
             finish(i)
@@ -342,25 +351,15 @@ def check_pairs(
                 nxt = next(plan, None)
                 pending = pool.submit(load, nxt, slot) if nxt is not None else None
                 while pending is not None:
-                    (i, start, count), s, t = pending.result()
+                    loaded = pending.result()
                     slot ^= 1  # the next read fills the other slot while this one is computed
                     nxt = next(plan, None)
                     pending = pool.submit(load, nxt, slot) if nxt is not None else None
-                    out.max_chunk_elems = max(out.max_chunk_elems, count)
-                    accs[i].add(s, t, work)
-                    del s, t
-                    remaining[i] -= 1
-                    if remaining[i] == 0:
-                        finish(i)
+                    add(loaded)
+                    del loaded
         else:
             for task in plan:
-                (i, start, count), s, t = load(task, 0)
-                out.max_chunk_elems = max(out.max_chunk_elems, count)
-                accs[i].add(s, t, work)
-                del s, t
-                remaining[i] -= 1
-                if remaining[i] == 0:
-                    finish(i)
+                add(load(task, 0))
     finally:
         if own:
             rd.close()
