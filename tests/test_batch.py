@@ -26,16 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def tiny_data():
-    """The test families on the registry path for the module's fixtures (tiny_families is per test)."""
-    from lora_factory import TEST_DATA
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORAREG_DATA_PATH", str(TEST_DATA))
-        yield
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_data):
     return base_models(tmp_path_factory.mktemp("models"))
 

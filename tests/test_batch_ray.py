@@ -102,15 +102,6 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_data():
-    from lora_factory import TEST_DATA
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORAREG_DATA_PATH", str(TEST_DATA))
-        yield
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_data):
     return base_models(tmp_path_factory.mktemp("models"))
 
