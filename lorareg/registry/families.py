@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..core.errors import RegistryError
 from .naming import FusedModule, Scheme, flatten
@@ -65,28 +65,92 @@ class Detection(BaseModel):
 
 
 class NoiseSchedule(BaseModel):
+    """DDPM betas (UNets)."""
+
+    type: Literal["betas"] = "betas"
     num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
 
 
+class FlowSchedule(BaseModel):
+    """A flow-matching schedule (DiTs): sigma(s) = shift s / (1 + (shift - 1) s), timestep = sigma x num_train_timesteps."""
+
+    type: Literal["flow_match"] = "flow_match"
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+
+
 class TextConditioning(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
     component: str
+    class_: Optional[str] = Field(default=None, alias="class")  # when the family lists no such component
     tokenizer: str
     layer: Literal["last", "penultimate"] = "last"
+    hidden_layer: Optional[int] = None  # from the end; overrides layer
     pooled: bool = False
+    hidden: bool = True
+    max_length: Optional[int] = None
+    attention_mask: bool = False
+    zero_padding: bool = False
+
+
+class Guidance(BaseModel):
+    value: float
+    multiplier: float = 1.0
+
+
+class ImageCondition(BaseModel):
+    type: Literal["concat", "token_replace", "sequence"]
+    order: list[Literal["latents", "image", "mask"]] = Field(default_factory=lambda: ["latents", "image", "mask"])
+    mask_channels: int = 1
+    image_frames: Literal["first", "all"] = "first"
+    image_embeds: bool = False
+    required: bool = True
+
+
+DenoiserInput = Literal["latents", "timestep", "text", "text_mask", "pooled", "guidance", "image_ids", "text_ids", "image_embeds"]
+
+
+class DenoiserSpec(BaseModel):
+    """How a transformer denoiser is called: named values lorareg builds, passed to the keywords given here."""
+
+    component: str
+    latent_channels: int
+    latents: Literal["video", "packed_2x2"]
+    temporal_compression: int = 1
+    timestep_scale: float = 1000.0
+    inputs: dict[str, DenoiserInput]
+    guidance: Optional[Guidance] = None
+    classifier_free_guidance: float = 1.0
+    image_condition: Optional[ImageCondition] = None
 
 
 class DiffusionSpec(BaseModel):
     """What a denoiser needs to run as a distillation teacher or student (see family.schema.json)."""
 
     latent_space: str
-    prediction_type: Literal["epsilon", "v_prediction"]
-    noise_schedule: NoiseSchedule
+    prediction_type: Literal["epsilon", "v_prediction", "flow"]
+    noise_schedule: Union[NoiseSchedule, FlowSchedule] = Field(discriminator="type")
     scheduler_path: str = "scheduler"
     vae_scale_factor: int = 8
     conditioning: list[TextConditioning] = Field(default_factory=list)
+    denoiser: Optional[DenoiserSpec] = None
+    notes: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _schedule_type(cls, data):
+        # family files written before flow schedules existed give betas without a type
+        if isinstance(data, dict) and isinstance(data.get("noise_schedule"), dict) and "type" not in data["noise_schedule"]:
+            data = {**data, "noise_schedule": {**data["noise_schedule"], "type": "betas"}}
+        return data
 
 
 class Experts(BaseModel):
