@@ -112,6 +112,13 @@ def run(out: Path, *, tiny: bool = False, work: Path | None = None, threads: int
                         steps, kw = list(refine_steps), {}
                     results["lm"]["distill"][target] = lm.evaluate_distill(work / "lm", b, steps, log, target=target, **kw)
             results["lm"]["wall_s"] = time.perf_counter() - t
+        if "dit" in parts:
+            results["dit"] = run_dit(work / "dit", tiny, refine_steps, reuse, log)
+            results["wall_s"] = time.perf_counter() - t_start
+            results["cpu_s"] = time.process_time() - cpu_start
+            write_dit(results, out)
+            log(f"done in {results['wall_s']:.0f} s -> {out / 'results_dit.json'}, {out / 'RESULTS.md'} (DiT section)")
+            return results
         if "diffusion" in parts and skip_methods and not refine_steps:
             log("diffusion: skipped (--skip-methods without --refine-steps)")
         elif "diffusion" in parts:
@@ -382,13 +389,46 @@ def write_distill(results: dict, out: Path) -> None:
     md.write_text(text)
 
 
+def run_dit(root: Path, tiny: bool, refine_steps: tuple[int, ...], reuse: bool, log) -> dict:
+    """The DiT pairs (dit.py): build (or reuse) the models and LoRAs, then every row."""
+    import dit
+
+    b = dit.TINY if tiny else dit.Budget()
+    t = time.perf_counter()
+    if reuse and (root / "lora-i2v.safetensors").exists() and (root / "unrelated").exists():
+        log(f"dit: reusing the models and LoRAs in {root} (--reuse-work)")
+        build = {"reused": str(root)}
+    else:
+        build = dit.build(root, b, log)
+    steps = list(refine_steps) if refine_steps else ([1] if tiny else [25, 50, 100, 200])
+    res = {"budget": b.__dict__, "build": build, **dit.evaluate(root, b, steps, log)}
+    res["wall_s"] = time.perf_counter() - t
+    return res
+
+
+def write_dit(results: dict, out: Path) -> None:
+    """results_dit.json, and RESULTS.md's DiT section replaced (or appended); the rest kept."""
+    import dit
+
+    keep = ("command", "threads", "environment", "wall_s", "cpu_s", "tiny")
+    data = {**{k: results[k] for k in keep if k in results}, **results["dit"]}
+    try:
+        data["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    (out / "results_dit.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
+    md = out / "RESULTS.md"
+    text = md.read_text() if md.exists() else "# Fidelity benchmark: do ported LoRAs work?\n\n"
+    md.write_text(_replace_section(text, dit.HEADING, "\n".join(dit.markdown(data))))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a few steps of everything: checks the pipeline in < 1 min")
     ap.add_argument("--out", type=Path, default=None, help="where RESULTS.md, results.json and the plots go (default: bench/fidelity; --tiny: a temp folder)")
     ap.add_argument("--work", type=Path, help="keep the trained models and LoRAs here (default: a temp folder, removed)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, 1 with --tiny; use 1 on a busy machine)")
-    ap.add_argument("--only", choices=["lm", "diffusion"], help="run one half")
+    ap.add_argument("--only", choices=["lm", "diffusion", "dit"], help="run one part (dit: the flow-matching DiT pairs, never run by default)")
     ap.add_argument("--refine-steps", default="", help="also evaluate `port --refine distill` on the LM pairs at these step budgets, e.g. 25,50,100")
     ap.add_argument("--refine-targets", default="v2,v4,v3", help=f"the LM targets of the distill rows (default: all; the negative control v3 at {UNRELATED_STEPS} steps, forced)")
     ap.add_argument("--reuse-work", action="store_true", help="reuse models and LoRAs already trained in --work (train only the missing ones)")
