@@ -61,3 +61,27 @@ def test_tiny_fidelity_benchmark(tmp_path):
             assert p["rows"] and all(math.isfinite(r["gain"]) and r["mse_end"] <= r["mse_start"] for r in p["rows"]), name
     text = (out / "RESULTS.md").read_text()
     assert "## Refinement: data-free self-distillation (LM)" in text and "## Gain recovered" in text
+
+
+@pytest.mark.skipif(not RUN.exists(), reason="bench/fidelity is not part of this checkout")
+def test_tiny_dit_pairs(tmp_path):
+    """`run.py --only dit --tiny`: the flow-matching DiT pairs (T2V upgrade, T2V -> I2V, unrelated control) end to end."""
+    pytest.importorskip("sklearn")
+    env = {k: v for k, v in os.environ.items() if k != "LORAREG_DATA_PATH"}
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, str(RUN), "--only", "dit", "--tiny", "--out", str(out), "--work", str(tmp_path / "work")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads((out / "results_dit.json").read_text())
+    assert set(r["pairs"]) == {"v1->v2", "v1->i2v"}
+    for name, p in r["pairs"].items():
+        assert all(math.isfinite(p[k]) for k in ("loss_none", "loss_retrained", "retrain_s")), name
+        assert p["related"] is True and p["copy"]["ported"] > 0 and math.isfinite(p["copy"]["loss"]), name
+        assert math.isfinite(p["ceiling"]["loss"]), name
+        assert all(math.isfinite(row["gain"]) and row["mse_end"] >= 0 for row in p["rows"]), name
+    neg = r["negative"]
+    assert neg["related"] is False and neg["layers_below_0.5"] == neg["layers"] > 0
+    if not r.get("distill_skipped"):
+        assert all(p["rows"] for p in r["pairs"].values())
+        assert neg["refused"] and "unrelated" in neg["refused"].lower()
+    assert "## DiT pairs" in (out / "RESULTS.md").read_text()

@@ -47,9 +47,9 @@ UNRELATED_STEPS = 100
 
 @dataclass
 class Budget:
-    v1_steps: int = 1500
-    v2_steps: int = 400
-    i2v_steps: int = 600
+    v1_steps: int = 1200
+    v2_steps: int = 300
+    i2v_steps: int = 400
     lora_steps: int = 200
     batch: int = 32
     lr: float = 2e-3
@@ -57,7 +57,7 @@ class Budget:
     rank: int = 4
     alpha: float = 4.0
     eval_repeats: int = 4
-    ceiling_steps: int = 800
+    ceiling_steps: int = 400
     refine_samples: int = 64
 
 
