@@ -271,3 +271,18 @@ def test_fuzzed_keys_and_shapes_never_crash(tmp_path):
                 assert_clean_failure(res)
                 assert "unexpected" not in res.stderr, (sd.keys(), [t.shape for t in sd.values()], res.stderr)
         assert sha(p) == before
+
+
+def test_a_safetensors_header_length_that_reads_as_pickle_magic_is_not_refused(tmp_path):
+    """A header of 640 bytes starts the file with 80 02, pickle protocol 2's magic: the file is still safetensors."""
+    import struct
+
+    from lorareg.core.io import is_pickle, read_header
+
+    body = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    header = body + b" " * (640 - len(body) - 1) + b"}"
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", 640) + header + struct.pack("<f", 1.0))
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    assert list(read_header(path).tensors) == ["w"]
+    assert is_pickle(b"\x80\x02" + b"\x00" * 7, 10_000)  # a real pickle: no JSON header after the length

@@ -101,7 +101,7 @@ def test_unrelated_models_are_refused_without_the_flag(llamas, adapter, tmp_path
 
 def test_language_model_to_image_model_is_refused(llamas, adapter, tmp_path):
     # (the source model is read first: it names the LoRA's family when the registry has none for it)
-    with pytest.raises(InputError, match="two language models or two diffusion UNets"):
+    with pytest.raises(InputError, match="two language models, two diffusion UNets or two diffusion transformers"):
         lorareg.port(adapter, to="tiny-sdxl", source_model=str(llamas / "v1"), target_model=str(tmp_path), **FAST)
 
 

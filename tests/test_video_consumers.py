@@ -11,10 +11,6 @@ must equal lorareg's ΔW of the input.
 
 from __future__ import annotations
 
-import copy
-import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,51 +19,17 @@ from safetensors.torch import load_file, save_file
 import lorareg
 from lorareg.port import port
 from peer_files import peer_messages, rel_err
+from tiny_video import DIM, tiny_variant as _variant
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-ROOT = Path(__file__).resolve().parent.parent
 WAN = {"num_attention_heads": 2, "attention_head_dim": 8, "ffn_dim": 32, "num_layers": 2, "text_dim": 24, "freq_dim": 16}
 FLUX = {"num_layers": 2, "num_single_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 24,
         "pooled_projection_dim": 12, "axes_dims_rope": [2, 2, 4], "in_channels": 8}
 CHROMA = {"num_layers": 2, "num_single_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 24,
           "axes_dims_rope": [2, 2, 4], "in_channels": 8, "approximator_num_channels": 8, "approximator_hidden_dim": 32,
           "approximator_layers": 2}
-DIM = 16  # heads x head dim of every tiny transformer
-
-
-def _gen_modules():
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import gen_modules
-    finally:
-        sys.path.pop(0)
-    return gen_modules
-
-
-def _variant(root: Path, fid: str, parent: str, tiny: dict, te: bool = False) -> None:
-    """A tiny variant family of ``parent``: its components with the tiny transformer config (and no text encoders)."""
-    gm = _gen_modules()
-    base = gm.load_family(ROOT / "schemas" / "families" / f"{parent}.json")
-    comps = {c: copy.deepcopy(s) for c, s in base["components"].items() if s["role"] == "transformer"}
-    for spec in comps.values():
-        spec["architecture"]["config"].update(tiny)
-        for scheme in spec.get("schemes", {}).values():
-            for group in scheme.get("fuse", []):  # the final adaLN halves swap at the tiny width
-                for part in group["parts"]:
-                    if part.get("rows"):
-                        part["rows"] = [r * DIM // 3072 for r in part["rows"]]
-    doc = {"schema_version": 1, "id": fid, "variant_of": parent, "name": f"tiny {parent}", "aliases": {"names": [fid]},
-           "hub": {"default_repo": f"tiny/{fid}"}, "components": comps,
-           "layouts": [{"type": "diffusers", "components": {c: {"path": c, "prefix": ""} for c in comps}}],
-           "detection": {"key_modules": [f"{next(iter(comps))}:proj_out"]}}
-    (root / "schemas" / "families" / f"{fid}.json").write_text(json.dumps(doc))
-    full = copy.deepcopy(base)
-    full.update({k: v for k, v in doc.items() if k != "variant_of"})
-    table = gm.compact(gm.generate(full))
-    table["family"] = fid
-    (root / "schemas" / "modules" / f"{fid}.json").write_text(gm.dumps(table))
 
 
 @pytest.fixture(scope="module")

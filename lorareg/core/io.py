@@ -87,8 +87,23 @@ class SafetensorsHeader:
         return hashlib.sha256(memoryview(self.mapping())).hexdigest()
 
 
-def _refuse_non_safetensors(path: Path, head: bytes) -> None:
-    if head[:2] in PICKLE_MAGIC or head.startswith(ZIP_MAGIC):
+def is_pickle(head: bytes, size: int) -> bool:
+    """Whether a file starting with ``head`` (its first 9 bytes or more) is a pickle or a torch.save zip.
+
+    A safetensors file begins with its header's length, and a length such as 640 (bytes 80 02) reads as pickle's
+    magic: such a file is safetensors when that length fits the file and the header starts with ``{``.
+    """
+    if not (head[:2] in PICKLE_MAGIC or head.startswith(ZIP_MAGIC)):
+        return False
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 0 < n <= MAX_HEADER_BYTES and 8 + n <= size and head[8:9] == b"{":
+            return False
+    return True
+
+
+def _refuse_non_safetensors(path: Path, head: bytes, size: int) -> None:
+    if is_pickle(head, size):
         raise InputError(
             f"{path}: this is a pickle/PyTorch checkpoint, not safetensors; lorareg never unpickles "
             "files (convert it to .safetensors with a tool you trust)"
@@ -104,8 +119,10 @@ def read_header(path: Union[str, Path]) -> SafetensorsHeader:
         raise InputError(f"{path}: is a directory, expected a .safetensors file")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        _refuse_non_safetensors(path, head)
+        head = f.read(9)
+        _refuse_non_safetensors(path, head, size)
+        head = head[:8]
+        f.seek(8)
         if len(head) < 8:
             raise InputError(f"{path}: file too short to be safetensors ({size} bytes)")
         (n,) = struct.unpack("<Q", head)

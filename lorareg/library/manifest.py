@@ -46,7 +46,10 @@ class BatchRow(BaseModel):
     latent_size: Optional[int] = None
     sampler_steps: int = 8
     noisings: int = 4
-    guidance: float = 5.0
+    guidance: Optional[float] = None
+    frames: Optional[int] = None
+    prompts_embeds: Optional[str] = None
+    refine_target: Optional[str] = None
     batch: Optional[int] = None
     lr: Optional[float] = None
     seed: int = 0

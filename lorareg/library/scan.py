@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from ..core.errors import DetectionError, InputError, LoraregError
 from ..core.progress import progress_bar
-from ..core.io import PEFT_CONFIG, PEFT_WEIGHTS, PICKLE_MAGIC, ZIP_MAGIC, atomic_write_text
+from ..core.io import PEFT_CONFIG, PEFT_WEIGHTS, atomic_write_text, is_pickle
 from ..core.version import __version__
 from ..engine.cache import default_cache_root
 from ..formats.api import Inspection, inspect
@@ -106,7 +106,7 @@ def _file_sha256(path: Path) -> str:
 def _head(path: Path) -> bytes:
     try:
         with open(path, "rb") as f:
-            return f.read(8)
+            return f.read(9)
     except OSError:
         return b""
 
@@ -120,7 +120,7 @@ def scan_one(ref: str) -> ScanRow:
         if path.is_file():
             row.size = path.stat().st_size
             head = _head(path)
-            if head[:2] in PICKLE_MAGIC or head.startswith(ZIP_MAGIC):
+            if is_pickle(head, row.size):
                 row.sha256 = _file_sha256(path)
                 row.problems.append("pickle: a pickle/PyTorch checkpoint (never unpickled); convert it to .safetensors")
                 row.error = row.problems[-1]

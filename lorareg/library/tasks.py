@@ -41,7 +41,8 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
             refine_sample_length=row["sample_length"], refine_lr=row.get("lr"), refine_seed=row["seed"],
             refine_budget_seconds=row.get("budget_seconds"), refine_batch=row.get("batch"), refine_prompts=prompts,
             refine_latent_size=row.get("latent_size"), refine_sampler_steps=row["sampler_steps"],
-            refine_noisings=row["noisings"], refine_guidance=row["guidance"], force_unrelated=row["force_unrelated"],
+            refine_noisings=row["noisings"], refine_guidance=row.get("guidance"), refine_frames=row.get("frames"),
+            refine_prompts_embeds=row.get("prompts_embeds"), refine_target=row.get("refine_target"), force_unrelated=row["force_unrelated"],
         )
         rep = result.report
         rec["totals"] = rep.totals.model_dump()

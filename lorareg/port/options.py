@@ -103,6 +103,8 @@ class PortOptions(BaseModel):
             defaults = RefineOptions()
             out["refine_options"] = {k: v for k, v in self.refine_options.model_dump(exclude={"conditions"}).items()
                                      if v != getattr(defaults, k)}
+            if self.refine_options.prompts_embeds is not None:  # the file's name, never a local path
+                out["refine_options"]["prompts_embeds"] = Path(self.refine_options.prompts_embeds).name
         return out
 
     def command(self, lora: str, output_name: Optional[str] = None) -> str:
@@ -122,10 +124,12 @@ class PortOptions(BaseModel):
             defaults = RefineOptions()
             for field, flag in _REFINE_FLAGS:
                 value = getattr(self.refine_options, field)
-                if value != getattr(defaults, field) and field != "prompts":
+                if value != getattr(defaults, field):
                     args += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
             if self.refine_options.prompts:
                 args += ["--prompts", "PROMPTS.txt"]
+            if self.refine_options.prompts_embeds is not None:
+                args += ["--prompts-embeds", "EMBEDS.safetensors"]
         if output_name:
             args += ["-o", output_name]
         return shlex.join(args)
@@ -157,6 +161,8 @@ _REFINE_FLAGS = (
     ("sampler_steps", "--sampler-steps"),
     ("noisings", "--noisings"),
     ("guidance", "--guidance"),
+    ("frames", "--frames"),
+    ("target", "--refine-target"),
     ("batch", "--batch"),
     ("lr", "--lr"),
     ("seed", "--seed"),

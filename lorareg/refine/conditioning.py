@@ -18,7 +18,7 @@ import torch
 
 from ..core.errors import InputError
 from ..core.lora import Lora
-from ..registry.families import Family
+from ..registry.families import Family, TextConditioning
 from .hooks import merge, modules_of
 from .runtime import quiet_progress_bars
 
@@ -98,25 +98,40 @@ class TextConditioner:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """{"encoder_hidden_states": [P, L, D], "text_embeds": [P, D'] when an encoder is pooled}, on the CPU."""
-        hidden, pooled = [], None
+        """{"encoder_hidden_states": [P, L, D], "text_embeds": [P, D'] when an encoder is pooled, "attention_mask": [P, L]
+        when the denoiser takes one}, on the CPU."""
+        hidden, pooled, masks = [], None, []
         for cond in self.family.spec.diffusion.conditioning:
             tokenizer = _tokenizer(self.folder / cond.tokenizer)
-            encoder = _text_encoder(self.family, component_folder(self.family, self.folder, cond.component), cond.component, self.dtype)
+            encoder = _text_encoder(self.family, component_folder(self.family, self.folder, cond.component), cond, self.dtype)
             if self.lora is not None:
                 merge(encoder, modules_of(self.lora, cond.component))
             encoder.to(self.device)
-            ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                            return_tensors="pt").input_ids.to(self.device)
-            out = encoder(input_ids=ids, output_hidden_states=True)
-            hidden.append((out.hidden_states[-2] if cond.layer == "penultimate" else out.last_hidden_state).float().cpu())
+            tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=cond.max_length or tokenizer.model_max_length,
+                               return_tensors="pt")
+            ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+            # encoders whose denoiser sees the padding mask run with it; CLIP for UNets never did
+            masked = cond.attention_mask or cond.zero_padding
+            out = encoder(input_ids=ids, attention_mask=mask if masked else None, output_hidden_states=True)
+            if cond.hidden:
+                if cond.hidden_layer is not None:
+                    h = out.hidden_states[cond.hidden_layer]
+                else:
+                    h = out.hidden_states[-2] if cond.layer == "penultimate" else out.last_hidden_state
+                if cond.zero_padding:
+                    h = h * mask[..., None].to(h.dtype)
+                hidden.append(h.float().cpu())
+                if cond.attention_mask:
+                    masks.append(mask.cpu())
             if cond.pooled:
                 p = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
                 pooled = p.float().cpu()
             del encoder
-        out = {"encoder_hidden_states": torch.cat(hidden, dim=-1)}
+        out = {"encoder_hidden_states": torch.cat(hidden, dim=-1)} if hidden else {}
         if pooled is not None:
             out["text_embeds"] = pooled
+        if masks:
+            out["attention_mask"] = torch.cat(masks, dim=-1)
         return out
 
 
@@ -131,13 +146,14 @@ def _tokenizer(path: Path):
         raise InputError(f"{path}: cannot load the tokenizer ({e.__class__.__name__}: {str(e).splitlines()[0][:160]})") from None
 
 
-def _text_encoder(family: Family, path: Path, component: str, dtype: torch.dtype):
+def _text_encoder(family: Family, path: Path, cond: TextConditioning, dtype: torch.dtype):
     import transformers
 
-    arch = family.components[component].spec.architecture
-    cls = getattr(transformers, arch.class_, None)
+    component = family.components.get(cond.component)
+    name = component.spec.architecture.class_ if component is not None else cond.class_
+    cls = getattr(transformers, name or "", None)
     if cls is None:
-        raise InputError(f"{family.id}: text encoder class {arch.class_} is not in this transformers version")
+        raise InputError(f"{family.id}: text encoder class {name} of {cond.component} is not in this transformers version")
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: no config.json; --refine distill needs the model as a diffusers folder with its text encoders")
     from transformers.utils import logging as hf_logging

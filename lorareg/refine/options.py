@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -25,13 +25,21 @@ class RefineOptions(BaseModel):
     batch: Optional[int] = None  # None: the model kind's default (lm.DEFAULT_BATCH, unet.DEFAULT_BATCH)
     # language models
     sample_length: int = 128
-    # diffusion UNets
+    # diffusion UNets and transformers
     prompts: Optional[list[str]] = None
-    conditions: Optional[Any] = None  # a [P, L, D] tensor of contexts, for UNets without text encoders
+    #: instead of prompts: for UNets a [P, L, D] tensor of contexts; for transformers a dict of [P, ...] tensors named as
+    #: the family's denoiser inputs (text, text_mask, pooled, image_embeds), or one [P, L, D] tensor of text states
+    conditions: Optional[Any] = None
+    prompts_embeds: Optional[Path] = None  # transformers: a safetensors file of such tensors (precomputed text embeddings)
     latent_size: Optional[int] = None
     sampler_steps: int = 8
     noisings: int = 4
-    guidance: float = 5.0
+    guidance: Optional[float] = None  # classifier-free guidance; None: 5.0 for UNets, the family's value for transformers
+    # diffusion transformers
+    frames: Optional[int] = None  # latent frames of a video teacher's samples (None: 3)
+    #: what the student's velocity is trained towards: the teacher's velocity, or the sample's own (noise - x0); None: the
+    #: sample's where the student sees a conditioning image the teacher did not (T2V -> I2V), else the teacher's
+    target: Optional[Literal["teacher", "sample"]] = None
 
 
 @dataclass

@@ -39,4 +39,10 @@ def samples_summary(r: dict) -> str:
     if r.get("model") == "diffusion unet":
         return (f"{r['samples']} teacher latents of {r['latent_size']}x{r['latent_size']} ({r['sampler_steps']} DDIM steps), "
                 f"{r['noisings']} noisings each, prompts: {r['prompts_from']}")
+    if r.get("model") == "diffusion transformer":
+        frames = f"{r['frames']} latent frames of " if r.get("frames", 1) > 1 else ""
+        image = f", {r['image_condition']} image conditioning" if r.get("image_condition") else ""
+        return (f"{r['samples']} teacher latents ({frames}{r['latent_size']}x{r['latent_size']}, {r['sampler_steps']} Euler steps, "
+                f"shift {r['shift']:g}), {r['noisings']} noisings each, target: the {r['target']}'s velocity{image}, "
+                f"prompts: {r['prompts_from']}")
     return f"{r['samples']} teacher samples of {r['sample_length']} tokens"

@@ -3,6 +3,7 @@ dependencies (``lorareg[refine]``), imported inside the loaders for that reason.
 
 from __future__ import annotations
 
+import gc
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Union
@@ -40,3 +41,29 @@ def load_causal_lm(ref: PathLike, dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.eval()
     return model
+
+
+def load_diffusers_model(class_name: str, path: Path, dtype: torch.dtype, what: str):
+    """A diffusers model (UNet or transformer) from its component folder (config.json + safetensors), frozen, in eval mode."""
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: no config.json; --refine distill needs the model as a diffusers folder ({what}, text encoders, tokenizers)")
+    import diffusers
+    from diffusers.utils import logging as dlog
+
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise InputError(f"{what} class {class_name} is not in this diffusers version")
+    with quiet_progress_bars(dlog):
+        model = cls.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)  # never a pickle
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def free(model) -> None:
+    """Drop a model's weights now (and the CUDA cache), so the next model loads into the memory it held."""
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -29,7 +29,7 @@ from .conditioning import TextConditioner, component_folder, metadata_prompts
 from .hooks import TrainableLora, merge, modules_of
 from .options import RefineJob, RefineOptions
 from .report import RefineReportBase
-from .runtime import quiet_progress_bars
+from .runtime import load_diffusers_model
 from .noise import Schedule, add_noise, alphas_cumprod, ddim_sample, read_schedule
 from .samples_cache import cached, lora_digest, model_digest, tensor_digest
 from .train import Shuffled, thin, train_factors
@@ -38,6 +38,7 @@ PathLike = Union[str, Path]
 SAMPLES_VERSION = 2
 DEFAULT_LR = 1e-3
 DEFAULT_BATCH = 4
+DEFAULT_GUIDANCE = 5.0
 #: above this many parameters the student recomputes activations in the backward pass (SDXL-sized UNets)
 CHECKPOINT_ABOVE = 300_000_000
 
@@ -59,22 +60,8 @@ class UnetRefineReport(RefineReportBase):
 
 def load_unet(family: Family, folder: Path, dtype: torch.dtype):
     """The family's UNet from a diffusers folder (config.json + safetensors weights), frozen, in eval mode."""
-    path = component_folder(family, folder, "unet")
-    if not (path / "config.json").is_file():
-        raise InputError(f"{path}: no config.json; --refine distill needs the model as a diffusers folder (unet/, text encoders, tokenizers)")
     arch = family.components["unet"].spec.architecture
-    import diffusers
-    from diffusers.utils import logging as dlog
-
-    cls = getattr(diffusers, arch.class_, None)
-    if cls is None:
-        raise InputError(f"{family.id}: UNet class {arch.class_} is not in this diffusers version")
-    with quiet_progress_bars(dlog):
-        model = cls.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)  # never a pickle
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return load_diffusers_model(arch.class_, component_folder(family, folder, "unet"), dtype, f"{family.id} UNet")
 
 
 class _Conditions:
@@ -181,6 +168,7 @@ def refine_unet(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[L
     steps, samples, noisings, latent_size, sampler_steps = o.steps, o.samples, o.noisings, o.latent_size, o.sampler_steps
     guidance, prompts, conditions, lr, seed, budget_seconds = o.guidance, o.prompts, o.conditions, o.lr, o.seed, o.budget_seconds
     batch = DEFAULT_BATCH if o.batch is None else o.batch
+    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
     source_family, target_family, source_lora = job.source_family, job.target_family, job.source_lora
     source_model, target_model = job.source_model, job.target_model
     device, progress, start_method, cache_dir = job.device, job.progress, job.start_method, job.cache_dir

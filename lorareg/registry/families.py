@@ -115,7 +115,7 @@ class ImageCondition(BaseModel):
     required: bool = True
 
 
-DenoiserInput = Literal["latents", "timestep", "text", "text_mask", "pooled", "guidance", "image_ids", "text_ids", "image_embeds"]
+DenoiserInput = Literal["latents", "timestep", "text", "text_mask", "pooled", "guidance", "image_ids", "text_ids", "image_embeds", "joint_mask"]
 
 
 class DenoiserSpec(BaseModel):

@@ -1,0 +1,256 @@
+"""lorareg port --refine distill on flow-matching transformers: HunyuanVideo T2V -> I2V (both conditionings),
+Wan 2.1 -> 2.2 (two experts), FLUX.1 -> Chroma, text encoders run from the family data, refusals.
+
+Tiny configs of the real diffusers classes are registered as variants of the real families (tests/tiny_video.py),
+so the real diffusion data (schedules, call specs, image conditioning, experts) is what runs. The flow schedule is
+checked against diffusers' own FlowMatchEulerDiscreteScheduler.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorareg
+from lorareg.core.errors import InputError
+from lorareg.refine import check_pair
+from lorareg.refine.flow import sampling_sigmas
+from lorareg.registry import get_registry
+from lora_factory import clip_tokenizer_folder, make_lora
+from tiny_video import ROOT, tiny_variant
+
+diffusers = pytest.importorskip("diffusers")
+
+HV = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1, "num_single_layers": 1, "num_refiner_layers": 1,
+      "text_embed_dim": 24, "pooled_projection_dim": 12, "rope_axes_dim": [2, 2, 4], "mlp_ratio": 2.0}
+WAN = {"num_attention_heads": 2, "attention_head_dim": 8, "ffn_dim": 32, "num_layers": 1, "text_dim": 24, "freq_dim": 16}
+FLUX = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 24,
+        "pooled_projection_dim": 12, "axes_dims_rope": [2, 2, 4]}
+CHROMA = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 24,
+          "axes_dims_rope": [2, 2, 4], "approximator_num_channels": 8, "approximator_hidden_dim": 32, "approximator_layers": 2}
+ATTN = r"transformer:.*attn\.to_(q|k|v)$"
+FAST = dict(refine="distill", refine_steps=6, refine_samples=2, refine_noisings=2, refine_sampler_steps=2, refine_batch=2,
+            refine_latent_size=4, refine_frames=2, progress=False, device="cpu", method="copy")
+
+
+def _clip_text_diffusion() -> dict:
+    """HunyuanVideo's diffusion data with its encoders swapped for tiny CLIPs (the Llama + CLIP pair, same options)."""
+    diffusion = copy.deepcopy(json.loads((ROOT / "schemas" / "families" / "hunyuan-video.json").read_text())["diffusion"])
+    diffusion["conditioning"] = [
+        {"component": "text_encoder", "class": "CLIPTextModel", "tokenizer": "tokenizer", "hidden_layer": -2, "max_length": 16,
+         "attention_mask": True},
+        {"component": "text_encoder_2", "class": "CLIPTextModel", "tokenizer": "tokenizer_2", "hidden": False, "pooled": True,
+         "max_length": 16}]
+    return diffusion
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-dit-data")
+    for sub in ("families", "modules", "correspondences"):
+        (root / "schemas" / sub).mkdir(parents=True)
+    tiny_variant(root, "tiny-hv", "hunyuan-video", HV)
+    tiny_variant(root, "tiny-hv-i2v33", "hunyuan-video-i2v-33ch", HV)
+    tiny_variant(root, "tiny-hv-i2v", "hunyuan-video-i2v", HV)
+    tiny_variant(root, "tiny-wan21", "wan2.1-t2v-14b", WAN)
+    tiny_variant(root, "tiny-wan22", "wan2.2-t2v-a14b", WAN)
+    tiny_variant(root, "tiny-wan21-i2v", "wan2.1-i2v-14b", {**WAN, "image_dim": 12, "added_kv_proj_dim": 16})
+    tiny_variant(root, "tiny-flux", "flux.1-dev", FLUX)
+    tiny_variant(root, "tiny-chroma", "chroma", CHROMA)
+    tiny_variant(root, "tiny-hv-te", "hunyuan-video", HV, extra={"diffusion": _clip_text_diffusion()})
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LORAREG_DATA_PATH", str(root))
+    yield root
+    mp.undo()
+
+
+def _config(fid: str, component: str = "transformer") -> dict:
+    return dict(get_registry().family(fid).components[component].spec.architecture.config)
+
+
+def _model(folder, fid, seed, base=None, moved=0.0, shift=None):
+    """A tiny transformer folder (every component of the family); ``base``: start from its weights, moved a little."""
+    fam = get_registry().family(fid)
+    for component in fam.components:
+        cls = getattr(diffusers, fam.components[component].spec.architecture.class_)
+        torch.manual_seed(seed)
+        model = cls.from_config(_config(fid, component))
+        if base is not None:
+            folder_in = base / (component if (base / component).is_dir() else "transformer")
+            own = model.state_dict()
+            theirs = load_file(str(folder_in / "diffusion_pytorch_model.safetensors"))
+            state = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+            model.load_state_dict(state, strict=False)
+        if moved:
+            g = torch.Generator().manual_seed(seed + 100)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(moved * p.std().nan_to_num() * torch.randn(p.shape, generator=g))
+        model.save_pretrained(folder / component)
+    if shift is not None:
+        (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+            {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift}))
+    return folder
+
+
+def _lora(tmp_path, fid, pattern=ATTN, name="style.safetensors", scale=0.3):
+    lora = make_lora(fid, pattern, rank=2, alpha=2.0, dtype=torch.float32, seed=3)
+    for m in lora.modules.values():
+        m.factors["up"] = type(m.factors["up"]).from_torch(m.factors["up"].torch() * scale)
+    path = tmp_path / name
+    lorareg.save(lora, path, format="diffusers")
+    return path
+
+
+def _conditions(text_dim=24, pooled=12, prompts=2, length=5):
+    g = torch.Generator().manual_seed(7)
+    return {"text": torch.randn(prompts, length, text_dim, generator=g), "pooled": torch.randn(prompts, pooled, generator=g),
+            "text_mask": torch.ones(prompts, length, dtype=torch.long)}
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("target_family,conditioning", [("tiny-hv-i2v33", "concat"), ("tiny-hv-i2v", "token_replace")])
+def test_hunyuan_t2v_to_i2v(tiny, tmp_path, target_family, conditioning):
+    src = _model(tmp_path / "t2v", "tiny-hv", seed=0, shift=5.0)
+    tgt = _model(tmp_path / "i2v", target_family, seed=0, base=src, moved=0.05)
+    lora = _lora(tmp_path, "tiny-hv")
+    before = _sha(lora)
+    out = tmp_path / "ported.safetensors"
+    r = lorareg.port(lora, source_model=str(src), target_model=str(tgt), to=target_family, output=out, refine_conditions=_conditions(),
+                     cache_dir=tmp_path / "cache", **FAST)
+    rr = r.report.refine
+    assert rr["model"] == "diffusion transformer" and rr["image_condition"] == conditioning
+    assert rr["target"] == "sample"  # the student sees the image the teacher never did
+    assert rr["shift"] == 5.0 and rr["schedule_from"] == "scheduler config"
+    assert rr["steps"] == 6 and len(rr["experts"]) == 1 and rr["experts"][0]["sigma_range"] == [0.0, 1.0]
+    assert rr["mse_end"] <= rr["mse_start"]
+    assert _sha(lora) == before
+    refined = lorareg.load(out, family=target_family)
+    copied = lorareg.port(lora, source_model=str(src), target_model=str(tgt), to=target_family, progress=False).lora
+    changed = [k for k, m in refined.modules.items()
+               if not torch.allclose(m.delta_weight().float(), copied.modules[k].delta_weight().float(), atol=1e-7)]
+    assert changed or rr["kept_projection"]
+    again = lorareg.port(lora, source_model=str(src), target_model=str(tgt), to=target_family, refine_conditions=_conditions(),
+                         cache_dir=tmp_path / "cache", refine_target="teacher", **FAST)
+    assert again.report.refine["samples_cached"] and again.report.refine["target"] == "teacher"
+
+
+def test_wan21_to_wan22_trains_each_expert_on_its_noise_range(tiny, tmp_path):
+    src = _model(tmp_path / "wan21", "tiny-wan21", seed=1)
+    tgt = _model(tmp_path / "wan22", "tiny-wan22", seed=1, base=src, moved=0.05)
+    lora = _lora(tmp_path, "tiny-wan21", pattern=r"transformer:.*attn1\.to_(q|v)$")
+    cond = {"text": _conditions()["text"]}
+    r = lorareg.port(lora, source_model=str(src), target_model=str(tgt), to="tiny-wan22", refine_conditions=cond, **FAST)
+    rr = r.report.refine
+    assert [e["component"] for e in rr["experts"]] == ["transformer", "transformer_2"]
+    assert rr["experts"][0]["sigma_range"] == [0.875, 1.0] and rr["experts"][1]["sigma_range"] == [0.0, 0.875]
+    assert rr["target"] == "teacher" and rr["guidance"] == 1.0  # given tensors carry no unconditional embedding
+    assert all(e["examples"] == 4 for e in rr["experts"])  # noisings x samples in each expert's range
+    mods = r.lora.modules
+    high = {k.split(":", 1)[1]: m for k, m in mods.items() if m.component == "transformer"}
+    low = {k.split(":", 1)[1]: m for k, m in mods.items() if m.component == "transformer_2"}
+    assert high.keys() == low.keys()
+    trained = [e for e in rr["experts"] if not e["kept_projection"]]
+    if len(trained) == 2:  # the experts were trained apart, on different data: their factors differ
+        assert any(not torch.equal(high[n].delta_weight(), low[n].delta_weight()) for n in high)
+
+
+def test_flux_to_chroma_student_reads_fewer_encoders(tiny, tmp_path):
+    src = _model(tmp_path / "flux", "tiny-flux", seed=2)
+    tgt = _model(tmp_path / "chroma", "tiny-chroma", seed=2, base=src, moved=0.05)
+    lora = _lora(tmp_path, "tiny-flux", pattern=r"transformer:transformer_blocks.*attn\.to_(q|k)$")
+    r = lorareg.port(lora, source_model=str(src), target_model=str(tgt), to="tiny-chroma", refine_conditions=_conditions(),
+                     **{**FAST, "refine_frames": None, "refine_latent_size": 8})
+    rr = r.report.refine
+    assert rr["frames"] == 1 and rr["latent_size"] == 8 and rr["image_condition"] is None
+    assert rr["mse_end"] <= rr["mse_start"]
+
+
+def test_text_encoders_from_the_family_data(tiny, tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folders = []
+    for name, seed, moved in (("v1", 4, 0.0), ("v2", 4, 0.05)):
+        folder = _model(tmp_path / name, "tiny-hv-te", seed=seed, base=folders[0] if folders else None, moved=moved)
+        for te, dim in (("text_encoder", 24), ("text_encoder_2", 12)):
+            torch.manual_seed(5)
+            CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=dim, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=16)).save_pretrained(folder / te)
+        clip_tokenizer_folder(folder / "tokenizer")
+        clip_tokenizer_folder(folder / "tokenizer_2")
+        folders.append(folder)
+    lora = _lora(tmp_path, "tiny-hv-te")
+    r = lorareg.port(lora, source_model=str(folders[0]), target_model=str(folders[1]), to="tiny-hv-te", family="tiny-hv-te",
+                     refine_prompts=["a red fox", "a city at night"], refine_guidance=2.0, **FAST)
+    rr = r.report.refine
+    assert rr["prompts"] == 2 and rr["prompts_from"] == "--prompts" and rr["guidance"] == 2.0
+    assert rr["mse_end"] <= rr["mse_start"]
+
+
+def test_refusals(tiny, tmp_path):
+    reg = get_registry()
+    fam = reg.family
+    assert check_pair("distill", fam("flux.1-dev"), fam("chroma")) == "dit"
+    assert check_pair("distill", fam("wan2.1-t2v-14b"), fam("wan2.2-t2v-a14b")) == "dit"
+    assert check_pair("distill", fam("hunyuan-video"), fam("hunyuan-video-i2v-33ch")) == "dit"
+    with pytest.raises(InputError, match="latent spaces differ"):
+        check_pair("distill", fam("wan2.1-t2v-14b"), fam("wan2.2-ti2v-5b"))
+    with pytest.raises(InputError, match="latent spaces differ"):
+        check_pair("distill", fam("hunyuan-video"), fam("flux.1-dev"))
+    with pytest.raises(InputError, match="image-conditioned model"):
+        check_pair("distill", fam("hunyuan-video-i2v-33ch"), fam("hunyuan-video-i2v"))
+    with pytest.raises(InputError, match="neither|none of these"):
+        check_pair("distill", fam("sdxl"), fam("flux.1-dev"))
+    # Wan 2.1 I2V also takes CLIP image tokens of the conditioning frame: only --prompts-embeds can give them
+    src = _model(tmp_path / "wan21", "tiny-wan21", seed=1)
+    tgt = _model(tmp_path / "wan21i2v", "tiny-wan21-i2v", seed=1, base=src)
+    lora = _lora(tmp_path, "tiny-wan21", pattern=r"transformer:.*attn1\.to_q$")
+    with pytest.raises(InputError, match="image_embeds"):
+        lorareg.port(lora, source_model=str(src), target_model=str(tgt), to="tiny-wan21-i2v", refine_conditions=_conditions(), **FAST)
+
+
+def test_prompts_embeds_file(tiny, tmp_path):
+    src = _model(tmp_path / "wan21", "tiny-wan21", seed=1)
+    tgt = _model(tmp_path / "wan21i2v", "tiny-wan21-i2v", seed=1, base=src, moved=0.05)
+    lora = _lora(tmp_path, "tiny-wan21", pattern=r"transformer:.*attn1\.to_q$")
+    embeds = tmp_path / "embeds.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file({"text": torch.randn(2, 5, 24, generator=g), "image_embeds": torch.randn(2, 3, 12, generator=g)}, str(embeds))
+    r = lorareg.port(lora, source_model=str(src), target_model=str(tgt), to="tiny-wan21-i2v", refine_prompts_embeds=embeds, **FAST)
+    rr = r.report.refine
+    assert rr["image_condition"] == "concat" and rr["prompts_from"] == "2 given embeddings"
+    assert r.report.options["refine_options"]["prompts_embeds"] == "embeds.safetensors"  # a name, never a local path
+    bad = tmp_path / "bad.safetensors"
+    save_file({"hidden": torch.zeros(2, 5, 24)}, str(bad))
+    with pytest.raises(InputError, match="must be named"):
+        lorareg.port(lora, source_model=str(src), target_model=str(tgt), to="tiny-wan21-i2v", refine_prompts_embeds=bad, **FAST)
+
+
+@pytest.mark.parametrize("shift,dynamic", [(7.0, False), (1.0, True)])
+def test_flow_sigmas_match_diffusers_scheduler(shift, dynamic):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from lorareg.refine.flow import Flow
+    from lorareg.registry.families import FlowSchedule
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=dynamic)
+    flow = Flow(schedule=FlowSchedule(shift=shift, use_dynamic_shifting=dynamic), source="family")
+    tokens = 1024
+    steps = 8
+    s = torch.linspace(1.0, 1.0 / steps, steps).tolist()
+    if dynamic:
+        mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (tokens - 256)
+        sched.set_timesteps(sigmas=s, mu=mu)
+    else:
+        sched.set_timesteps(sigmas=s)
+    ours = sampling_sigmas(steps, flow.shift_for(tokens)).float()
+    assert torch.allclose(ours, sched.sigmas.float(), atol=1e-5)

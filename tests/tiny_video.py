@@ -1,0 +1,49 @@
+"""Tiny variants of the real video/Flux families, registered at test time (``variant_of`` + ``config_overrides``).
+
+The real naming schemes, correspondences, expert layouts and diffusion data are what tests exercise; only the
+transformer configs shrink, and the module tables come from tools/gen_modules.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DIM = 16  # heads x head dim of every tiny transformer
+
+
+def _gen_modules():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import gen_modules
+    finally:
+        sys.path.pop(0)
+    return gen_modules
+
+
+def tiny_variant(root: Path, fid: str, parent: str, tiny: dict, extra: dict | None = None) -> None:
+    """A tiny variant family of ``parent``: its components with the tiny transformer config (and no text encoders);
+    ``extra`` replaces top-level fields of the family file (e.g. its diffusion data)."""
+    gm = _gen_modules()
+    base = gm.load_family(ROOT / "schemas" / "families" / f"{parent}.json")
+    comps = {c: copy.deepcopy(s) for c, s in base["components"].items() if s["role"] == "transformer"}
+    for spec in comps.values():
+        spec["architecture"]["config"].update(tiny)
+        for scheme in spec.get("schemes", {}).values():
+            for group in scheme.get("fuse", []):  # the final adaLN halves swap at the tiny width
+                for part in group["parts"]:
+                    if part.get("rows"):
+                        part["rows"] = [r * DIM // 3072 for r in part["rows"]]
+    doc = {"schema_version": 1, "id": fid, "variant_of": parent, "name": f"tiny {parent}", "aliases": {"names": [fid]},
+           "hub": {"default_repo": f"tiny/{fid}"}, "components": comps,
+           "layouts": [{"type": "diffusers", "components": {c: {"path": c, "prefix": ""} for c in comps}}],
+           "detection": {"key_modules": [f"{next(iter(comps))}:proj_out"]}, **(extra or {})}
+    (root / "schemas" / "families" / f"{fid}.json").write_text(json.dumps(doc))
+    full = copy.deepcopy(base)
+    full.update({k: v for k, v in doc.items() if k != "variant_of"})
+    table = gm.compact(gm.generate(full))
+    table["family"] = fid
+    (root / "schemas" / "modules" / f"{fid}.json").write_text(gm.dumps(table))
