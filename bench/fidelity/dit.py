@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,6 +346,8 @@ def evaluate(root: Path, b: Budget, steps_list: list[int], log, lrs: tuple[float
     # v1 + LoRA on frames 1.. alone (the part the I2V loss scores), for reference
     out["source"]["loss_lora_frames_1"] = _frames_loss(ev, v1, teacher_deltas)
     skip = distill_available()
+    sampling = {"s": None}  # the teacher's sampling time: measured by the first distill row, charged to every row (cached after it)
+    shutil.rmtree(root / "distill-cache", ignore_errors=True)
     if skip and steps_list:
         log(f"dit: {skip}")
         out["distill_skipped"] = skip
@@ -377,7 +380,7 @@ def evaluate(root: Path, b: Budget, steps_list: list[int], log, lrs: tuple[float
         ceiling = ev(model, deltas_of(hooks.to_lora(fam, "transformer")), i2v=is_i2v)
         pair["ceiling"] = {"loss": ceiling, "gain": gain(none, ceiling, ref), "steps": b.ceiling_steps, "train_s": time.perf_counter() - t}
         pair["rows"] = [] if skip else _distill_rows(root, b, target, fam, is_i2v, src_lora, model, ev, ev_base, none, ref, retrain_s,
-                                                    steps_list, lrs, log)
+                                                    steps_list, lrs, sampling, log)
         out["pairs"][f"v1->{target}"] = pair
         log(f"dit: v1->{target}: none {none:.4f}, retrained {ref:.4f} ({retrain_s:.1f} s), copy {100 * pair['copy']['gain']:.1f}%, "
             f"ceiling {100 * pair['ceiling']['gain']:.1f}%" + "".join(f", {r['steps']} steps {100 * r['gain']:.1f}% ({r['time_ratio']:.2f}x)"
@@ -393,10 +396,9 @@ def _frames_loss(ev: FlowEval, model, deltas) -> float:
     return float(err[:, :, 1:].pow(2).mean())
 
 
-def _distill_rows(root, b, target, fam, is_i2v, src_lora, model, ev, ev_base, none, ref, retrain_s, steps_list, lrs, log) -> list[dict]:
+def _distill_rows(root, b, target, fam, is_i2v, src_lora, model, ev, ev_base, none, ref, retrain_s, steps_list, lrs, sampling, log) -> list[dict]:
     rows = []
     cache = root / "distill-cache"
-    sample_s = 0.0  # the teacher's samples are made once per target and cached; every row is charged for them
     lr_steps = 100 if 100 in steps_list else (steps_list[-1] if steps_list else 0)
     for steps, lr in [(s, None) for s in steps_list] + [(lr_steps, lr) for lr in lrs]:
         dest = root / "ported" / f"{target}-distill-{steps}-{lr or 'default'}.safetensors"
@@ -409,8 +411,8 @@ def _distill_rows(root, b, target, fam, is_i2v, src_lora, model, ev, ev_base, no
         r = res.report.refine
         cached = bool(r.get("samples_cached"))
         if not cached:
-            sample_s = r.get("sample_s", 0.0)
-        total_s = r["wall_s"] + (sample_s if cached else 0.0)
+            sampling["s"] = r["sample_s"]
+        total_s = r["wall_s"] + (sampling["s"] if cached else 0.0)
         g = gain(none, loss, ref)
         rows.append({"steps": steps, "lr": r.get("lr"), "loss": loss, "gain": g, "base_motion_loss": ev_base(model, deltas_of(refined), i2v=is_i2v),
                      "mse_start": r["mse_start"], "mse_end": r["mse_end"], "target": r.get("target"), "refine_s": r["wall_s"],
