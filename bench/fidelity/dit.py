@@ -280,6 +280,7 @@ def build(root: Path, b: Budget, log) -> dict:
     info["weight_change_v1_unrelated"] = weight_change(sd1, un.state_dict())
     info["timings"] = timings
     info["build_s"] = time.perf_counter() - t0
+    (root / "build.json").write_text(json.dumps(info, indent=1) + "\n")  # --reuse-work reports it again
     log(f"dit: LoRAs trained ({timings['train_loras_s']:.0f} s); ‖W−W1‖/‖W1‖: v2 {info['weight_change_v1_v2']:.3f}, "
         f"i2v {info['weight_change_v1_i2v']:.3f}, unrelated {info['weight_change_v1_unrelated']:.3f}")
     return info
@@ -332,7 +333,13 @@ def _refine_kw(b: Budget, steps: int, cache: Path) -> dict:
             "refine_frames": FRAMES, "refine_latent_size": SIZE, "cache_dir": cache}
 
 
-def evaluate(root: Path, b: Budget, steps_list: list[int], log, lrs: tuple[float, ...] = ()) -> dict:
+#: extra distill rows at 100 steps (label, port keywords): another learning rate on both targets, and for the I2V target the
+#: teacher's velocity as the target instead of the refiner's default there (the sample's own velocity)
+EXTRAS = {"v2": [("lr 3e-3", {"refine_lr": 3e-3})],
+          "i2v": [("lr 3e-3", {"refine_lr": 3e-3}), ("target teacher", {"refine_target": "teacher"})]}
+
+
+def evaluate(root: Path, b: Budget, steps_list: list[int], log) -> dict:
     """Per target: no adapter, copy, distill at each budget, retrained (timed), the teacher ceiling; then the negative control."""
     ev = FlowEval(b.eval_repeats)
     ev_base = FlowEval(b.eval_repeats, motion=BASE_MOTION, seed=8)
@@ -362,7 +369,7 @@ def evaluate(root: Path, b: Budget, steps_list: list[int], log, lrs: tuple[float
         copy, report, copy_s = port(src_lora, root / "v1", root / target, "copy", root / "ported" / f"{target}-copy.safetensors", to=fam)
         copy_loss = ev(model, deltas_of(copy), i2v=is_i2v)
         pair = {"kind": kind, "family": fam, "loss_none": none, "loss_retrained": ref, "retrain_s": retrain_s,
-                "base_motion_loss_none": ev_base(model, i2v=is_i2v),
+                "base_motion_loss_none": ev_base(model, i2v=is_i2v), "base_motion_loss_retrained": ev_base(model, deltas_of(retrained), i2v=is_i2v),
                 "copy": {"loss": copy_loss, "gain": gain(none, copy_loss, ref), "port_s": copy_s, "ported": report.totals.ported,
                          "skipped": report.totals.skipped, "mean_similarity": report.totals.mean_similarity,
                          "base_motion_loss": ev_base(model, deltas_of(copy), i2v=is_i2v)},
@@ -380,7 +387,7 @@ def evaluate(root: Path, b: Budget, steps_list: list[int], log, lrs: tuple[float
         ceiling = ev(model, deltas_of(hooks.to_lora(fam, "transformer")), i2v=is_i2v)
         pair["ceiling"] = {"loss": ceiling, "gain": gain(none, ceiling, ref), "steps": b.ceiling_steps, "train_s": time.perf_counter() - t}
         pair["rows"] = [] if skip else _distill_rows(root, b, target, fam, is_i2v, src_lora, model, ev, ev_base, none, ref, retrain_s,
-                                                    steps_list, lrs, sampling, log)
+                                                    steps_list, EXTRAS.get(target, []) if 100 in steps_list else [], sampling, log)
         out["pairs"][f"v1->{target}"] = pair
         log(f"dit: v1->{target}: none {none:.4f}, retrained {ref:.4f} ({retrain_s:.1f} s), copy {100 * pair['copy']['gain']:.1f}%, "
             f"ceiling {100 * pair['ceiling']['gain']:.1f}%" + "".join(f", {r['steps']} steps {100 * r['gain']:.1f}% ({r['time_ratio']:.2f}x)"
@@ -396,15 +403,14 @@ def _frames_loss(ev: FlowEval, model, deltas) -> float:
     return float(err[:, :, 1:].pow(2).mean())
 
 
-def _distill_rows(root, b, target, fam, is_i2v, src_lora, model, ev, ev_base, none, ref, retrain_s, steps_list, lrs, sampling, log) -> list[dict]:
+def _distill_rows(root, b, target, fam, is_i2v, src_lora, model, ev, ev_base, none, ref, retrain_s, steps_list, extras, sampling, log) -> list[dict]:
     rows = []
     cache = root / "distill-cache"
-    lr_steps = 100 if 100 in steps_list else (steps_list[-1] if steps_list else 0)
-    for steps, lr in [(s, None) for s in steps_list] + [(lr_steps, lr) for lr in lrs]:
-        dest = root / "ported" / f"{target}-distill-{steps}-{lr or 'default'}.safetensors"
+    for steps, label, kw in [(s, "default", {}) for s in steps_list] + [(100, label, kw) for label, kw in extras]:
+        dest = root / "ported" / f"{target}-distill-{steps}-{label.replace(' ', '-')}.safetensors"
         t = time.perf_counter()
         res = lorareg.port(src_lora, source_model=str(root / "v1"), target_model=str(root / target), to=fam, method="copy", output=dest,
-                           force=True, progress=False, device="cpu", refine_lr=lr, **_refine_kw(b, steps, cache))
+                           force=True, progress=False, device="cpu", **_refine_kw(b, steps, cache), **kw)
         wall = time.perf_counter() - t
         refined = lorareg.load(dest, family=fam)
         loss = ev(model, deltas_of(refined), i2v=is_i2v)
@@ -414,12 +420,12 @@ def _distill_rows(root, b, target, fam, is_i2v, src_lora, model, ev, ev_base, no
             sampling["s"] = r["sample_s"]
         total_s = r["wall_s"] + (sampling["s"] if cached else 0.0)
         g = gain(none, loss, ref)
-        rows.append({"steps": steps, "lr": r.get("lr"), "loss": loss, "gain": g, "base_motion_loss": ev_base(model, deltas_of(refined), i2v=is_i2v),
+        rows.append({"steps": steps, "variant": label, "lr": r.get("lr"), "loss": loss, "gain": g, "base_motion_loss": ev_base(model, deltas_of(refined), i2v=is_i2v),
                      "mse_start": r["mse_start"], "mse_end": r["mse_end"], "target": r.get("target"), "refine_s": r["wall_s"],
                      "sample_s": r.get("sample_s"), "samples_cached": cached, "port_s": wall, "refine_with_sampling_s": total_s,
                      "time_ratio": total_s / retrain_s,
                      "settings": {k: r[k] for k in ("samples", "noisings", "sampler_steps", "latent_size", "frames", "batch") if k in r}})
-        log(f"dit: distill v1->{target} {steps} steps lr {r.get('lr')}: gain {100 * g:.1f}%, MSE {r['mse_start']:.4f} -> {r['mse_end']:.4f}, "
+        log(f"dit: distill v1->{target} {steps} steps ({label}, lr {r.get('lr')}, target {r.get('target')}): gain {100 * g:.1f}%, MSE {r['mse_start']:.4f} -> {r['mse_end']:.4f}, "
             f"{total_s:.1f} s = {total_s / retrain_s:.2f}x retraining")
     return rows
 
@@ -465,6 +471,23 @@ def _pct(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
+#: the issue's goals: (target, gain recovered at least, time ratio at most)
+GOALS = {"v1->v2": (0.90, 0.5), "v1->i2v": (0.80, 0.5)}
+
+
+def goal_check(name: str, p: dict) -> str:
+    want, ratio = GOALS[name]
+    rows = [row for row in p["rows"] if row.get("variant", "default") == "default"]
+    ok = [row for row in rows if row["gain"] >= want and row["time_ratio"] <= ratio]
+    if ok:
+        row = min(ok, key=lambda row: row["steps"])
+        return f"**met** at {row['steps']} steps ({_pct(row['gain'])} at {row['time_ratio']:.2f}× retraining)"
+    if not rows:
+        return "not measured"
+    best = max(rows, key=lambda row: row["gain"])
+    return f"**not met** (best {_pct(best['gain'])} at {best['steps']} steps, {best['time_ratio']:.2f}× retraining)"
+
+
 def markdown(r: dict) -> list[str]:
     """RESULTS.md's DiT section from results_dit.json's content."""
     b = r["budget"]
@@ -479,39 +502,52 @@ def markdown(r: dict) -> list[str]:
           f"+ {b['i2v_steps']} steps with the first frame given, unrelated = v1's recipe from another seed. Task LoRA: the digit moves down "
           f"instead of right (rank {b['rank']}, {b['lora_steps']} steps). Loss: held-out velocity MSE at fixed σ and noise (I2V: first frame "
           "given, frames 1.. scored). Gain recovered = (loss none − loss) / (loss none − loss retrained); time ratio = "
-          "refinement wall time including the teacher's sampling / retraining the LoRA on the target (same run, same threads).", ""]
+          "refinement wall time including the teacher's sampling / retraining the LoRA on the target (same run, same threads; single "
+          "timings on a shared machine, so ratios move by ±0.1 between rows).", ""]
+    build = r.get("build", {})
+    if "weight_change_v1_v2" in build:
+        L += [f"‖W−W₁‖/‖W₁‖: v2 {build['weight_change_v1_v2']:.3f}, i2v {build['weight_change_v1_i2v']:.3f}, unrelated "
+              f"{build['weight_change_v1_unrelated']:.3f}; training {build['build_s']:.0f} s "
+              f"({', '.join(f'{k} {v:.0f} s' for k, v in build['timings'].items())}).", ""]
     if r.get("distill_skipped"):
         L += [f"Distill rows: **not run** ({r['distill_skipped']}).", ""]
-    budgets = sorted({row["steps"] for p in r["pairs"].values() for row in p["rows"] if row["lr"] == (p["rows"][0]["lr"] if p["rows"] else None)})
+    budgets = sorted({row["steps"] for p in r["pairs"].values() for row in p["rows"] if row.get("variant", "default") == "default"})
     L += ["| pair | kind | loss none | loss retrained | copy | " + "".join(f"distill {s} | " for s in budgets)
-          + "ceiling | teacher on v1 | retrain time | × retraining (distill 100) |",
-          "|---|---|---|---|---|" + "---|" * len(budgets) + "---|---|---|---|"]
+          + "ceiling | teacher on v1 | retrain time | × retraining (distill 100) | goal |",
+          "|---|---|---|---|---|" + "---|" * len(budgets) + "---|---|---|---|---|"]
     for name, p in r["pairs"].items():
-        default = {row["steps"]: row for row in p["rows"] if row["lr"] == p["rows"][0]["lr"]} if p["rows"] else {}
+        default = {row["steps"]: row for row in p["rows"] if row.get("variant", "default") == "default"}
+        want = GOALS.get(name)
         L.append(f"| DiT {name} | {p['kind']} | {p['loss_none']:.4f} | {p['loss_retrained']:.4f} | {_pct(p['copy']['gain'])} | "
                  + "".join(f"{_pct(default[s]['gain']) if s in default else ''} | " for s in budgets)
                  + f"{_pct(p['ceiling']['gain'])} | {_pct(p.get('teacher_gain'))} | {p['retrain_s']:.1f} s | "
-                 + (f"{default[100]['time_ratio']:.2f}" if 100 in default else "–") + " |")
+                 + (f"{default[100]['time_ratio']:.2f}" if 100 in default else "–")
+                 + (f" | ≥ {100 * want[0]:.0f}% at ≤ {want[1]}×: {goal_check(name, p)} |" if want else " | |"))
     L.append("")
     L += [f"Ceiling: the copied LoRA trained for {b['ceiling_steps']} steps on the teacher's (v1 + LoRA) velocity at real task clips "
-          "(the best the teacher's targets can teach the target); teacher on v1: v1 + LoRA scored with the target's formula (defined only for the "
-          "same-input upgrade). Source: v1 {:.4f} → v1 + LoRA {:.4f} (all frames), {:.4f} on frames 1...".format(
-              r["source"]["loss_none"], r["source"]["loss_lora"], r["source"]["loss_lora_frames_1"]), ""]
+          "(what the teacher's targets can teach the target at best, with real data instead of the teacher's samples); teacher on v1: "
+          "v1 + LoRA scored with the target's formula (defined only for the upgrade, whose inputs are v1's). Source: v1 {:.4f} → "
+          "v1 + LoRA {:.4f} (all frames), {:.4f} on frames 1...".format(r["source"]["loss_none"], r["source"]["loss_lora"],
+                                                                        r["source"]["loss_lora_frames_1"]), ""]
     for name, p in r["pairs"].items():
         if not p["rows"]:
             continue
-        L += [f"### DiT {name}", "", "| steps | lr | gain recovered | task loss | base-motion loss | MSE start → end | target | wall time | × retraining |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        L += [f"### DiT {name}", "", "| steps | variant | lr | target | gain recovered | task loss | base-motion loss | MSE start → end | wall time | × retraining |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for row in p["rows"]:
-            L.append(f"| {row['steps']} | {row['lr']} | {_pct(row['gain'])} | {row['loss']:.4f} | {row['base_motion_loss']:.4f} | "
-                     f"{row['mse_start']:.4f} → {row['mse_end']:.4f} | {row.get('target')} | {row['refine_with_sampling_s']:.1f} s | {row['time_ratio']:.2f} |")
-        L += ["", f"Base-motion loss (what the LoRA should leave alone; clips moving right): no LoRA {p['base_motion_loss_none']:.4f}, "
-              f"copy {p['copy']['base_motion_loss']:.4f}. Settings: {p['rows'][0]['settings']}.", ""]
+            L.append(f"| {row['steps']} | {row.get('variant', 'default')} | {row['lr']:g} | {row.get('target')} | {_pct(row['gain'])} | {row['loss']:.4f} | "
+                     f"{row['base_motion_loss']:.4f} | {row['mse_start']:.4f} → {row['mse_end']:.4f} | {row['refine_with_sampling_s']:.1f} s | "
+                     f"{row['time_ratio']:.2f} |")
+        L += ["", f"Base-motion loss (clips moving right, the base models' motion; the task LoRA moves every class down, so it rises "
+              f"with any LoRA: compare with the retrained one): no LoRA {p['base_motion_loss_none']:.4f}, retrained "
+              f"{p.get('base_motion_loss_retrained', float('nan')):.4f}, copy {p['copy']['base_motion_loss']:.4f}. "
+              f"Settings (lorareg's defaults but samples, frames, latent size): {p['rows'][0]['settings']}.", ""]
     n = r["negative"]
     L += [f"Negative control (v1's LoRA onto the unrelated DiT, copy with the bases check): `totals.related` = {n['related']}, "
           f"related similarity {n['related_similarity']}, {n['layers_below_0.5']} of {n['layers']} layers below 0.5; loss none "
           f"{n['loss_none']:.4f}, copied LoRA {n['copy_loss']:.4f}. `--refine distill`: "
           + ("not run (no DiT refiner)." if r.get("distill_skipped") else (f"refused (`{n['refused']}`)" if n["refused"] else "**not refused**")
-             + "".join(f"; forced with force_unrelated, {row['steps']} steps: loss {row['loss']:.4f}, MSE {row['mse_start']:.4f} → {row['mse_end']:.4f}"
+             + "".join(f"; forced with force_unrelated, {row['steps']} steps: loss {row['loss']:.4f}, MSE {row['mse_start']:.4f} → {row['mse_end']:.4f} "
+                       "(it then retrains the LoRA on v1's samples; no retrained reference exists for this pair)"
                        for row in n["rows"]) + "."), ""]
     return L

@@ -397,7 +397,7 @@ def run_dit(root: Path, tiny: bool, refine_steps: tuple[int, ...], reuse: bool, 
     t = time.perf_counter()
     if reuse and (root / "lora-i2v.safetensors").exists() and (root / "unrelated").exists():
         log(f"dit: reusing the models and LoRAs in {root} (--reuse-work)")
-        build = {"reused": str(root)}
+        build = {**json.loads((root / "build.json").read_text()), "reused": str(root)} if (root / "build.json").exists() else {"reused": str(root)}
     else:
         build = dit.build(root, b, log)
     steps = list(refine_steps) if refine_steps else ([1] if tiny else [25, 50, 100, 200])
