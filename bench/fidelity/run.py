@@ -5,6 +5,9 @@
     python bench/fidelity/run.py --tiny     # a few steps of everything (< 1 min): the pipeline, not the numbers
     python bench/fidelity/run.py --only lm --work W --reuse-work --skip-methods --refine-steps 25,50,100,200
                                             # only the `--refine distill` rows: results_distill.json + RESULTS.md's LM distill section
+    python bench/fidelity/run.py --only dit --threads 1
+                                            # the flow-matching DiT pairs (dit.py), never part of the default run: results_dit.json
+                                            # + RESULTS.md's DiT section
 
 Trains small models on real data that ships offline (the Python standard library's sources and its
 language reference; scikit-learn's digits), a task LoRA on each v1, ports it with every lorareg
@@ -391,6 +394,11 @@ def write_distill(results: dict, out: Path) -> None:
 
 def run_dit(root: Path, tiny: bool, refine_steps: tuple[int, ...], reuse: bool, log) -> dict:
     """The DiT pairs (dit.py): build (or reuse) the models and LoRAs, then every row."""
+    try:
+        import sklearn  # noqa: F401  (the digits)
+    except ImportError:
+        log("dit: skipped (scikit-learn is not installed; pip install 'lorareg[bench]')")
+        return {"skipped": "scikit-learn is not installed"}
     import dit
 
     b = dit.TINY if tiny else dit.Budget()
@@ -417,6 +425,8 @@ def write_dit(results: dict, out: Path) -> None:
     except OSError:
         pass
     (out / "results_dit.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
+    if "skipped" in data:
+        return
     md = out / "RESULTS.md"
     text = md.read_text() if md.exists() else "# Fidelity benchmark: do ported LoRAs work?\n\n"
     md.write_text(_replace_section(text, dit.HEADING, "\n".join(dit.markdown(data))))
