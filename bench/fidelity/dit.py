@@ -417,7 +417,7 @@ def _distill_rows(root, b, target, fam, is_i2v, src_lora, model, ev, ev_base, no
         dest = root / "ported" / f"{target}-distill-{steps}-{label.replace(' ', '-')}.safetensors"
         t, c = time.perf_counter(), time.process_time()
         res = lorareg.port(src_lora, source_model=str(root / "v1"), target_model=str(root / target), to=fam, method="copy", output=dest,
-                           force=True, progress=False, device="cpu", **_refine_kw(b, steps, cache), **kw)
+                           force=True, progress=False, device="cpu", **{**_refine_kw(b, steps, cache), **kw})
         wall, cpu = time.perf_counter() - t, time.process_time() - c
         refined = lorareg.load(dest, family=fam)
         loss = ev(model, deltas_of(refined), i2v=is_i2v)
