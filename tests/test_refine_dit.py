@@ -254,3 +254,30 @@ def test_flow_sigmas_match_diffusers_scheduler(shift, dynamic):
         sched.set_timesteps(sigmas=s)
     ours = sampling_sigmas(steps, flow.shift_for(tokens)).float()
     assert torch.allclose(ours, sched.sigmas.float(), atol=1e-5)
+
+
+def test_cli_with_prompts_embeds_and_the_card(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from lorareg.apps.cli.main import main
+    from lorareg.hub.card import CardInfo, build_card
+
+    src = _model(tmp_path / "hv", "tiny-hv", seed=0)
+    tgt = _model(tmp_path / "i2v", "tiny-hv-i2v33", seed=0, base=src, moved=0.05)
+    lora = _lora(tmp_path, "tiny-hv")
+    embeds = tmp_path / "embeds.safetensors"
+    save_file(_conditions(), str(embeds))
+    out = tmp_path / "i2v.safetensors"
+    args = ["port", str(lora), "--source-model", str(src), "--target-model", str(tgt), "--to", "tiny-hv-i2v33", "--method", "copy",
+            "-o", str(out), "--refine", "distill", "--steps", "4", "--samples", "2", "--noisings", "2", "--sampler-steps", "2",
+            "--latent-size", "4", "--frames", "2", "--prompts-embeds", str(embeds), "--device", "cpu", "--json"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    rr = report["refine"]
+    assert rr["model"] == "diffusion transformer" and rr["prompts_from"] == "2 given embeddings" and rr["frames"] == 2
+    assert report["options"]["refine_options"]["prompts_embeds"] == "embeds.safetensors"  # by name, never a local path
+    card = build_card(report, CardInfo(repo_id="me/hv-i2v", weight_name=out.name, output_format="diffusers"))
+    assert "2 latent frames of 4x4" in card and "concat image conditioning" in card and "--prompts-embeds EMBEDS.safetensors" in card
+    bad = CliRunner().invoke(main, [*args[:-1], "--force", "--frames", "3", "--latent-size", "5"])
+    assert bad.exit_code != 0 and "even side" in bad.output and "Traceback" not in bad.output
