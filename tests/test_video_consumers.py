@@ -32,6 +32,10 @@ CHROMA = {"num_layers": 2, "num_single_layers": 2, "attention_head_dim": 8, "num
           "approximator_layers": 2}
 
 
+HV = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2, "num_single_layers": 2, "num_refiner_layers": 1,
+      "text_embed_dim": 24, "pooled_projection_dim": 12, "rope_axes_dim": [2, 2, 4], "mlp_ratio": 2.0}
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-video-data")
@@ -41,6 +45,8 @@ def tiny(tmp_path_factory):
     _variant(root, "tiny-wan22", "wan2.2-t2v-a14b", WAN)
     _variant(root, "tiny-flux", "flux.1-dev", FLUX)
     _variant(root, "tiny-chroma", "chroma", CHROMA)
+    _variant(root, "tiny-hv", "hunyuan-video", HV)
+    _variant(root, "tiny-hv-i2v33", "hunyuan-video-i2v-33ch", HV)
     mp = pytest.MonkeyPatch()
     mp.setenv("LORAREG_DATA_PATH", str(root))
     yield root
@@ -178,3 +184,34 @@ def test_push_of_a_two_expert_port_uploads_both_files_and_says_which(tiny, tmp_p
             assert "`w22_low_noise.safetensors`: the low-noise expert (`transformer_2`)" in card
         else:
             assert "w22.safetensors" in files and 'prefix="transformer_2"' in card
+
+
+def test_diffusers_loads_hunyuan_i2v_ported_from_a_musubi_t2v_file(tiny, tmp_path):
+    """musubi-tuner's HunyuanVideo layout (fused img_attn_qkv / linear1) -> HunyuanVideo-I2V-33ch, diffusers format."""
+    from diffusers import HunyuanVideoImageToVideoPipeline, HunyuanVideoTransformer3DModel
+
+    g, sd = torch.Generator().manual_seed(3), {}
+    for i in range(2):
+        for s in ("img", "txt"):
+            _put(sd, f"lora_unet_double_blocks_{i}_{s}_attn_qkv", 3 * DIM, DIM, g)
+            _put(sd, f"lora_unet_double_blocks_{i}_{s}_attn_proj", DIM, DIM, g)
+            _put(sd, f"lora_unet_double_blocks_{i}_{s}_mlp_fc1", 2 * DIM, DIM, g)
+            _put(sd, f"lora_unet_double_blocks_{i}_{s}_mlp_fc2", DIM, 2 * DIM, g)
+        _put(sd, f"lora_unet_single_blocks_{i}_linear1", 3 * DIM + 2 * DIM, DIM, g)
+        _put(sd, f"lora_unet_single_blocks_{i}_linear2", DIM, 3 * DIM, g)
+    src = tmp_path / "hv_musubi.safetensors"
+    save_file(sd, str(src), metadata={"ss_base_model_version": "hunyuan_video"})
+    want = lorareg.load(src, family="tiny-hv")
+    out = tmp_path / "hv_i2v.safetensors"
+    r = port(src, family="tiny-hv", to="tiny-hv-i2v33", format="diffusers", output=out, progress=False)
+    assert not [l for l in r.report.layers if l.skipped]
+    state, meta = HunyuanVideoImageToVideoPipeline.lora_state_dict(str(out), return_lora_metadata=True)
+    model = HunyuanVideoTransformer3DModel.from_config(_config("tiny-hv-i2v33"))
+    with peer_messages() as msgs:
+        model.load_lora_adapter(state, prefix="transformer", adapter_name="x", metadata=meta)
+    assert msgs == [], msgs
+    delta = _fused_delta(model, "x")
+    assert len(delta) == len(want.modules)  # fused qkv / linear1 split into their diffusers layers, every one used
+    for key, m in want.modules.items():
+        name = key.split(":", 1)[1]
+        assert rel_err(delta[name], m.delta_weight().float()) < 1e-5, name
