@@ -148,6 +148,20 @@ def conditions_for(family: Family, folder: Path, lora: Optional[Lora], prompts: 
     return Conditions({k: v[:-1] for k, v in enc.items()}, {k: v[-1:] for k, v in enc.items()})
 
 
+def _student_conditions(family: Family, folder: Path, ported: Lora, prompts: list[str], given: Optional[dict], device: torch.device,
+                        dtype: torch.dtype, cache_dir) -> Conditions:
+    """The student's text conditioning; its encoders run once per model, prompts and text-encoder LoRA (cached)."""
+    if given is not None:
+        return Conditions(given)
+    encoders = {c.component for c in family.spec.diffusion.conditioning}
+    te = Lora(family=family.id, modules={k: m for k, m in ported.modules.items() if m.component in encoders})
+    key = {"v": SAMPLES_VERSION, "model": model_digest(folder), "family": family.id, "dtype": str(dtype),
+           "text_lora": lora_digest(te) if te.modules else None, "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+           "conditioning": [c.model_dump() for c in family.spec.diffusion.conditioning]}
+    tensors, _ = cached(cache_dir, "distill-text", key, lambda: conditions_for(family, folder, ported, prompts, None, 1.0, device, dtype).tensors)
+    return Conditions(tensors)
+
+
 def pack(x: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, H W / 4, 4 C]: 2x2 patches as tokens, channels before the patch position."""
     b, c, h, w = x.shape
@@ -377,7 +391,7 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
     t_sample = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    cond = conditions_for(tgt_fam, tgt_folder, ported, prompts, given, 1.0, dev, dtype)
+    cond = _student_conditions(tgt_fam, tgt_folder, ported, prompts, given, dev, dtype, job.cache_dir)
     goal = data["teacher"] if target == "teacher" else data["noise"] - data["x0"][data["src"]]
     # token replacement: the first frame is the given image, so its velocity is no target
     frame0 = image is not None and image.type == "token_replace"
