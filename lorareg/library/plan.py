@@ -113,8 +113,9 @@ def groups(tasks: list[Task]) -> list[Group]:
 
 
 def warm(group: Group, components: dict[str, list[str]], cache_dir: Optional[str], progress: bool,
-         build: Optional[Callable] = None) -> dict:
-    """Build (or find cached) the bases of both models of a group; raises on a model that cannot be read."""
+         build: Optional[Callable] = None, list_files: bool = False) -> dict:
+    """Build (or find cached) the bases of both models of a group; raises on a model that cannot be read.
+    ``list_files``: each side's stats also list the cache files holding its bases (to ship them to other nodes)."""
     build = build or build_model_bases
     reg = get_registry()
     src_comps = sorted({c for t in group.tasks for c in components.get(t.row.lora, [])}) or None
@@ -123,5 +124,6 @@ def warm(group: Group, components: dict[str, list[str]], cache_dir: Optional[str
     stats = {}
     for side, model, fam, comps in (("source", group.source_model, group.source_family, src_comps),
                                     ("target", group.target_model, group.target_family, tgt_comps)):
-        stats[side] = build(model, fam, comps, None, group.rank_k, group.device, progress=progress, cache_dir=cache_dir)
+        stats[side] = build(model, fam, comps, None, group.rank_k, group.device, progress=progress, cache_dir=cache_dir,
+                            list_files=list_files)
     return stats
