@@ -18,7 +18,9 @@ from typing import Optional
 LOOPBACK = "127.0.0.1"
 NODE_SCRIPT = Path(__file__).resolve().with_name("ray_node.py")
 #: no usage stats, no token auth (a ~/.ray/auth_token left by another Ray run would switch it on for one node only)
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+           # a lost node is declared dead after ~1.5 s rather than Ray's default ~15 s (tests lose one on purpose)
+           "RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500", "RAY_health_check_failure_threshold": "3"}
 
 
 def free_port() -> int:
@@ -172,7 +174,7 @@ class LocalRayCluster:
             node.refresh()
         tracked = {pid: t for node in self.nodes for pid, t in node.tracked.items()}
         signal_all(tracked, signal.SIGTERM)
-        deadline = time.time() + 5
+        deadline = time.time() + 2
         while time.time() < deadline and any(_start_time(p) == t for p, t in tracked.items() if t is not None):
             time.sleep(0.2)
         signal_all(tracked, signal.SIGKILL)

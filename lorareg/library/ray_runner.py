@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 from ..core.errors import InputError
 from ..core.io import atomic_write, atomic_write_text
 from ..engine.cache import default_cache_root
-from .tasks import run_task
+from .tasks import PRIVATE, run_task
 from .workers import _sync_hub_constants
 
 #: environment a worker needs to see what the driver sees (registry data, Hub endpoint and cache). Not
@@ -127,7 +127,7 @@ def run_on_ray(payloads: list[dict], record: Callable[[dict], None], *, address:
                 try:
                     rec = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - a task Ray gave up on (worker lost more than `retries` times)
-                    rec = {k: v for k, v in p.items() if k not in ("token", "endpoint", "row", "cache_dir", "output_path", "ship")}
+                    rec = {k: v for k, v in p.items() if k not in (*PRIVATE, "ship")}
                     rec.update(status="failed", error=f"ray: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 record(rec)
                 if bar is not None:

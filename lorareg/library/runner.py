@@ -23,7 +23,7 @@ from .ledger import Ledger
 from .manifest import BatchRow, make_row, read_manifest, rows_from_scan
 from .plan import Task, groups, plan, warm
 from .ray_runner import run_on_ray
-from .tasks import run_task
+from .tasks import PRIVATE, run_task
 from .workers import default_workers, process_pool
 
 PathLike = Union[str, Path]
@@ -236,7 +236,7 @@ def run_local(payloads: list[dict], record: Callable[[dict], None], *, workers: 
         for p in lost:
             attempts[p["index"]] += 1
             if attempts[p["index"]] > retries:
-                rec = {k: v for k, v in p.items() if k not in ("token", "endpoint", "row", "cache_dir", "output_path")}
+                rec = {k: v for k, v in p.items() if k not in PRIVATE}
                 rec.update(status="failed", error=f"worker died {attempts[p['index']]} times on this row (killed or out of memory)")
                 record(rec)
                 if bar is not None:
