@@ -82,6 +82,18 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def driver(cluster):
+    """This process connected to the cluster for the rest of the module, so that the batches share one Ray job
+    and its warm worker processes (each new job starts its own: seconds per node). The first test below runs
+    without it: `lorareg batch` then connects (and forwards the environment) itself."""
+    from lora_factory import TEST_DATA
+
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": {"LORAREG_DATA_PATH": str(TEST_DATA)}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_data):
     return base_models(tmp_path_factory.mktemp("models"))
 
@@ -93,6 +105,7 @@ def _rows(paths, models):
 
 def test_cluster_is_two_nodes_on_loopback(cluster):
     """What every test below relies on: two alive nodes, both advertising 127.0.0.1 only."""
+    assert not ray.is_initialized()
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         nodes = [n for n in ray.nodes() if n["Alive"]]
@@ -128,7 +141,7 @@ def test_batch_on_both_nodes_same_outputs_as_local(cluster, models, tmp_path):
     assert Counter(r.status for r in again.rows) == {"skipped": 4, "failed": 1}
 
 
-def test_bases_through_the_object_store_to_a_node_without_the_cache(cluster, models, tmp_path):
+def test_bases_through_the_object_store_to_a_node_without_the_cache(cluster, driver, models, tmp_path):
     """The driver's cache is in a folder the worker node does not see (or, without mount namespaces, shipping
     is forced): the worker node gets the bases from the object store into its own cache, once."""
     good = sdxl_loras(tmp_path / "lib", 4, start=10)
@@ -160,7 +173,7 @@ def test_bases_through_the_object_store_to_a_node_without_the_cache(cluster, mod
         assert (tmp_path / "out" / a.output).read_bytes() == (tmp_path / "local" / b.output).read_bytes()
 
 
-def test_cli_ray_json(cluster, tiny_data, tmp_path):  # noqa: ARG001
+def test_cli_ray_json(cluster, driver, tiny_data, tmp_path):  # noqa: ARG001
     from click.testing import CliRunner
     from lorareg.apps.cli import main
 
@@ -174,7 +187,7 @@ def test_cli_ray_json(cluster, tiny_data, tmp_path):  # noqa: ARG001
     assert all(r["node"] in (cluster.head_id, cluster.worker.node_id) for r in doc["rows"])
 
 
-def test_ray_task_retried_when_its_worker_is_killed(cluster, models, tmp_path):
+def test_ray_task_retried_when_its_worker_is_killed(cluster, driver, models, tmp_path):
     """SIGKILL a Ray worker process (of this module's cluster) while it ports: Ray retries the row."""
     rows = _rows(sdxl_loras(tmp_path / "lib", 5, rank=8), models)
     out = tmp_path / "out"
@@ -198,7 +211,7 @@ def test_ray_task_retried_when_its_worker_is_killed(cluster, models, tmp_path):
     assert len(records) == 5 and len({r["key"] for r in records}) == 5
 
 
-def test_rows_redone_when_the_worker_node_is_lost(cluster, models, tmp_path):
+def test_rows_redone_when_the_worker_node_is_lost(cluster, driver, models, tmp_path):
     """SIGKILL the worker node's raylet (then the rest of that node) while it ports a row: nothing is lost, the
     rows in flight there are redone on the head, each row is in the ledger once. (Runs last: it ends the node.)"""
     rows = _rows(sdxl_loras(tmp_path / "lib", 8, rank=8, start=20), models)
