@@ -104,8 +104,9 @@ class Node:
 class LocalRayCluster:
     """Head + worker nodes on 127.0.0.1; every process started here (and its children) is stopped here."""
 
-    def __init__(self, logs: Path, python: str = sys.executable) -> None:
+    def __init__(self, logs: Path, python: str = sys.executable, base_env: Optional[dict] = None) -> None:
         self.python = python
+        self.base_env = dict(os.environ) if base_env is None else base_env  # what the nodes start with
         self.logs = logs
         self.temp = Path("/tmp") / f"lorareg-ray-{os.getpid()}-{free_port()}"  # Ray's socket paths must stay short
         self.port = free_port()
@@ -118,7 +119,7 @@ class LocalRayCluster:
         if hide is not None:  # a node that does not see this folder: an empty tmpfs over it, in a mount namespace of its own
             cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"', str(hide), *cmd]
         with open(log, "wb") as f:
-            proc = subprocess.Popen(cmd, env={**os.environ, **RAY_ENV, **(env or {})}, stdout=f, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(cmd, env={**self.base_env, **RAY_ENV, **(env or {})}, stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         node = Node(proc, log)
         self.nodes.append(node)

@@ -173,18 +173,20 @@ def test_bases_through_the_object_store_to_a_node_without_the_cache(cluster, dri
         assert (tmp_path / "out" / a.output).read_bytes() == (tmp_path / "local" / b.output).read_bytes()
 
 
-def test_cli_ray_json(cluster, driver, tiny_data, tmp_path):  # noqa: ARG001
+def test_cli_ray_json_ship_bases(cluster, driver, models, tiny_data, tmp_path):  # noqa: ARG001
     from click.testing import CliRunner
     from lorareg.apps.cli import main
 
-    good = sdxl_loras(tmp_path / "lib", 2)
+    good = sdxl_loras(tmp_path / "lib", 3)
     m = tmp_path / "m.jsonl"
-    m.write_text("".join(json.dumps({"lora": str(p), "to": "tiny-ssd", "method": "copy"}) + "\n" for p in good))
-    res = CliRunner().invoke(main, ["batch", str(m), "-o", str(tmp_path / "o"), "--ray-address", cluster.address, "--json"])
+    m.write_text("".join(json.dumps(r) + "\n" for r in _rows(good, models)))
+    res = CliRunner().invoke(main, ["batch", str(m), "-o", str(tmp_path / "o"), "--ray-address", cluster.address, "--ship-bases",
+                                    "--cache-dir", str(tmp_path / "bases"), "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    assert doc["summary"]["backend"] == "ray" and doc["summary"]["done"] == 2 and doc["summary"]["nodes"] == 2
-    assert all(r["node"] in (cluster.head_id, cluster.worker.node_id) for r in doc["rows"])
+    s = doc["summary"]
+    assert s["backend"] == "ray" and s["done"] == 3 and s["nodes"] == 2 and s["bases_shipped"] == "all"
+    assert all(r["node"] in (cluster.head_id, cluster.worker.node_id) and r["bases"] in ("shipped", "node") for r in doc["rows"])
 
 
 def test_ray_task_retried_when_its_worker_is_killed(cluster, driver, models, tmp_path):
