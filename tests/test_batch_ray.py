@@ -41,6 +41,9 @@ def _can_hide(folder: Path) -> bool:
 
 
 class Cluster:
+    """The module's cluster: its address, the head's and the worker node's ids, the folder the worker node does not
+    see (None where mount namespaces are not available) and each node's own basis cache."""
+
     def __init__(self, c: LocalRayCluster, head_id: str, worker, hidden: "Path | None", caches: dict[str, Path]):
         self.c, self.address, self.head_id, self.worker = c, c.address, head_id, worker
         self.hidden, self.caches = hidden, caches
