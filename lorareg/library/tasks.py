@@ -9,25 +9,30 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..core.errors import LoraregError
+from ..core.hash_memory import fingerprint
+from ..core.hashes import FileHashes
+from ..core.io import atomic_write_text
+from ..engine.cache import default_cache_root
 from ..hub.push import push
 from ..port import port
 from ..refine.conditioning import read_prompts
 
 #: keys of a task that the record does not repeat
-_PRIVATE = ("token", "endpoint", "row", "cache_dir", "output_path")
+PRIVATE = ("token", "endpoint", "row", "cache_dir", "output_path", "source_hashes")
 
 
 def run_task(task: dict[str, Any]) -> dict[str, Any]:
     """Port (and push) one row; a record for the ledger."""
     t0 = time.perf_counter()
-    rec = {k: v for k, v in task.items() if k not in _PRIVATE}
+    rec = {k: v for k, v in task.items() if k not in PRIVATE}
     rec["status"] = "failed"
     row = task["row"]
     stage = "port"
     try:
+        _remember_hashes(row["lora"], task.get("source_hashes"))
         prompts = None
         if row.get("prompts"):
             prompts = read_prompts(Path(row["prompts"]))
@@ -68,6 +73,22 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         rec["error"] = f"{stage}: unexpected {e.__class__.__name__}: {_line(e)}"
     rec["seconds"] = round(time.perf_counter() - t0, 4)
     return rec
+
+
+def _remember_hashes(lora: str, known: Optional[dict[str, Any]]) -> None:
+    """Leave the plan's hashes of the source where the port's load looks them up by fingerprint (the entry
+    lorareg.core.hash_memory.remembered_file_hashes reads), so that the port does not hash the file again.
+    Only when the file here has the fingerprint the hashes were taken at (same path, size, mtime, inode)."""
+    if not known or fingerprint(Path(lora)) != known["fingerprint"]:
+        return
+    fp = known["fingerprint"]
+    entry = default_cache_root() / "file-hashes" / fp[:2] / f"{fp}.json"
+    if entry.exists():
+        return
+    try:
+        atomic_write_text(entry, FileHashes(**known["hashes"]).model_dump_json() + "\n")
+    except (OSError, ValueError):
+        pass  # the port then hashes the file itself
 
 
 def _shares(timings: dict[str, float]) -> dict[str, float]:
