@@ -155,13 +155,25 @@ def own_hash_fields(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, st
     Only tensor-data hashes can be embedded: the data section does not depend on the header, so they
     are known before writing (a whole-file SHA-256 cannot be stored in the file it hashes)."""
     _, order = build_header(tensors, metadata)  # the writer's data order
-    buffers = {name: tensors[name].buffer() for name in order}
     h = hashlib.sha256()
     for name in order:
-        h.update(buffers[name])
-    tsha = h.hexdigest()
-    legacy, _ = _legacy({n: (tensors[n].dtype, list(tensors[n].shape), buffers[n]) for n in order}, metadata)
-    return {"sshs_model_hash": tsha, "sshs_legacy_hash": legacy, "modelspec.hash_sha256": "0x" + tsha}
+        h.update(tensors[name].buffer())
+    return own_fields(h.hexdigest(), own_legacy_hash(tensors, metadata))
+
+
+def own_legacy_hash(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str]) -> str:
+    """The legacy hash of a file about to be written (only its ``ss_*`` metadata and its tensors count)."""
+    return _legacy({n: (t.dtype, list(t.shape), t.buffer()) for n, t in tensors.items()}, metadata)[0]
+
+
+def own_fields(tensor_sha256: str, legacy: str) -> dict[str, str]:
+    """The fields a file carries about itself, from the SHA-256 of its data section and its legacy hash."""
+    return {"sshs_model_hash": tensor_sha256, "sshs_legacy_hash": legacy, "modelspec.hash_sha256": "0x" + tensor_sha256}
+
+
+#: stand-ins of the final lengths, for a header written before the hashes are known (and replaced after)
+PLACEHOLDER_HASHES = FileHashes(sha256="0" * 64, autov2="0" * AUTOV2_DIGITS, tensor_sha256="0" * 64,
+                                autov3="0" * AUTOV3_DIGITS, legacy="0" * LEGACY_DIGITS)
 
 
 class _Concat:

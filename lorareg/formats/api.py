@@ -11,12 +11,13 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, Field
 
-from ..core.hashes import EmbeddedHash, FileHashes, check_embedded, file_hashes, own_hash_fields, source_hash_fields, without_inherited_hashes
-from ..core.hash_memory import remembered_file_hashes
+from ..core.hashes import (PLACEHOLDER_HASHES, EmbeddedHash, FileHashes, check_embedded, file_hashes, own_fields, own_legacy_hash,
+                           source_hash_fields, without_inherited_hashes)
+from ..core.hash_memory import data_recipe, recall, remember, remembered_file_hashes, remembered_nonfinite
 from ..core.version import __version__
 from ..engine.cache import default_cache_root
 from .refactor import ConversionReport, DroppedItem, check_target, plan_for
-from .detect import Detection, detect_tensors
+from .detect import Detection, detect_file
 from ..core.errors import ConversionError, DetectionError, InputError
 from ..core.io import (
     PEFT_CONFIG,
@@ -85,10 +86,12 @@ def _detect(path: Path, format: Optional[str], family: Optional[str], registry: 
         family = registry.family(family).id
     facts = civitai.lookup_ref(str(path)) if not path.exists() else None
     families = [family] if family else (facts.families if facts and facts.families else None)
-    det, result = detect_tensors(
+    det, result = detect_file(
+        weights,
         tensors,
         _hint_metadata(metadata, peft_config),
         registry,
+        default_cache_root(),
         container,
         formats=[format] if format else None,
         families=families,
@@ -141,6 +144,24 @@ def _read_lora(path: Path, format: Optional[str], family: Optional[str], before_
         if facts.trained_words and not (lora.metadata.get("modelspec.trigger_phrase") or "").strip():
             lora.metadata["modelspec.trigger_phrase"] = ", ".join(facts.trained_words)
     return lora, started
+
+
+def _nonfinite_factors(lora: Lora) -> list:
+    """The factor tensors holding NaN/Inf. Those still in a file are judged by what its fingerprint's memory
+    knows of that file (one pass over a file the first time, none after); tensors made in memory are scanned."""
+    root = default_cache_root()
+    bad_in: dict[int, frozenset[str]] = {}
+
+    def known_finite(t: LazyTensor) -> bool:
+        where = t.stored()
+        if where is None:
+            return False
+        header, info = where
+        if id(header) not in bad_in:
+            bad_in[id(header)] = remembered_nonfinite(header, root)
+        return info.name not in bad_in[id(header)]
+
+    return scan_nonfinite({f"{m.key}/{role}": t for m in lora.modules.values() for role, t in m.factors.items()}, known_finite)
 
 
 def _refuse_mixed(det: Detection, result, tensors, metadata) -> None:
@@ -299,18 +320,31 @@ def _save(lora: Lora, path: PathLike, *, format: Optional[str], variant: Optiona
         unmapped=lora.unmapped,
     )
     written = write_modules(planned, var, family)
-    # the output's own hash fields: from its tensors and its ss_* metadata only (not lorareg.source_*)
-    own = own_hash_fields({k: _lazy(t) for k, t in written.tensors.items()},
-                          _output_metadata(lora, fmt.id, var.id, written.metadata, extra_metadata))
-    if pending is not None:
-        _set_source_hashes(lora, pending.result())
-    metadata = {**_output_metadata(lora, fmt.id, var.id, written.metadata, extra_metadata), **own}
+    tensors = {k: _lazy(t) for k, t in written.tensors.items()}
+    meta = lambda source: _output_metadata(lora, fmt.id, var.id, written.metadata, extra_metadata, source)  # noqa: E731
+    # the output's own hash fields: from its tensors and its ss_* metadata only (not lorareg.source_*); the
+    # data section's SHA-256 is taken from the bytes as they are written, or remembered for the same bytes
+    legacy = own_legacy_hash(tensors, meta(None))
+    root = default_cache_root()
+    recipe = data_recipe([tensors[n] for n in sorted(tensors)])
+    known = recall(root, OUTPUT_DATA_HASHES, recipe, _load_data_sha256)
+    hashed: list[str] = []
+
+    def finish(data_sha256: str) -> dict[str, str]:
+        hashed.append(data_sha256)
+        if pending is not None:  # the source's hashes, computing beside this write
+            _set_source_hashes(lora, pending.result())
+        return {**meta(None), **own_fields(data_sha256, legacy)}
+
+    placeholders = {**meta(PLACEHOLDER_HASHES if pending is not None else None), **own_fields(PLACEHOLDER_HASHES.tensor_sha256, legacy)}
     dropped = [DroppedItem(item=k, reason=v) for k, v in sorted(lora.unmapped.items())]
     dropped += plan.dropped + [DroppedItem(item=d.item, reason=d.reason) for d in written.dropped]
     if fmt.spec.container == "peft_dir":
-        _write_peft_dir(path, written.tensors, metadata, written.peft_config or {}, force)
+        _write_peft_dir(path, tensors, placeholders, written.peft_config or {}, force, finish, known)
     else:
-        write_safetensors(path, written.tensors, metadata)
+        write_safetensors(path, tensors, placeholders, finish=finish, data_sha256=known)
+    if known is None and hashed:
+        remember(root, OUTPUT_DATA_HASHES, recipe, json.dumps({"tensor_sha256": hashed[0]}))
     return ConversionReport(
         source_format=f"{lora.format_state.format}/{lora.format_state.variant}" if lora.format_state else "memory",
         target_format=var.qualified_id,
@@ -328,7 +362,20 @@ def _lazy(t) -> LazyTensor:
     return t if isinstance(t, LazyTensor) else LazyTensor.from_torch(t)
 
 
-def _output_metadata(lora: Lora, fmt: str, variant: str, generated: dict[str, str], extra) -> dict[str, str]:
+#: the data-section SHA-256 of written files, by the identity of their bytes (hash_memory.data_recipe)
+OUTPUT_DATA_HASHES = "output-data-sha256"
+
+
+def _load_data_sha256(text: str) -> str:
+    value = json.loads(text)["tensor_sha256"]
+    if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+        raise ValueError("damaged entry")
+    return value
+
+
+def _output_metadata(lora: Lora, fmt: str, variant: str, generated: dict[str, str], extra,
+                     source: Optional[FileHashes] = None) -> dict[str, str]:
+    """``source``: the source's hashes when not (yet) on ``lora`` (placeholders of their lengths)."""
     # the source's own hash fields describe the source's bytes, not this file's: dropped, then
     # recomputed for the written tensors; the source's hashes go under lorareg.source_*
     meta = {k: v for k, v in without_inherited_hashes(lora.metadata).items() if k != LORA_ADAPTER_METADATA}
@@ -346,19 +393,22 @@ def _output_metadata(lora: Lora, fmt: str, variant: str, generated: dict[str, st
         meta["lorareg.source_format"] = f"{lora.format_state.format}/{lora.format_state.variant}"
     if lora.source_sha256:
         meta["lorareg.source_sha256"] = lora.source_sha256
-    if lora.source_hashes:
+    if source is not None:
+        meta.update(source_hash_fields(source))
+    elif lora.source_hashes:
         meta.update(source_hash_fields(FileHashes.model_validate(lora.source_hashes)))
     if extra:
         meta.update(extra)
     return meta
 
 
-def _write_peft_dir(path: Path, tensors, metadata, config: dict, force: bool) -> None:
-    """Build the folder next to its destination, then swap it in."""
+def _write_peft_dir(path: Path, tensors, metadata, config: dict, force: bool, finish=None, data_sha256=None) -> None:
+    """Build the folder next to its destination, then swap it in (``finish``, ``data_sha256``: see write_safetensors)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
-        write_safetensors(tmp / PEFT_WEIGHTS, tensors, {"format": "pt", **metadata})
+        write_safetensors(tmp / PEFT_WEIGHTS, tensors, {"format": "pt", **metadata},
+                          finish=(lambda sha: {"format": "pt", **finish(sha)}) if finish else None, data_sha256=data_sha256)
         atomic_write_text(tmp / PEFT_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
         if path.exists():
             if not force:
@@ -408,7 +458,7 @@ def convert(
                 "pass --allow-unmapped to convert the rest and list them as dropped"
             )
         if not allow_nonfinite:  # scanned while the hash runs on the other core
-            bad = scan_nonfinite({f"{m.key}/{role}": t for m in lora.modules.values() for role, t in m.factors.items()})
+            bad = _nonfinite_factors(lora)
             if bad:
                 raise ConversionError(
                     f"{source}: {len(bad)} factor tensors hold NaN/Inf values; pass --allow-nonfinite to convert anyway"

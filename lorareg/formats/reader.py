@@ -63,76 +63,91 @@ class SplitKey:
     key: str
     suffix: object  # formats.Suffix
     candidates: tuple  # ((PrefixRule, module string, doubled), ...) longest prefix first
+    base: str  # the key without its suffix: keys sharing it (a module's factors and alpha) parse alike
 
 
 def split_keys(variant: Variant, keys) -> list:
     """Family-independent part of parsing (done once per variant); a str entry is a reason."""
     out = []
+    prefixes: dict[str, tuple] = {}  # base -> its prefix candidates (a module's keys share one base)
     for key in keys:
         suffix = variant.match_suffix(key)
         if suffix is None:
             out.append((key, "unknown factor suffix for this format"))
             continue
         base = key[: -len(suffix.text)]
-        cands = []
-        for rule in variant.read_prefixes:
-            if not base.startswith(rule.prefix):
-                continue
-            rest = base[len(rule.prefix) :]
-            doubled = False
-            while rule.prefix and rest.startswith(rule.prefix):
-                rest, doubled = rest[len(rule.prefix) :], True
-            if variant.spec.separator == "." and variant.name_rules:
-                segs = rest.split(".")
-                for r in variant.name_rules:
-                    segs = r.apply(segs)
-                rest = ".".join(segs)
-            cands.append((rule, rest, doubled))
-        out.append(SplitKey(key, suffix, tuple(cands)) if cands else (key, "unknown key prefix for this format"))
+        cands = prefixes.get(base)
+        if cands is None:
+            cands = prefixes[base] = _prefix_candidates(variant, base)
+        out.append(SplitKey(key, suffix, cands, base) if cands else (key, "unknown key prefix for this format"))
     return out
+
+
+def _prefix_candidates(variant: Variant, base: str) -> tuple:
+    cands = []
+    for rule in variant.read_prefixes:
+        if not base.startswith(rule.prefix):
+            continue
+        rest = base[len(rule.prefix) :]
+        doubled = False
+        while rule.prefix and rest.startswith(rule.prefix):
+            rest, doubled = rest[len(rule.prefix) :], True
+        if variant.spec.separator == "." and variant.name_rules:
+            segs = rest.split(".")
+            for r in variant.name_rules:
+                segs = r.apply(segs)
+            rest = ".".join(segs)
+        cands.append((rule, rest, doubled))
+    return tuple(cands)
 
 
 def parse_keys(variant: Variant, family: Family, tensors: Mapping[str, LazyTensor], split: Optional[list] = None) -> ParseResult:
     result = ParseResult(variant, family)
     doubled = False
     flat = variant.spec.separator == "_"
-    tables: dict[tuple[str, str], dict] = {}
-    for comp_id, comp in family.components.items():
-        for scheme in variant.spec.schemes:
-            if comp.has_scheme(scheme):
-                tables[(comp_id, scheme)] = (comp.flat_names(scheme) if flat else comp.scheme_names(scheme), comp)
+    # per prefix rule, the (component, scheme) name tables in lookup order
+    tables: dict[int, list[tuple]] = {}
+    for rule in variant.read_prefixes:
+        tables[id(rule)] = [
+            (cid, scheme, comp.flat_names(scheme) if flat else comp.scheme_names(scheme), comp)
+            for cid in rule.components
+            if (comp := family.components.get(cid)) is not None
+            for scheme in variant.spec.schemes
+            if comp.has_scheme(scheme)
+        ]
+    found: dict[str, Optional[tuple]] = {}  # base -> where it resolves: looked up once per module, not per key
+    parsed, unmapped = result.parsed, result.unmapped
+    missing = f"no module of family {family.id} has this name"
     for item in split if split is not None else split_keys(variant, tensors):
         if isinstance(item, tuple):
-            result.unmapped[item[0]] = item[1]
+            unmapped[item[0]] = item[1]
             continue
-        pk = _lookup(item, variant, tables)
-        if pk is None:
-            result.unmapped[item.key] = f"no module of family {family.id} has this name"
+        hit = found.get(item.base, False)
+        if hit is False:
+            hit = found[item.base] = _lookup(item.candidates, variant, tables)
+        if hit is None:
+            unmapped[item.key] = missing
         else:
-            result.parsed[item.key] = pk
-            doubled |= pk.doubled_prefix
+            s = item.suffix
+            parsed[item.key] = ParsedKey(item.key, hit[0], hit[1], hit[2], s.kind, s.role, s.spelling, hit[3], hit[4], hit[5])
+            doubled |= hit[4]
     _check_shapes(result, tensors)
     if doubled:
         result.evidence.append("doubled component prefix (e.g. transformer.transformer.) stripped")
     return result
 
 
-def _lookup(item: SplitKey, variant: Variant, tables) -> Optional[ParsedKey]:
-    s = item.suffix
-    for rule, rest, doubled in item.candidates:
-        for cid in rule.components:
-            for scheme in variant.spec.schemes:
-                entry = tables.get((cid, scheme))
-                if entry is None:
-                    continue
-                table, comp = entry
-                target = table.get(rest)
-                if target is not None:
-                    mp = comp.spec.module_prefix
-                    bare = bool(mp) and isinstance(target, str) and target.startswith(mp) and not rest.startswith(
-                        mp if variant.spec.separator == "." else flatten(mp)
-                    )
-                    return ParsedKey(item.key, cid, scheme, target, s.kind, s.role, s.spelling, rule.prefix, doubled, bare)
+def _lookup(candidates: tuple, variant: Variant, tables: dict[int, list[tuple]]) -> Optional[tuple]:
+    """(component, scheme, target, prefix, doubled, bare) of the first prefix candidate a table names."""
+    for rule, rest, doubled in candidates:
+        for cid, scheme, table, comp in tables[id(rule)]:
+            target = table.get(rest)
+            if target is not None:
+                mp = comp.spec.module_prefix
+                bare = bool(mp) and isinstance(target, str) and target.startswith(mp) and not rest.startswith(
+                    mp if variant.spec.separator == "." else flatten(mp)
+                )
+                return cid, scheme, target, rule.prefix, doubled, bare
     return None
 
 
