@@ -25,11 +25,11 @@ import hashlib
 import json
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Literal, Mapping, Optional
+from typing import Callable, Iterable, Literal, Mapping, Optional
 
 from pydantic import BaseModel
 
-from .io import LazyTensor, SafetensorsHeader, build_header
+from .io import DTYPES, LazyTensor, SafetensorsHeader, build_header
 
 LEGACY_OFFSET = 0x100000
 LEGACY_LENGTH = 0x10000
@@ -110,7 +110,7 @@ def file_hashes(header: SafetensorsHeader) -> tuple[FileHashes, bool]:
         data_hash = pool.submit(_sha256, view, header.data_offset)
         whole = _sha256(view, 0)
         tsha = data_hash.result()
-    infos = {name: (t.dtype, list(t.shape), header.view(t)) for name, t in header.tensors.items()}
+    infos = {name: (t.dtype, list(t.shape), t.nbytes, lambda t=t: header.view(t)) for name, t in header.tensors.items()}
     legacy, touched = _legacy(infos, header.metadata)
     return FileHashes(sha256=whole, autov2=whole[:AUTOV2_DIGITS], tensor_sha256=tsha, autov3=tsha[:AUTOV3_DIGITS], legacy=legacy), touched
 
@@ -122,16 +122,17 @@ def _sha256(view: memoryview, start: int) -> str:
     return h.hexdigest()
 
 
-def _legacy(infos: Mapping[str, tuple[str, list[int], memoryview]], metadata: Mapping[str, str]) -> tuple[str, bool]:
+def _legacy(infos: Mapping[str, tuple[str, list[int], int, Callable[[], memoryview]]], metadata: Mapping[str, str]) -> tuple[str, bool]:
     """sd-scripts' legacy hash: the tensors laid out as the safetensors library lays them out, with
-    only the ``ss_*`` metadata, and the 64 KiB window at 1 MiB of that serialisation hashed."""
+    only the ``ss_*`` metadata, and the 64 KiB window at 1 MiB of that serialisation hashed.
+    ``infos``: name -> (dtype, shape, byte size, its bytes when asked: only the window's are)."""
     order = sorted(infos, key=lambda n: (-SAFETENSORS_DTYPE_RANK[infos[n][0]], n))
     spans, offset = [], 0
     for name in order:
-        dtype, shape, buf = infos[name]
-        spans.append((name, dtype, shape, offset, offset + len(buf)))
-        offset += len(buf)
-    return legacy_window(ss_header(spans, metadata), _Concat([infos[n][2] for n in order]))  # type: ignore[arg-type]
+        dtype, shape, nbytes, _ = infos[name]
+        spans.append((name, dtype, shape, offset, offset + nbytes))
+        offset += nbytes
+    return legacy_window(ss_header(spans, metadata), _Concat([infos[n][2:] for n in order]))  # type: ignore[arg-type]
 
 
 def check_embedded(metadata: Mapping[str, str], hashes: FileHashes, legacy_in_header: bool = False) -> list[EmbeddedHash]:
@@ -163,7 +164,7 @@ def own_hash_fields(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, st
 
 def own_legacy_hash(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str]) -> str:
     """The legacy hash of a file about to be written (only its ``ss_*`` metadata and its tensors count)."""
-    return _legacy({n: (t.dtype, list(t.shape), t.buffer()) for n, t in tensors.items()}, metadata)[0]
+    return _legacy({n: (t.dtype, list(t.shape), t.numel * DTYPES[t.dtype][1], t.buffer) for n, t in tensors.items()}, metadata)[0]
 
 
 def own_fields(tensor_sha256: str, legacy: str) -> dict[str, str]:
@@ -177,16 +178,18 @@ PLACEHOLDER_HASHES = FileHashes(sha256="0" * 64, autov2="0" * AUTOV2_DIGITS, ten
 
 
 class _Concat:
-    """Slices of the concatenation of buffers, without building it (only the legacy window is read)."""
+    """Slices of the concatenation of buffers, without building it (only the legacy window is read).
+    ``parts``: (byte size, its bytes when asked)."""
 
-    def __init__(self, parts: list[memoryview]):
-        self.parts = [memoryview(p).cast("B") for p in parts]
+    def __init__(self, parts: list[tuple[int, Callable[[], memoryview]]]):
+        self.parts = parts
 
     def __getitem__(self, s: slice) -> bytes:
         lo, hi, out, pos = s.start, s.stop, [], 0
-        for p in self.parts:
-            end = pos + len(p)
+        for size, get in self.parts:
+            end = pos + size
             if end > lo and pos < hi:
+                p = memoryview(get()).cast("B")
                 out.append(bytes(p[max(lo - pos, 0) : min(hi, end) - pos]))
             pos = end
             if pos >= hi:

@@ -71,6 +71,7 @@ class SafetensorsHeader:
     metadata: dict[str, str]
     file_size: int
     _map: Optional[mmap.mmap] = field(default=None, repr=False, compare=False)
+    _view: Optional[memoryview] = field(default=None, repr=False, compare=False)
 
     def mapping(self) -> mmap.mmap:
         """The file mapped copy-on-write: tensors are views of it, writes never reach the file."""
@@ -82,8 +83,10 @@ class SafetensorsHeader:
         return self._map
 
     def view(self, info: TensorInfo) -> memoryview:
+        if self._view is None:
+            self._view = memoryview(self.mapping())
         start = self.data_offset + info.begin
-        return memoryview(self.mapping())[start : start + info.nbytes]
+        return self._view[start : start + info.end - info.begin]
 
     def sha256(self) -> str:
         return hashlib.sha256(memoryview(self.mapping())).hexdigest()

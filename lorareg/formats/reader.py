@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
@@ -380,7 +381,7 @@ def _alpha_value(g: _Group, src: _AlphaSource, variant: Variant, component: str)
     if g.alpha is not None:
         if g.alpha.numel != 1:
             return None
-        value = float(g.alpha.torch().float().reshape(-1)[0])
+        value = _scalar(g.alpha)
         return value if math.isfinite(value) else None
     cfg = src.per_component.get(component) or src.per_component.get("*")
     if cfg is None:
@@ -400,6 +401,19 @@ def _alpha_value(g: _Group, src: _AlphaSource, variant: Variant, component: str)
         # canonical scale is alpha / rank; rsLoRA's is lora_alpha / sqrt(rank)
         alpha = alpha * math.sqrt(rank)
     return alpha
+
+
+#: one stored scalar's value, exactly as torch reads it (little-endian; bfloat16 is float32's top half)
+_STRUCT = {"F16": "<e", "F32": "<f", "F64": "<d"}
+
+
+def _scalar(t: LazyTensor) -> float:
+    """A one-element tensor's value as a float, read from its bytes (a torch tensor per alpha costs more)."""
+    if t.dtype in _STRUCT:
+        return struct.unpack(_STRUCT[t.dtype], t.buffer())[0]
+    if t.dtype == "BF16":
+        return struct.unpack("<f", b"\x00\x00" + bytes(t.buffer()))[0]
+    return float(t.torch().float().reshape(-1)[0])
 
 
 def _split_fused(g: _Group, fused: FusedModule, alpha: Optional[float], shapes) -> list[Module]:
