@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from ..core.errors import DetectionError
 from ..core.hash_memory import fingerprint, recall, remember
 from ..core.io import LazyTensor, SafetensorsHeader
-from .reader import ParseResult, SplitKey, parse_keys, split_keys
+from .reader import ParseResult, SplitKey, may_parse, parse_keys, split_keys
 from ..registry import Family, Registry
 
 SAMPLE_KEYS = 96
@@ -172,7 +172,8 @@ def score_candidates(
             sample_split = split_keys(variant, sample)
             if not any(isinstance(item, SplitKey) for item in sample_split):
                 continue
-            live = [fam for fam in fams if variant.applies_to(fam) and parse_keys(variant, fam, sample_tensors, sample_split).parsed]
+            live = [fam for fam in fams if variant.applies_to(fam) and may_parse(variant, fam, sample_split)
+                    and parse_keys(variant, fam, sample_tensors, sample_split).parsed]
             if not live:
                 continue
             split = split_keys(variant, keys)

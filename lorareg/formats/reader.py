@@ -67,9 +67,17 @@ class SplitKey:
     base: str  # the key without its suffix: keys sharing it (a module's factors and alpha) parse alike
 
 
-def split_keys(variant: Variant, keys) -> list:
+class SplitKeys(list):
+    """:func:`split_keys`' answer: one entry per key (a SplitKey, or (key, reason)), and ``rests``: per prefix
+    rule (by id), every module string it leaves of some key. A family none of whose name tables holds one of
+    them parses none of the keys."""
+
+    rests: dict[int, set[str]]
+
+
+def split_keys(variant: Variant, keys) -> SplitKeys:
     """Family-independent part of parsing (done once per variant); a str entry is a reason."""
-    out = []
+    out = SplitKeys()
     prefixes: dict[str, tuple] = {}  # base -> its prefix candidates (a module's keys share one base)
     for key in keys:
         suffix = variant.match_suffix(key)
@@ -81,6 +89,10 @@ def split_keys(variant: Variant, keys) -> list:
         if cands is None:
             cands = prefixes[base] = _prefix_candidates(variant, base)
         out.append(SplitKey(key, suffix, cands, base) if cands else (key, "unknown key prefix for this format"))
+    out.rests = {}
+    for cands in prefixes.values():
+        for rule, rest, _ in cands:
+            out.rests.setdefault(id(rule), set()).add(rest)
     return out
 
 
@@ -102,30 +114,46 @@ def _prefix_candidates(variant: Variant, base: str) -> tuple:
     return tuple(cands)
 
 
-def parse_keys(variant: Variant, family: Family, tensors: Mapping[str, LazyTensor], split: Optional[list] = None) -> ParseResult:
-    result = ParseResult(variant, family)
-    doubled = False
+def _rule_tables(variant: Variant, family: Family) -> dict[int, list[tuple]]:
+    """Per prefix rule (by id), the (component, scheme, name table, component) to look names up in, in order."""
     flat = variant.spec.separator == "_"
-    # per prefix rule, the (component, scheme) name tables in lookup order
-    tables: dict[int, list[tuple]] = {}
-    for rule in variant.read_prefixes:
-        tables[id(rule)] = [
+    return {
+        id(rule): [
             (cid, scheme, comp.flat_names(scheme) if flat else comp.scheme_names(scheme), comp)
             for cid in rule.components
             if (comp := family.components.get(cid)) is not None
             for scheme in variant.spec.schemes
             if comp.has_scheme(scheme)
         ]
+        for rule in variant.read_prefixes
+    }
+
+
+def may_parse(variant: Variant, family: Family, split: SplitKeys) -> bool:
+    """False when no key of ``split`` can parse as a module of ``family`` (no name table holds any of them)."""
+    return any(not table.keys().isdisjoint(split.rests.get(rid, ())) for rid, entries in _rule_tables(variant, family).items()
+               for _, _, table, _ in entries)
+
+
+def parse_keys(variant: Variant, family: Family, tensors: Mapping[str, LazyTensor], split: Optional[list] = None) -> ParseResult:
+    result = ParseResult(variant, family)
+    doubled = False
+    tables = _rule_tables(variant, family)
+    if split is None:
+        split = split_keys(variant, tensors)
+    # per rule, the module strings some table names: any other misses at once (most keys, for a wrong family)
+    known = {rid: set().union(*(table.keys() & rests for _, _, table, _ in tables.get(rid, ())))
+             for rid, rests in split.rests.items()} if isinstance(split, SplitKeys) else None
     found: dict[str, Optional[tuple]] = {}  # base -> where it resolves: looked up once per module, not per key
     parsed, unmapped = result.parsed, result.unmapped
     missing = f"no module of family {family.id} has this name"
-    for item in split if split is not None else split_keys(variant, tensors):
+    for item in split:
         if isinstance(item, tuple):
             unmapped[item[0]] = item[1]
             continue
         hit = found.get(item.base, False)
         if hit is False:
-            hit = found[item.base] = _lookup(item.candidates, variant, tables)
+            hit = found[item.base] = _lookup(item.candidates, variant, tables, known)
         if hit is None:
             unmapped[item.key] = missing
         else:
@@ -138,9 +166,12 @@ def parse_keys(variant: Variant, family: Family, tensors: Mapping[str, LazyTenso
     return result
 
 
-def _lookup(candidates: tuple, variant: Variant, tables: dict[int, list[tuple]]) -> Optional[tuple]:
-    """(component, scheme, target, prefix, doubled, bare) of the first prefix candidate a table names."""
+def _lookup(candidates: tuple, variant: Variant, tables: dict[int, list[tuple]], known: Optional[dict[int, set[str]]]) -> Optional[tuple]:
+    """(component, scheme, target, prefix, doubled, bare) of the first prefix candidate a table names
+    (``known``: per rule, the module strings some table names; None: not known)."""
     for rule, rest, doubled in candidates:
+        if known is not None and rest not in known.get(id(rule), ()):
+            continue
         for cid, scheme, table, comp in tables[id(rule)]:
             target = table.get(rest)
             if target is not None:
