@@ -132,3 +132,20 @@ def test_header_last_writer_lays_the_file_out_again_when_a_final_value_is_longer
         meta, got = _data(path)
         assert seen == [hashlib.sha256(data).hexdigest()] and got == data and meta == {"h": final, "k": "v"}
         assert torch.equal(load_file(str(path))["b"], tensors["b"])
+
+
+def test_a_stopped_hash_is_not_remembered(tmp_path):
+    import threading
+
+    from lorareg.core.hash_memory import remembered_file_hashes
+    from lorareg.core.hashes import HashingStopped
+
+    src = tmp_path / "src.safetensors"
+    save_file(_kohya(), src)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(HashingStopped):
+        remembered_file_hashes(read_header(src), tmp_path / "cache", stop)
+    assert not (tmp_path / "cache").exists()
+    got = remembered_file_hashes(read_header(src), tmp_path / "cache", threading.Event())
+    assert got.sha256 == hashlib.sha256(src.read_bytes()).hexdigest() and (tmp_path / "cache" / "file-hashes").is_dir()

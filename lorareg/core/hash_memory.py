@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
 
@@ -96,11 +97,12 @@ def data_recipe(tensors: Sequence[LazyTensor], max_memory_share: float = 0.125) 
     return h.hexdigest()
 
 
-def remembered_file_hashes(header: SafetensorsHeader, root: Optional[Path]) -> FileHashes:
-    """:func:`file_hashes` of the file, from ``root/file-hashes`` when its fingerprint is known there."""
+def remembered_file_hashes(header: SafetensorsHeader, root: Optional[Path], stop: Optional[threading.Event] = None) -> FileHashes:
+    """:func:`file_hashes` of the file, from ``root/file-hashes`` when its fingerprint is known there
+    (``stop``: set, it ends the hashing early with HashingStopped)."""
     fp = fingerprint(header.path) if root is not None else None
-    return remembered(root, "file-hashes", fp, lambda: file_hashes(header)[0], lambda h: h.model_dump_json(),
-                      FileHashes.model_validate_json)
+    compute = (lambda: file_hashes(header)[0]) if stop is None else (lambda: file_hashes(header, stop)[0])
+    return remembered(root, "file-hashes", fp, compute, lambda h: h.model_dump_json(), FileHashes.model_validate_json)
 
 
 def remembered_nonfinite(header: SafetensorsHeader, root: Optional[Path]) -> frozenset[str]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Literal, Mapping, Optional
 
@@ -100,24 +101,35 @@ def legacy_window(header: bytes, data: memoryview) -> tuple[str, bool]:
     return h.hexdigest()[:LEGACY_DIGITS], touched
 
 
-def file_hashes(header: SafetensorsHeader) -> tuple[FileHashes, bool]:
+class HashingStopped(Exception):
+    """The hashing was asked to stop (its result was no longer wanted)."""
+
+
+def file_hashes(header: SafetensorsHeader, stop: Optional[threading.Event] = None) -> tuple[FileHashes, bool]:
     """The file's hashes, and whether the legacy window fell in the re-serialised header.
 
     The whole-file and the data-section SHA-256 read the same mapped pages, each in its own thread
-    (hashlib releases the GIL on large buffers): one read of the file, two cores' worth of hashing."""
+    (hashlib releases the GIL on large buffers): one read of the file, two cores' worth of hashing.
+    ``stop``: once set, the hashing ends early with HashingStopped."""
     view = memoryview(header.mapping())
     with ThreadPoolExecutor(max_workers=1) as pool:
-        data_hash = pool.submit(_sha256, view, header.data_offset)
-        whole = _sha256(view, 0)
-        tsha = data_hash.result()
+        data_hash = pool.submit(_sha256, view, header.data_offset, stop)
+        try:
+            whole = _sha256(view, 0, stop)
+        finally:
+            tsha = data_hash.result() if stop is None or not stop.is_set() else None
+    if tsha is None:
+        raise HashingStopped()
     infos = {name: (t.dtype, list(t.shape), t.nbytes, lambda t=t: header.view(t)) for name, t in header.tensors.items()}
     legacy, touched = _legacy(infos, header.metadata)
     return FileHashes(sha256=whole, autov2=whole[:AUTOV2_DIGITS], tensor_sha256=tsha, autov3=tsha[:AUTOV3_DIGITS], legacy=legacy), touched
 
 
-def _sha256(view: memoryview, start: int) -> str:
+def _sha256(view: memoryview, start: int, stop: Optional[threading.Event] = None) -> str:
     h = hashlib.sha256()
     for i in range(start, len(view), _CHUNK):
+        if stop is not None and stop.is_set():
+            raise HashingStopped()
         h.update(view[i : i + _CHUNK])
     return h.hexdigest()
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional, Union
 
@@ -77,9 +79,12 @@ def detect(path: PathLike, *, format: Optional[str] = None, family: Optional[str
     return _detect(Path(path), format, _model_family(family, model))[0]
 
 
-def _detect(path: Path, format: Optional[str], family: Optional[str], registry: Optional[Registry] = None):
+def _detect(path: Path, format: Optional[str], family: Optional[str], registry: Optional[Registry] = None, on_header=None):
+    """``on_header(weights header)``: called once the file is open, before detection (whose answer it returns
+    in place of the header: the source's hashes start then, beside detection)."""
     registry = registry or get_registry()
     tensors, metadata, container, peft_config, weights = _read_source(path)
+    started = on_header(weights) if on_header else weights
     if format:
         registry.format(format)
     if family:
@@ -96,7 +101,7 @@ def _detect(path: Path, format: Optional[str], family: Optional[str], registry: 
         formats=[format] if format else None,
         families=families,
     )
-    return det, result, tensors, metadata, peft_config, weights
+    return det, result, tensors, metadata, peft_config, started
 
 
 def load(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None, hash: bool = True,
@@ -111,8 +116,8 @@ def load(path: PathLike, *, format: Optional[str] = None, family: Optional[str] 
     if not hash:
         return _read_lora(path, format, family)[0]
     # the provenance hash runs beside the rest: hashlib releases the GIL on large buffers
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        lora, digest = _read_lora(path, format, family, _hashing_in(pool))
+    with ThreadPoolExecutor(max_workers=1) as pool, _hashing_in(pool) as hashing:
+        lora, digest = _read_lora(path, format, family, hashing)
         _set_source_hashes(lora, digest.result())
     return lora
 
@@ -122,16 +127,22 @@ def _set_source_hashes(lora: Lora, hashes: FileHashes) -> None:
     lora.source_hashes = hashes.model_dump()
 
 
+@contextmanager
 def _hashing_in(pool: ThreadPoolExecutor):
-    """Start the source file's hashes in ``pool`` once its header is known (a future of FileHashes); a file
-    whose fingerprint the cache remembers is not hashed again."""
-    return lambda header: pool.submit(remembered_file_hashes, header, default_cache_root())
+    """A starter of the source file's hashes in ``pool`` once its header is known (it returns a future of
+    FileHashes); a file whose fingerprint the cache remembers is not hashed again. Leaving the block on an
+    error stops the hashing (the pool would otherwise wait for a hash nobody reads)."""
+    stop = threading.Event()
+    try:
+        yield lambda header: pool.submit(remembered_file_hashes, header, default_cache_root(), stop)
+    except BaseException:
+        stop.set()
+        raise
 
 
-def _read_lora(path: Path, format: Optional[str], family: Optional[str], before_assembly=None):
-    """Detect and assemble; ``before_assembly(header)`` starts work (the hashes) before the factors are read."""
-    det, result, tensors, metadata, peft_config, weights = _detect(path, format, family)
-    started = before_assembly(weights) if before_assembly else weights
+def _read_lora(path: Path, format: Optional[str], family: Optional[str], on_header=None):
+    """Detect and assemble; ``on_header(header)`` starts work (the hashes) before detection."""
+    det, result, tensors, metadata, peft_config, started = _detect(path, format, family, on_header=on_header)
     if result.unmapped:
         _refuse_mixed(det, result, tensors, metadata)
     lora = assemble(result, tensors, metadata, peft_config)
@@ -446,8 +457,8 @@ def convert(
     check_output(source, output, force)
     registry = get_registry()
     registry.format(to)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        lora, digest = _read_lora(source, None, family, _hashing_in(pool))
+    with ThreadPoolExecutor(max_workers=1) as pool, _hashing_in(pool) as hashing:
+        lora, digest = _read_lora(source, None, family, hashing)
         if lora.undecided and lora.undecided_names_differ:
             raise InputError(f"{source}: fits {', '.join(lora.undecided)} equally and its metadata names none, and they name "
                              "its modules differently: pass --family")
