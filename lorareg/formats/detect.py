@@ -72,16 +72,14 @@ def _leaf(name: str) -> str:
 
 def _targets(result: ParseResult) -> set[tuple[str, str]]:
     """(component, canonical module) of every parsed key, each once (a module's factors share one)."""
-    seen: set[int] = set()
+    fused: set[int] = set()
     out: set[tuple[str, str]] = set()
     for pk in result.parsed.values():
-        if id(pk.target) in seen and not isinstance(pk.target, str):
-            continue
-        seen.add(id(pk.target))
-        if hasattr(pk.target, "slices"):
-            out.update((pk.component, s.module) for s in pk.target.slices)
-        else:
+        if isinstance(pk.target, str):
             out.add((pk.component, pk.target))
+        elif id(pk.target) not in fused:  # a fused module: its parts (the same object for each of its keys)
+            fused.add(id(pk.target))
+            out.update((pk.component, s.module) for s in pk.target.slices)
     return out
 
 
