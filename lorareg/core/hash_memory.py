@@ -74,7 +74,7 @@ def data_recipe(tensors: Sequence[LazyTensor], max_memory_share: float = 0.125) 
 
     File tensors are never changed in place (lorareg makes new tensors for new values), so a file range
     of an unchanged file is the same bytes."""
-    h = hashlib.sha256(f"{MEMORY_VERSION}|data".encode())
+    parts = [f"{MEMORY_VERSION}|data"]
     prints: dict[int, Optional[str]] = {}
     total = sum(t.numel * DTYPES[t.dtype][1] for t in tensors)
     in_memory = 0
@@ -87,14 +87,14 @@ def data_recipe(tensors: Sequence[LazyTensor], max_memory_share: float = 0.125) 
             fp = prints[id(header)]
             if fp is None:
                 return None
-            h.update(f"F{fp}:{info.begin}:{info.end};".encode())
+            parts.append(f"F{fp}:{info.begin}:{info.end}")
         else:
             buf = t.buffer()
             in_memory += len(buf)
             if in_memory > max_memory_share * total:
                 return None
-            h.update(f"M{len(buf)}:".encode() + hashlib.sha256(buf).digest())
-    return h.hexdigest()
+            parts.append(f"M{len(buf)}:{hashlib.sha256(buf).hexdigest()}")
+    return hashlib.sha256(";".join(parts).encode()).hexdigest()
 
 
 def remembered_file_hashes(header: SafetensorsHeader, root: Optional[Path], stop: Optional[threading.Event] = None) -> FileHashes:

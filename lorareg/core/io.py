@@ -275,21 +275,33 @@ def _as_lazy(t: TensorLike) -> LazyTensor:
     return t if isinstance(t, LazyTensor) else LazyTensor.from_torch(t)
 
 
-def build_header(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
-    """A deterministic header: keys sorted, compact JSON, padded to 8 bytes. Returns (header, order)."""
+def build_header(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str] | None,
+                 entries: Optional[str] = None) -> tuple[bytes, list[str]]:
+    """A deterministic header: keys sorted, compact JSON, padded to 8 bytes. Returns (header, order).
+    ``entries``: :func:`tensor_entries` of these tensors, when already made (a header written twice)."""
     order = sorted(tensors)
-    header: dict[str, object] = {}
+    parts = []
     if metadata:
-        header["__metadata__"] = {k: str(metadata[k]) for k in sorted(metadata)}
+        meta = {k: str(metadata[k]) for k in sorted(metadata)}
+        parts.append('"__metadata__":' + json.dumps(meta, separators=(",", ":"), ensure_ascii=False))
+    entries = tensor_entries(tensors, order) if entries is None else entries
+    if entries:
+        parts.append(entries)
+    raw = ("{" + ",".join(parts) + "}").encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return raw, order
+
+
+def tensor_entries(tensors: Mapping[str, LazyTensor], order: list[str]) -> str:
+    """The header's tensor entries (JSON object members, no braces), data laid out in ``order``."""
+    entries: dict[str, object] = {}
     offset = 0
     for name in order:
         t = tensors[name]
         nbytes = t.numel * DTYPES[t.dtype][1]
-        header[name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        entries[name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return raw, order
+    return json.dumps(entries, separators=(",", ":"), ensure_ascii=False)[1:-1]
 
 
 def write_safetensors(
@@ -310,7 +322,8 @@ def write_safetensors(
     the front. ``data_sha256``: that hash when already known (it is then not computed)."""
     path = Path(path)
     lazy = {name: _as_lazy(t) for name, t in tensors.items()}
-    raw_header, order = build_header(lazy, metadata)
+    entries = tensor_entries(lazy, sorted(lazy))
+    raw_header, order = build_header(lazy, metadata, entries)
     if finish is None:
         hasher = hashlib.sha256() if digest else None
 
@@ -338,7 +351,7 @@ def write_safetensors(
             for buf in buffers:
                 f.write(buf)
             data = data_sha256
-        header, _ = build_header(lazy, finish(data))
+        header, _ = build_header(lazy, finish(data), entries)
         if len(header) != len(raw_header):  # a final value of another length: lay the file out again
             f.seek(0)
             f.truncate()
