@@ -28,14 +28,13 @@ from lora_factory import make_lora, write
 
 # -- the plain scoring (reference) ----------------------------------------------------------------------
 
-def _plain_parse(variant, family, tensors) -> ParseResult:
-    result = ParseResult(variant, family)
-    flat = variant.spec.separator == "_"
-    doubled_any = False
-    for key in tensors:
+def _plain_split(variant, keys) -> dict:
+    """key -> (suffix, prefix candidates) or a reason, key by key (family-independent, as detection splits)."""
+    out = {}
+    for key in keys:
         suffix = next((s for s in variant.suffixes if key.endswith(s.text) and len(key) > len(s.text)), None)
         if suffix is None:
-            result.unmapped[key] = "unknown factor suffix for this format"
+            out[key] = "unknown factor suffix for this format"
             continue
         base = key[: -len(suffix.text)]
         cands = []
@@ -51,9 +50,19 @@ def _plain_parse(variant, family, tensors) -> ParseResult:
                     segs = r.apply(segs)
                 rest = ".".join(segs)
             cands.append((rule, rest, doubled))
-        if not cands:
-            result.unmapped[key] = "unknown key prefix for this format"
+        out[key] = (suffix, cands) if cands else "unknown key prefix for this format"
+    return out
+
+
+def _plain_parse(variant, family, tensors, split) -> ParseResult:
+    result = ParseResult(variant, family)
+    flat = variant.spec.separator == "_"
+    doubled_any = False
+    for key in tensors:
+        if isinstance(split[key], str):
+            result.unmapped[key] = split[key]
             continue
+        suffix, cands = split[key]
         pk = next((_parsed(key, suffix, rule, rest, doubled, cid, scheme, target, variant, family.components[cid])
                    for rule, rest, doubled in cands
                    for cid in rule.components if cid in family.components
@@ -119,10 +128,11 @@ def plain_scores(tensors, metadata, registry, container="safetensors"):
         if fmt.spec.container != container:
             continue
         for variant in fmt.variants:
+            split = _plain_split(variant, keys)
             for fam in registry.families.values():
-                if not variant.applies_to(fam) or not _plain_parse(variant, fam, sample).parsed:
+                if not variant.applies_to(fam) or not _plain_parse(variant, fam, sample, split).parsed:
                     continue
-                res = _plain_parse(variant, fam, tensors)
+                res = _plain_parse(variant, fam, tensors, split)
                 if not res.parsed:
                     continue
                 results[(fmt.id, variant.id, fam.id)] = res
