@@ -15,6 +15,7 @@ import mmap
 import os
 import struct
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,14 +73,17 @@ class SafetensorsHeader:
     file_size: int
     _map: Optional[mmap.mmap] = field(default=None, repr=False, compare=False)
     _view: Optional[memoryview] = field(default=None, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def mapping(self) -> mmap.mmap:
         """The file mapped copy-on-write: tensors are views of it, writes never reach the file."""
         if self._map is None:
-            with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size != self.file_size:
-                    raise InputError(f"{self.path}: file changed while reading")
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            with self._lock:  # hashing threads and the reader may ask at once: map the file once
+                if self._map is None:
+                    with open(self.path, "rb") as f:
+                        if os.fstat(f.fileno()).st_size != self.file_size:
+                            raise InputError(f"{self.path}: file changed while reading")
+                        self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         return self._map
 
     def view(self, info: TensorInfo) -> memoryview:

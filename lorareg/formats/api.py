@@ -128,16 +128,23 @@ def _set_source_hashes(lora: Lora, hashes: FileHashes) -> None:
 
 
 @contextmanager
-def _hashing_in(pool: ThreadPoolExecutor):
-    """A starter of the source file's hashes in ``pool`` once its header is known (it returns a future of
-    FileHashes); a file whose fingerprint the cache remembers is not hashed again. Leaving the block on an
-    error stops the hashing (the pool would otherwise wait for a hash nobody reads)."""
+def _stop_on_error():
+    """An event set when the block is left on an error: a hash started beside the block ends early then (its
+    pool would otherwise wait for a hash nobody reads)."""
     stop = threading.Event()
     try:
-        yield lambda header: pool.submit(remembered_file_hashes, header, default_cache_root(), stop)
+        yield stop
     except BaseException:
         stop.set()
         raise
+
+
+@contextmanager
+def _hashing_in(pool: ThreadPoolExecutor):
+    """A starter of the source file's hashes in ``pool`` once its header is known (it returns a future of
+    FileHashes); a file whose fingerprint the cache remembers is not hashed again; stopped on an error."""
+    with _stop_on_error() as stop:
+        yield lambda header: pool.submit(remembered_file_hashes, header, default_cache_root(), stop)
 
 
 def _read_lora(path: Path, format: Optional[str], family: Optional[str], on_header=None):
@@ -226,14 +233,19 @@ def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[st
     """Everything a user asks first about a LoRA file (``model``: its base model, when no registered family fits)."""
     path = Path(path)
     family = _model_family(family, model)
-    det, result, tensors, metadata, peft_config, weights = _detect(path, format, family)
-    if result.unmapped:
-        _refuse_mixed(det, result, tensors, metadata)
-    lora = assemble(result, tensors, metadata, peft_config)
-    types = lora.adapter_types
-    nonfinite = [nf.__dict__ for nf in scan_nonfinite(tensors)]
-    shown_meta = {k: (v if len(v) <= 2000 else v[:2000] + f"... ({len(v)} chars)") for k, v in metadata.items()}
-    hashes, legacy_in_header = file_hashes(weights)
+    # the file's hashes run beside detection (hashlib releases the GIL), stopped if the file cannot be read
+    with ThreadPoolExecutor(max_workers=1) as pool, _stop_on_error() as stop:
+        det, result, tensors, metadata, peft_config, (weights, hashing) = _detect(
+            path, format, family, on_header=lambda header: (header, pool.submit(file_hashes, header, stop)))
+        if result.unmapped:
+            _refuse_mixed(det, result, tensors, metadata)
+        lora = assemble(result, tensors, metadata, peft_config)
+        types = lora.adapter_types
+        # one pass over the file (remembered by its fingerprint), then counts for the tensors that hold NaN/Inf
+        bad = remembered_nonfinite(weights, default_cache_root())
+        nonfinite = [nf.__dict__ for nf in scan_nonfinite({k: t for k, t in tensors.items() if k in bad})]
+        shown_meta = {k: (v if len(v) <= 2000 else v[:2000] + f"... ({len(v)} chars)") for k, v in metadata.items()}
+        hashes, legacy_in_header = hashing.result()
     return Inspection(
         path=str(path),
         format=det.format,
