@@ -120,9 +120,14 @@ def file_hashes(header: SafetensorsHeader, stop: Optional[threading.Event] = Non
             tsha = data_hash.result() if stop is None or not stop.is_set() else None
     if tsha is None:
         raise HashingStopped()
-    infos = {name: (t.dtype, list(t.shape), t.nbytes, lambda t=t: header.view(t)) for name, t in header.tensors.items()}
-    legacy, touched = _legacy(infos, header.metadata)
+    legacy, touched = legacy_hash(header)
     return FileHashes(sha256=whole, autov2=whole[:AUTOV2_DIGITS], tensor_sha256=tsha, autov3=tsha[:AUTOV3_DIGITS], legacy=legacy), touched
+
+
+def legacy_hash(header: SafetensorsHeader) -> tuple[str, bool]:
+    """The file's legacy hash, and whether its window fell in the re-serialised header (reads 64 KiB at most)."""
+    infos = {name: (t.dtype, list(t.shape), t.nbytes, lambda t=t: header.view(t)) for name, t in header.tensors.items()}
+    return _legacy(infos, header.metadata)
 
 
 def _sha256(view: memoryview, start: int, stop: Optional[threading.Event] = None) -> str:

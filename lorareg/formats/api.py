@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, Field
 
-from ..core.hashes import (PLACEHOLDER_HASHES, EmbeddedHash, FileHashes, check_embedded, file_hashes, own_fields, own_legacy_hash,
+from ..core.hashes import (PLACEHOLDER_HASHES, EmbeddedHash, FileHashes, check_embedded, legacy_hash, own_fields, own_legacy_hash,
                            source_hash_fields, without_inherited_hashes)
 from ..core.hash_memory import data_recipe, recall, remember, remembered_file_hashes, remembered_nonfinite
 from ..core.version import __version__
@@ -233,10 +233,10 @@ def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[st
     """Everything a user asks first about a LoRA file (``model``: its base model, when no registered family fits)."""
     path = Path(path)
     family = _model_family(family, model)
-    # the file's hashes run beside detection (hashlib releases the GIL), stopped if the file cannot be read
-    with ThreadPoolExecutor(max_workers=1) as pool, _stop_on_error() as stop:
-        det, result, tensors, metadata, peft_config, (weights, hashing) = _detect(
-            path, format, family, on_header=lambda header: (header, pool.submit(file_hashes, header, stop)))
+    # the file's hashes run beside detection (hashlib releases the GIL), remembered by its fingerprint
+    with ThreadPoolExecutor(max_workers=1) as pool, _hashing_in(pool) as hashing:
+        det, result, tensors, metadata, peft_config, (weights, hashes) = _detect(
+            path, format, family, on_header=lambda header: (header, hashing(header)))
         if result.unmapped:
             _refuse_mixed(det, result, tensors, metadata)
         lora = assemble(result, tensors, metadata, peft_config)
@@ -245,7 +245,7 @@ def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[st
         bad = remembered_nonfinite(weights, default_cache_root())
         nonfinite = [nf.__dict__ for nf in scan_nonfinite({k: t for k, t in tensors.items() if k in bad})]
         shown_meta = {k: (v if len(v) <= 2000 else v[:2000] + f"... ({len(v)} chars)") for k, v in metadata.items()}
-        hashes, legacy_in_header = hashing.result()
+        hashes, legacy_in_header = hashes.result(), legacy_hash(weights)[1]
     return Inspection(
         path=str(path),
         format=det.format,
