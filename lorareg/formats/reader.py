@@ -69,10 +69,15 @@ class SplitKey:
 
 class SplitKeys(list):
     """:func:`split_keys`' answer: one entry per key (a SplitKey, or (key, reason)), and ``rests``: per prefix
-    rule (by id), every module string it leaves of some key. A family none of whose name tables holds one of
-    them parses none of the keys."""
+    rule (:func:`rule_key`), every module string it leaves of some key. A family none of whose name tables holds
+    one of them parses none of the keys."""
 
-    rests: dict[int, set[str]]
+    rests: dict[tuple, set[str]]
+
+
+def rule_key(rule) -> tuple:
+    """A prefix rule's identity for lookups: two rules with the same prefix and components read alike."""
+    return rule.prefix, tuple(rule.components)
 
 
 def split_keys(variant: Variant, keys) -> SplitKeys:
@@ -92,7 +97,7 @@ def split_keys(variant: Variant, keys) -> SplitKeys:
     out.rests = {}
     for cands in prefixes.values():
         for rule, rest, _ in cands:
-            out.rests.setdefault(id(rule), set()).add(rest)
+            out.rests.setdefault(rule_key(rule), set()).add(rest)
     return out
 
 
@@ -114,11 +119,11 @@ def _prefix_candidates(variant: Variant, base: str) -> tuple:
     return tuple(cands)
 
 
-def _rule_tables(variant: Variant, family: Family) -> dict[int, list[tuple]]:
-    """Per prefix rule (by id), the (component, scheme, name table, component) to look names up in, in order."""
+def _rule_tables(variant: Variant, family: Family) -> dict[tuple, list[tuple]]:
+    """Per prefix rule (:func:`rule_key`), the (component, scheme, name table, component) to look names up in, in order."""
     flat = variant.spec.separator == "_"
     return {
-        id(rule): [
+        rule_key(rule): [
             (cid, scheme, comp.flat_names(scheme) if flat else comp.scheme_names(scheme), comp)
             for cid in rule.components
             if (comp := family.components.get(cid)) is not None
@@ -131,7 +136,7 @@ def _rule_tables(variant: Variant, family: Family) -> dict[int, list[tuple]]:
 
 def may_parse(variant: Variant, family: Family, split: SplitKeys) -> bool:
     """False when no key of ``split`` can parse as a module of ``family`` (no name table holds any of them)."""
-    return any(not table.keys().isdisjoint(split.rests.get(rid, ())) for rid, entries in _rule_tables(variant, family).items()
+    return any(not table.keys().isdisjoint(split.rests.get(rk, ())) for rk, entries in _rule_tables(variant, family).items()
                for _, _, table, _ in entries)
 
 
@@ -142,8 +147,8 @@ def parse_keys(variant: Variant, family: Family, tensors: Mapping[str, LazyTenso
     if split is None:
         split = split_keys(variant, tensors)
     # per rule, the module strings some table names: any other misses at once (most keys, for a wrong family)
-    known = {rid: set().union(*(table.keys() & rests for _, _, table, _ in tables.get(rid, ())))
-             for rid, rests in split.rests.items()} if isinstance(split, SplitKeys) else None
+    known = {rk: set().union(*(table.keys() & rests for _, _, table, _ in tables.get(rk, ())))
+             for rk, rests in split.rests.items()} if isinstance(split, SplitKeys) else None
     found: dict[str, Optional[tuple]] = {}  # base -> where it resolves: looked up once per module, not per key
     parsed, unmapped = result.parsed, result.unmapped
     missing = f"no module of family {family.id} has this name"
@@ -166,13 +171,14 @@ def parse_keys(variant: Variant, family: Family, tensors: Mapping[str, LazyTenso
     return result
 
 
-def _lookup(candidates: tuple, variant: Variant, tables: dict[int, list[tuple]], known: Optional[dict[int, set[str]]]) -> Optional[tuple]:
+def _lookup(candidates: tuple, variant: Variant, tables: dict[tuple, list[tuple]], known: Optional[dict[tuple, set[str]]]) -> Optional[tuple]:
     """(component, scheme, target, prefix, doubled, bare) of the first prefix candidate a table names
     (``known``: per rule, the module strings some table names; None: not known)."""
     for rule, rest, doubled in candidates:
-        if known is not None and rest not in known.get(id(rule), ()):
+        rk = rule_key(rule)
+        if known is not None and rest not in known.get(rk, ()):
             continue
-        for cid, scheme, table, comp in tables[id(rule)]:
+        for cid, scheme, table, comp in tables.get(rk, ()):
             target = table.get(rest)
             if target is not None:
                 mp = comp.spec.module_prefix
