@@ -7,7 +7,11 @@ in one process and one run, each way of turning it into a diffusers-format file:
   safetensors   load_file + save_file of the same tensors (the floor: no renaming at all)
   diffusers     StableDiffusionXLPipeline.lora_state_dict (its kohya->diffusers conversion) + save_file
   diffusers+saver  the same conversion, then StableDiffusionXLPipeline.save_lora_weights
-  lorareg       lorareg.convert(..., to="diffusers") (detection, validation, NaN scan, provenance, atomic write)
+  lorareg-first    lorareg.convert(..., to="diffusers") of a file met for the first time (empty memory: detection of
+                   every format and family, NaN scan, the source's and the output's SHA-256s, provenance, atomic write)
+  lorareg          the same convert repeated: what the first learnt is remembered by file fingerprint
+  lorareg-no-hash-no-scan  lorareg.load(hash=False) + lorareg.save: no source hash, no NaN scan (the output's own
+                   hash fields are still written, from memory after the warm-up)
 
 Each is run --repeat times after one warm-up, round-robin; medians and ratios are printed. Page cache is warm.
 Usage: python bench/bench_convert.py [--repeat 7] [--rank 32] [--json]
@@ -127,7 +131,7 @@ def main() -> None:
                                                         text_encoder_2_lora_layers=te2, safe_serialization=True)
 
         def lorareg_bare_path():
-            # the same read + write without the SHA-256 provenance hash and the NaN/Inf scan
+            # the same read + write without the source's SHA-256 provenance hashes and the NaN/Inf scan
             lora = lorareg.load(src, hash=False)
             lorareg.save(lora, tmp / "lorareg-bare.safetensors", format="diffusers")
 
