@@ -105,6 +105,14 @@ def remembered_file_hashes(header: SafetensorsHeader, root: Optional[Path], stop
     return remembered(root, "file-hashes", fp, compute, lambda h: h.model_dump_json(), FileHashes.model_validate_json)
 
 
+def remember_file_hashes(path: Path, hashes: FileHashes, root: Optional[Path], fp: Optional[str] = None) -> None:
+    """Record hashes taken elsewhere (a batch's plan) for the file at ``path`` as it is now (``fp``: the fingerprint
+    they were taken at; nothing is recorded if the file has changed since)."""
+    now = fingerprint(path)
+    if now is not None and (fp is None or fp == now) and recall(root, "file-hashes", now, FileHashes.model_validate_json) is None:
+        remember(root, "file-hashes", now, hashes.model_dump_json())
+
+
 def remembered_nonfinite(header: SafetensorsHeader, root: Optional[Path]) -> frozenset[str]:
     """The file's tensors holding NaN/Inf (:func:`lorareg.core.io.file_nonfinite`), remembered by fingerprint."""
     fp = fingerprint(header.path) if root is not None else None

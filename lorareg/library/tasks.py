@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..core.errors import LoraregError
-from ..core.hash_memory import fingerprint
+from ..core.hash_memory import remember_file_hashes
 from ..core.hashes import FileHashes
-from ..core.io import atomic_write_text
 from ..engine.cache import default_cache_root
 from ..hub.push import push
 from ..port import port
@@ -76,19 +75,15 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _remember_hashes(lora: str, known: Optional[dict[str, Any]]) -> None:
-    """Leave the plan's hashes of the source where the port's load looks them up by fingerprint (the entry
-    lorareg.core.hash_memory.remembered_file_hashes reads), so that the port does not hash the file again.
-    Only when the file here has the fingerprint the hashes were taken at (same path, size, mtime, inode)."""
-    if not known or fingerprint(Path(lora)) != known["fingerprint"]:
-        return
-    fp = known["fingerprint"]
-    entry = default_cache_root() / "file-hashes" / fp[:2] / f"{fp}.json"
-    if entry.exists():
+    """Leave the plan's hashes of the source where the port's load looks them up by fingerprint, so that the port
+    does not hash the file again; only when the file still has the fingerprint they were taken at."""
+    if not known:
         return
     try:
-        atomic_write_text(entry, FileHashes(**known["hashes"]).model_dump_json() + "\n")
-    except (OSError, ValueError):
-        pass  # the port then hashes the file itself
+        hashes = FileHashes(**known["hashes"])
+    except (TypeError, ValueError):
+        return  # the port then hashes the file itself
+    remember_file_hashes(Path(lora), hashes, default_cache_root(), known["fingerprint"])
 
 
 def _shares(timings: dict[str, float]) -> dict[str, float]:
