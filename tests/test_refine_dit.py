@@ -281,3 +281,28 @@ def test_cli_with_prompts_embeds_and_the_card(tiny, tmp_path):
     assert "2 latent frames of 4x4" in card and "concat image conditioning" in card and "--prompts-embeds EMBEDS.safetensors" in card
     bad = CliRunner().invoke(main, [*args[:-1], "--force", "--frames", "3", "--latent-size", "5"])
     assert bad.exit_code != 0 and "even side" in bad.output and "Traceback" not in bad.output
+
+
+def _called_with(fid: str, x: torch.Tensor, sigma: torch.Tensor, cond: dict, first=None, dtype=torch.float32) -> dict:
+    """The keywords a family's Denoiser passes its (tiny, real-class) transformer."""
+    from lorareg.refine.dit import Denoiser
+
+    fam = get_registry().family(fid)
+    spec = fam.spec.diffusion.denoiser
+    model = getattr(diffusers, fam.components[spec.component].spec.architecture.class_).from_config(_config(fid, spec.component)).to(dtype)
+    seen = {}
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        Denoiser(model, spec)(x.to(dtype), sigma, cond, first if first is None else first.to(dtype))
+    return seen
+
+
+def test_hunyuan_33ch_image_only_on_the_first_frame(tiny):
+    # diffusers' HunyuanVideoImageToVideoPipeline (latent_concat) zeroes the image latent after the first frame
+    x, first = torch.randn(1, 16, 3, 4, 4), torch.randn(1, 16, 1, 4, 4)
+    cond = {k: v[:1] for k, v in _conditions().items()}
+    inp = _called_with("tiny-hv-i2v33", x, torch.tensor([0.5]), cond, first)["hidden_states"]
+    assert inp.shape[1] == 33
+    assert torch.equal(inp[:, :16], x) and torch.equal(inp[:, 16:32, :1], first)
+    assert not inp[:, 16:32, 1:].any()
+    assert torch.equal(inp[:, 32, 0], torch.ones(1, 4, 4)) and not inp[:, 32, 1:].any()
