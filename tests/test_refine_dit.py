@@ -293,6 +293,7 @@ def _called_with(fid: str, x: torch.Tensor, sigma: torch.Tensor, cond: dict, fir
     seen = {}
     model.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
     with torch.no_grad():
+        cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
         Denoiser(model, spec)(x.to(dtype), sigma, cond, first if first is None else first.to(dtype))
     return seen
 
@@ -306,3 +307,12 @@ def test_hunyuan_33ch_image_only_on_the_first_frame(tiny):
     assert torch.equal(inp[:, :16], x) and torch.equal(inp[:, 16:32, :1], first)
     assert not inp[:, 16:32, 1:].any()
     assert torch.equal(inp[:, 32, 0], torch.ones(1, 4, 4)) and not inp[:, 32, 1:].any()
+
+
+@pytest.mark.parametrize("fid,frames,scale", [("tiny-hv", 2, 1000), ("tiny-wan21", 2, 1000), ("tiny-flux", 1, 1), ("tiny-chroma", 1, 1)])
+def test_timestep_in_float32_under_bf16(tiny, fid, frames, scale):
+    # the HunyuanVideo and Wan pipelines pass σ x 1000 in float32 whatever the transformer's dtype: bf16 would round
+    # 876.5 to 876 (its spacing is 4 above 512); FLUX.1 and Chroma take σ and cast it themselves
+    cond = {k: v[:1] for k, v in _conditions().items()}
+    seen = _called_with(fid, torch.randn(1, 16, frames, 4, 4), torch.tensor([0.8765]), cond, dtype=torch.bfloat16)
+    assert seen["timestep"].dtype == torch.float32 and torch.allclose(seen["timestep"], torch.tensor([0.8765 * scale]))

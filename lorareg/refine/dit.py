@@ -221,7 +221,8 @@ class Denoiser:
         tokens = (h // 2) * (w // 2)
         values["joint_mask"] = torch.cat([mask.bool(), torch.ones(b, tokens, dtype=torch.bool, device=dev)], dim=1)
         values["latents"] = inp
-        values["timestep"] = (sigma * self.spec.timestep_scale).to(dev, dtype)
+        # float32 as the pipelines pass it: in bf16, σ x 1000 would be rounded to steps of 4
+        values["timestep"] = (sigma.float() * self.spec.timestep_scale).to(dev)
         if self.guidance is not None:
             values["guidance"] = torch.full((b,), self.guidance.value * self.guidance.multiplier, device=dev, dtype=dtype)
         kwargs = {kw: values[name] for kw, name in self.spec.inputs.items() if name in values}
