@@ -49,6 +49,13 @@ def _clip_text_diffusion() -> dict:
     return diffusion
 
 
+def _hv_diffusion(guidance: float) -> dict:
+    """HunyuanVideo's diffusion data with another embedded guidance."""
+    diffusion = copy.deepcopy(json.loads((ROOT / "schemas" / "families" / "hunyuan-video.json").read_text())["diffusion"])
+    diffusion["denoiser"]["guidance"]["value"] = guidance
+    return diffusion
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-dit-data")
@@ -63,6 +70,7 @@ def tiny(tmp_path_factory):
     tiny_variant(root, "tiny-flux", "flux.1-dev", FLUX)
     tiny_variant(root, "tiny-chroma", "chroma", CHROMA)
     tiny_variant(root, "tiny-hv-te", "hunyuan-video", HV, extra={"diffusion": _clip_text_diffusion()})
+    tiny_variant(root, "tiny-hv-g2", "hunyuan-video", HV, extra={"diffusion": _hv_diffusion(guidance=2.0)})
     mp = pytest.MonkeyPatch()
     mp.setenv("LORAREG_DATA_PATH", str(root))
     yield root
@@ -316,3 +324,16 @@ def test_timestep_in_float32_under_bf16(tiny, fid, frames, scale):
     cond = {k: v[:1] for k, v in _conditions().items()}
     seen = _called_with(fid, torch.randn(1, 16, frames, 4, 4), torch.tensor([0.8765]), cond, dtype=torch.bfloat16)
     assert seen["timestep"].dtype == torch.float32 and torch.allclose(seen["timestep"], torch.tensor([0.8765 * scale]))
+
+
+def test_teacher_cache_keyed_by_the_source_family_data(tiny, tmp_path):
+    # the same folders read as a family with another embedded guidance: the teacher's velocities differ, never reused
+    src = _model(tmp_path / "t2v", "tiny-hv", seed=0)
+    tgt = _model(tmp_path / "i2v", "tiny-hv-i2v33", seed=0, base=src, moved=0.05)
+    lora = _lora(tmp_path, "tiny-hv")
+    kw = dict(source_model=str(src), target_model=str(tgt), to="tiny-hv-i2v33", refine_conditions=_conditions(),
+              cache_dir=tmp_path / "cache", **{**FAST, "refine_steps": 0})
+    first = lorareg.port(lora, family="tiny-hv", **kw).report.refine
+    same = lorareg.port(lora, family="tiny-hv", **kw).report.refine
+    other = lorareg.port(lora, family="tiny-hv-g2", **kw).report.refine
+    assert not first["samples_cached"] and same["samples_cached"] and not other["samples_cached"]

@@ -376,7 +376,11 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
     ranges = [(low, high) for _, low, high in _components(tgt_fam)]
     t0 = time.perf_counter()
     torch.manual_seed(seed)
+    # the source family's data says how the teacher is called (guidance, timestep scale, inputs, encoders, experts)
+    teacher_data = {"family": src_fam.id, "diffusion": src_spec.model_dump(mode="json", exclude={"notes"}),
+                    "experts": src_fam.spec.experts.model_dump(mode="json", exclude={"notes"}) if src_fam.spec.experts else None}
     key = {"v": SAMPLES_VERSION, "model": model_digest(src_folder), "lora": lora_digest(job.source_lora), "samples": samples,
+           "teacher": teacher_data,
            "noisings": noisings, "shape": list(shape), "sampler_steps": sampler_steps, "guidance": guidance, "seed": seed,
            "shift": shift_s, "student_shift": shift_t, "ranges": ranges, "dtype": str(dtype),
            "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
