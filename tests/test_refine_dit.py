@@ -337,3 +337,23 @@ def test_teacher_cache_keyed_by_the_source_family_data(tiny, tmp_path):
     same = lorareg.port(lora, family="tiny-hv", **kw).report.refine
     other = lorareg.port(lora, family="tiny-hv-g2", **kw).report.refine
     assert not first["samples_cached"] and same["samples_cached"] and not other["samples_cached"]
+
+
+def test_text_encoder_of_another_architecture_refused(tiny, tmp_path):
+    # HunyuanVideo's data names a LlamaModel; a folder holding a whole Llava (HunyuanVideo-I2V's text encoder) would
+    # load as a randomly initialised Llama with only a log line: refused instead
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from lorareg.refine.conditioning import TextConditioner
+
+    folder = tmp_path / "hv"
+    text = LlamaConfig(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16)
+    LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision)).save_pretrained(folder / "text_encoder")
+    CLIPTextModel(CLIPTextConfig(vocab_size=96, hidden_size=12, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 max_position_embeddings=77)).save_pretrained(folder / "text_encoder_2")
+    clip_tokenizer_folder(folder / "tokenizer")
+    clip_tokenizer_folder(folder / "tokenizer_2")
+    text_encoders = TextConditioner(get_registry().family("tiny-hv"), folder, None, torch.device("cpu"), torch.float32)
+    with pytest.raises(InputError, match="weights of LlamaModel are not in the checkpoint.*model_type is llava"):
+        text_encoders.encode(["a red fox"])
