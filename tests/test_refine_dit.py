@@ -357,3 +357,18 @@ def test_text_encoder_of_another_architecture_refused(tiny, tmp_path):
     text_encoders = TextConditioner(get_registry().family("tiny-hv"), folder, None, torch.device("cpu"), torch.float32)
     with pytest.raises(InputError, match="weights of LlamaModel are not in the checkpoint.*model_type is llava"):
         text_encoders.encode(["a red fox"])
+
+
+@pytest.mark.parametrize("extra,match", [({"invert_sigmas": True}, "invert_sigmas"),
+                                         ({"use_dynamic_shifting": True, "time_shift_type": "linear"}, "time_shift_type")])
+def test_scheduler_conventions_not_followed_are_refused(tmp_path, extra, match):
+    from lorareg.refine.flow import read_flow
+
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, **extra}))
+    with pytest.raises(InputError, match=match):
+        read_flow(tmp_path, get_registry().family("flux.1-dev").spec.diffusion)
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "invert_sigmas": False, "time_shift_type": "exponential"}))
+    assert read_flow(tmp_path, get_registry().family("flux.1-dev").spec.diffusion).schedule.shift == 3.0
