@@ -372,3 +372,27 @@ def test_scheduler_conventions_not_followed_are_refused(tmp_path, extra, match):
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "invert_sigmas": False, "time_shift_type": "exponential"}))
     assert read_flow(tmp_path, get_registry().family("flux.1-dev").spec.diffusion).schedule.shift == 3.0
+
+
+def test_chroma_mask_keeps_one_padding_token(tiny, tmp_path):
+    # diffusers' ChromaPipeline: T5 runs with the tokenizer's mask, the transformer's text mask then also lets the first
+    # padding token through. Chroma's own conditioning entry, its T5 swapped for a tiny CLIP
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lorareg.refine.conditioning import TextConditioner
+    from lorareg.registry import families as F
+
+    chroma = get_registry().family("chroma")
+    entry = {**chroma.spec.diffusion.conditioning[0].model_dump(by_alias=True, exclude_none=True), "class": "CLIPTextModel", "max_length": 16}
+    diffusion = chroma.spec.diffusion.model_copy(update={"conditioning": [F.TextConditioning(**entry)]})
+    fam = F.Family(spec=chroma.spec.model_copy(update={"diffusion": diffusion}), components={}, path=chroma.path)
+    folder = tmp_path / "chroma"
+    CLIPTextModel(CLIPTextConfig(vocab_size=96, hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 max_position_embeddings=16)).save_pretrained(folder / "text_encoder")
+    clip_tokenizer_folder(folder / "tokenizer")
+    out = TextConditioner(fam, folder, None, torch.device("cpu"), torch.float32).encode(["ab", "abc d"])
+    from transformers import AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))(["ab", "abc d"], padding="max_length", max_length=16).attention_mask
+    assert out["attention_mask"].sum(1).tolist() == [sum(m) + 1 for m in tokens]
+    assert out["attention_mask"][:, 0].all() and out["attention_mask"].shape == (2, 16)

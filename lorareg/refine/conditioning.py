@@ -122,6 +122,9 @@ class TextConditioner:
                     h = h * mask[..., None].to(h.dtype)
                 hidden.append(h.float().cpu())
                 if cond.attention_mask:
+                    if cond.unmasked_padding:
+                        keep = mask.sum(dim=1, keepdim=True) + cond.unmasked_padding
+                        mask = (torch.arange(mask.shape[1], device=mask.device) < keep).to(mask.dtype)
                     masks.append(mask.cpu())
             if cond.pooled:
                 p = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output

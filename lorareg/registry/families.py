@@ -98,6 +98,7 @@ class TextConditioning(BaseModel):
     hidden: bool = True
     max_length: Optional[int] = None
     attention_mask: bool = False
+    unmasked_padding: int = 0  # padding tokens after the text left unmasked in the mask the denoiser gets
     zero_padding: bool = False
 
 
