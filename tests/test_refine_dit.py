@@ -396,3 +396,14 @@ def test_chroma_mask_keeps_one_padding_token(tiny, tmp_path):
     tokens = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))(["ab", "abc d"], padding="max_length", max_length=16).attention_mask
     assert out["attention_mask"].sum(1).tolist() == [sum(m) + 1 for m in tokens]
     assert out["attention_mask"][:, 0].all() and out["attention_mask"].shape == (2, 16)
+
+
+def test_budget_spent_before_the_second_expert_is_reported(tiny, tmp_path):
+    src = _model(tmp_path / "wan21", "tiny-wan21", seed=1)
+    tgt = _model(tmp_path / "wan22", "tiny-wan22", seed=1, base=src, moved=0.05)
+    lora = _lora(tmp_path, "tiny-wan21", pattern=r"transformer:.*attn1\.to_q$")
+    r = lorareg.port(lora, source_model=str(src), target_model=str(tgt), to="tiny-wan22", refine_conditions={"text": _conditions()["text"]},
+                     refine_budget_seconds=0.0, **FAST)
+    rr = r.report.refine
+    assert rr["stopped_by_budget"] and rr["steps"] == 0
+    assert rr["steps_requested"] == 2 * FAST["refine_steps"]  # both experts' steps were asked for, neither ran

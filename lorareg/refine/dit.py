@@ -402,11 +402,12 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
     frame0 = image is not None and image.type == "token_replace"
     refined, experts, history, offset, stopped = ported, [], [], 0, False
     remaining = None if o.budget_seconds is None else o.budget_seconds
-    for component, low, high in _components(tgt_fam):
+    # the experts with modules to train and examples in their range (one where the family has no experts)
+    trainable = [(c, low, high) for c, low, high in _components(tgt_fam)
+                 if modules_of(ported, c) and bool(_in_range(data["sigma"], low, high).any())]
+    for component, low, high in trainable:
         modules = modules_of(ported, component)
         sel = torch.nonzero(_in_range(data["sigma"], low, high)).flatten()
-        if not modules or len(sel) == 0:
-            continue
         model = _load(tgt_fam, tgt_folder, component, dtype).to(dev)
         hooks = TrainableLora(model, modules, dev)
         if dev.type == "cuda" and hasattr(model, "enable_gradient_checkpointing"):
@@ -450,7 +451,7 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
         raise InputError("the ported LoRA has no module on the target's transformer; there is nothing for distillation to refine")
     n = sum(e.examples for e in experts)
     report = DitRefineReport(
-        steps=sum(e.steps for e in experts), steps_requested=steps * len(experts), samples=samples, noisings=noisings,
+        steps=sum(e.steps for e in experts), steps_requested=steps * len(trainable), samples=samples, noisings=noisings,
         latent_size=size, frames=frames, sampler_steps=sampler_steps, guidance=guidance, shift=round(shift_s, 4),
         schedule_from=flow_s.source if flow_s.source == "family" else "scheduler config",
         prompts=len(prompts) or len(next(iter(given.values()))), prompts_from=prompts_from, target=target,
