@@ -407,3 +407,13 @@ def test_budget_spent_before_the_second_expert_is_reported(tiny, tmp_path):
     rr = r.report.refine
     assert rr["stopped_by_budget"] and rr["steps"] == 0
     assert rr["steps_requested"] == 2 * FAST["refine_steps"]  # both experts' steps were asked for, neither ran
+
+
+def test_given_embeddings_without_the_pooled_vector_refused(tiny, tmp_path):
+    # HunyuanVideo's transformer takes CLIP's pooled vector: zeros in its place are a conditioning it never saw
+    src = _model(tmp_path / "t2v", "tiny-hv", seed=0)
+    tgt = _model(tmp_path / "i2v", "tiny-hv-i2v33", seed=0, base=src)
+    lora = _lora(tmp_path, "tiny-hv")
+    cond = {k: v for k, v in _conditions().items() if k != "pooled"}
+    with pytest.raises(InputError, match="pooled"):
+        lorareg.port(lora, source_model=str(src), target_model=str(tgt), to="tiny-hv-i2v33", refine_conditions=cond, **FAST)

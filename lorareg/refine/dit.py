@@ -212,8 +212,6 @@ class Denoiser:
             inp = pack(inp[:, :, 0])
             values["image_ids"] = image_ids(h, w).to(dev, dtype)
             values["text_ids"] = torch.zeros(values["text"].shape[1], 3, device=dev, dtype=dtype)
-        if "pooled" not in values and self.config.get("pooled_projection_dim"):
-            values["pooled"] = torch.zeros(b, int(self.config["pooled_projection_dim"]), device=dev, dtype=dtype)
         mask = values.get("text_mask")
         if mask is None:
             mask = torch.ones(b, values["text"].shape[1], device=dev)
@@ -359,6 +357,10 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
     if image is not None and image.image_embeds and (given is None or "image_embeds" not in given):
         raise InputError(f"{tgt_fam.id} also takes image-encoder embeddings of its conditioning image, which a data-free "
                          "refinement cannot make: give them as image_embeds in --prompts-embeds")
+    takes_pooled = [f.id for f in (src_fam, tgt_fam) if "pooled" in f.spec.diffusion.denoiser.inputs.values()]
+    if given is not None and takes_pooled and "pooled" not in given:
+        raise InputError(f"{takes_pooled[0]}'s transformer takes a pooled text vector: give it as pooled in --prompts-embeds "
+                         "(zeros in its place would be a conditioning it never saw)")
     flow_s, flow_t = read_flow(src_folder, src_spec), read_flow(tgt_folder, tgt_spec)
     tokens = (size // 2) ** 2
     shift_s, shift_t = flow_s.shift_for(tokens), flow_t.shift_for(tokens)
