@@ -347,8 +347,10 @@ def test_text_encoder_of_another_architecture_refused(tiny, tmp_path):
     from lorareg.refine.conditioning import TextConditioner
 
     folder = tmp_path / "hv"
-    text = LlamaConfig(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16)
+    text = LlamaConfig(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                       num_key_value_heads=2)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                              patch_size=16)
     LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision)).save_pretrained(folder / "text_encoder")
     CLIPTextModel(CLIPTextConfig(vocab_size=96, hidden_size=12, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  max_position_embeddings=77)).save_pretrained(folder / "text_encoder_2")
@@ -383,7 +385,8 @@ def test_chroma_mask_keeps_one_padding_token(tiny, tmp_path):
     from lorareg.registry import families as F
 
     chroma = get_registry().family("chroma")
-    entry = {**chroma.spec.diffusion.conditioning[0].model_dump(by_alias=True, exclude_none=True), "class": "CLIPTextModel", "max_length": 16}
+    entry = {**chroma.spec.diffusion.conditioning[0].model_dump(by_alias=True, exclude_none=True), "class": "CLIPTextModel",
+             "max_length": 16}
     diffusion = chroma.spec.diffusion.model_copy(update={"conditioning": [F.TextConditioning(**entry)]})
     fam = F.Family(spec=chroma.spec.model_copy(update={"diffusion": diffusion}), components={}, path=chroma.path)
     folder = tmp_path / "chroma"

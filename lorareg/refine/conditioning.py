@@ -169,7 +169,7 @@ def _text_encoder(family: Family, path: Path, cond: TextConditioning, dtype: tor
         raise InputError(f"{path}: cannot load the text encoder {name} ({e.__class__.__name__}: {str(e).splitlines()[0][:160]})") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # another architecture in the folder loads with these weights random, and only a log line says so
-        raise InputError(f"{path}: {len(missing)} weights of {name} are not in the checkpoint (e.g. {missing[0]}; its model_type is {kind}): "
-                         "not the text encoder the family data names; give the conditioning as tensors (--prompts-embeds)")
+        raise InputError(f"{path}: {len(missing)} weights of {name} are not in the checkpoint (e.g. {missing[0]}; its model_type "
+                         f"is {kind}): not the text encoder the family data names; give the conditioning as tensors (--prompts-embeds)")
     model.eval()
     return model
