@@ -420,3 +420,14 @@ def test_given_embeddings_without_the_pooled_vector_refused(tiny, tmp_path):
     cond = {k: v for k, v in _conditions().items() if k != "pooled"}
     with pytest.raises(InputError, match="pooled"):
         lorareg.port(lora, source_model=str(src), target_model=str(tgt), to="tiny-hv-i2v33", refine_conditions=cond, **FAST)
+
+
+def test_expert_boundary_from_the_model_folder(tiny, tmp_path):
+    # diffusers' WanPipeline switches experts at its model_index.json boundary_ratio; the family's value is the fallback
+    src = _model(tmp_path / "wan21", "tiny-wan21", seed=1)
+    tgt = _model(tmp_path / "wan22", "tiny-wan22", seed=1, base=src)
+    (tgt / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": 0.5}))
+    lora = _lora(tmp_path, "tiny-wan21", pattern=r"transformer:.*attn1\.to_q$")
+    r = lorareg.port(lora, source_model=str(src), target_model=str(tgt), to="tiny-wan22", refine_conditions={"text": _conditions()["text"]},
+                     **{**FAST, "refine_steps": 0})
+    assert [e["sigma_range"] for e in r.report.refine["experts"]] == [[0.5, 1.0], [0.0, 0.5]]

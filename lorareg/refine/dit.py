@@ -24,6 +24,7 @@ the family's ``diffusion.denoiser`` data; nothing here is specific to one model.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,12 +229,23 @@ class Denoiser:
         return unpack(out, h, w)[:, :, None] if packed else out
 
 
-def _components(family: Family) -> list[tuple[str, float, float]]:
-    """(transformer component, σ from, σ to) for each denoiser of the family, highest noise first."""
+def _components(family: Family, folder: Path) -> list[tuple[str, float, float]]:
+    """(transformer component, σ from, σ to) for each denoiser of the family, highest noise first; the boundary
+    between experts is the model folder's (``model_index.json``, as diffusers' pipelines read it) over the family's."""
     e = family.spec.experts
     if e is None:
         return [(family.spec.diffusion.denoiser.component, 0.0, 1.0)]
     b = e.boundary_ratio if e.boundary_ratio is not None else 0.875
+    index = folder / "model_index.json"
+    if index.is_file():
+        try:
+            given = json.loads(index.read_text(encoding="utf-8")).get("boundary_ratio")
+        except (OSError, ValueError, AttributeError):
+            raise InputError(f"{index}: not a valid model index (JSON object)") from None
+        if given is not None:
+            if not isinstance(given, (int, float)) or not 0 < given < 1:
+                raise InputError(f"{index}: boundary_ratio {given!r} is not a number between 0 and 1")
+            b = float(given)
     return [(e.high_noise, b, 1.0), (e.low_noise, 0.0, b)]
 
 
@@ -278,7 +290,7 @@ def _teacher_data(t: _Teacher, *, samples: int, noisings: int, shape: tuple[int,
     which = torch.arange(samples) % len(t.cond)
     x = torch.randn(samples, *shape, generator=g)
     sigmas = sampling_sigmas(sampler_steps, teacher_shift)
-    parts = _components(t.family)
+    parts = _components(t.family, t.folder)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -375,7 +387,7 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
     if given is not None:
         guidance = 1.0  # no unconditional embedding comes with given tensors
     shape = (sden.latent_channels, frames, size, size)
-    ranges = [(low, high) for _, low, high in _components(tgt_fam)]
+    ranges = [(low, high) for _, low, high in _components(tgt_fam, tgt_folder)]
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     # the source family's data says how the teacher is called (guidance, timestep scale, inputs, encoders, experts)
@@ -405,7 +417,7 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
     refined, experts, history, offset, stopped = ported, [], [], 0, False
     remaining = None if o.budget_seconds is None else o.budget_seconds
     # the experts with modules to train and examples in their range (one where the family has no experts)
-    trainable = [(c, low, high) for c, low, high in _components(tgt_fam)
+    trainable = [(c, low, high) for c, low, high in _components(tgt_fam, tgt_folder)
                  if modules_of(ported, c) and bool(_in_range(data["sigma"], low, high).any())]
     for component, low, high in trainable:
         modules = modules_of(ported, component)
