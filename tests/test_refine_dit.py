@@ -49,6 +49,13 @@ def _clip_text_diffusion() -> dict:
     return diffusion
 
 
+def _wan_clip_text_diffusion() -> dict:
+    """Wan 2.2 T2V's diffusion data with its UMT5 swapped for a tiny CLIP (same options)."""
+    diffusion = copy.deepcopy(json.loads((ROOT / "schemas" / "families" / "wan2.2-t2v-a14b.json").read_text())["diffusion"])
+    diffusion["conditioning"][0].update({"class": "CLIPTextModel", "max_length": 16})
+    return diffusion
+
+
 def _hv_diffusion(guidance: float) -> dict:
     """HunyuanVideo's diffusion data with another embedded guidance."""
     diffusion = copy.deepcopy(json.loads((ROOT / "schemas" / "families" / "hunyuan-video.json").read_text())["diffusion"])
@@ -71,6 +78,7 @@ def tiny(tmp_path_factory):
     tiny_variant(root, "tiny-chroma", "chroma", CHROMA)
     tiny_variant(root, "tiny-hv-te", "hunyuan-video", HV, extra={"diffusion": _clip_text_diffusion()})
     tiny_variant(root, "tiny-hv-g2", "hunyuan-video", HV, extra={"diffusion": _hv_diffusion(guidance=2.0)})
+    tiny_variant(root, "tiny-wan22-te", "wan2.2-t2v-a14b", WAN, extra={"diffusion": _wan_clip_text_diffusion()})
     mp = pytest.MonkeyPatch()
     mp.setenv("LORAREG_DATA_PATH", str(root))
     yield root
@@ -431,3 +439,33 @@ def test_expert_boundary_from_the_model_folder(tiny, tmp_path):
     r = lorareg.port(lora, source_model=str(src), target_model=str(tgt), to="tiny-wan22", refine_conditions={"text": _conditions()["text"]},
                      **{**FAST, "refine_steps": 0})
     assert [e["sigma_range"] for e in r.report.refine["experts"]] == [[0.5, 1.0], [0.0, 0.5]]
+
+
+def test_wan22_teacher_low_noise_expert_guidance(tiny, tmp_path, monkeypatch):
+    # diffusers' WanPipeline guides the low-noise expert with guidance_scale_2 (Wan2.2 T2V A14B: 4.0 high, 3.0 low)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lorareg.refine import dit
+
+    folders = []
+    for name, moved in (("a", 0.0), ("b", 0.05)):
+        folder = _model(tmp_path / name, "tiny-wan22-te", seed=1, base=folders[0] if folders else None, moved=moved)
+        torch.manual_seed(5)
+        CLIPTextModel(CLIPTextConfig(vocab_size=96, hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     max_position_embeddings=16)).save_pretrained(folder / "text_encoder")
+        clip_tokenizer_folder(folder / "tokenizer")
+        folders.append(folder)
+    seen = []
+    velocity = dit._Teacher.velocity
+
+    def spy(self, den, x, sigma, idx, guided, scale=None):
+        if guided:
+            seen.append((round(float(sigma[0]), 4), scale))
+        return velocity(self, den, x, sigma, idx, guided, scale)
+
+    monkeypatch.setattr(dit._Teacher, "velocity", spy)
+    lora = _lora(tmp_path, "tiny-wan22-te", pattern=r"transformer(_2)?:.*attn1\.to_q$")
+    r = lorareg.port(lora, source_model=str(folders[0]), target_model=str(folders[1]), to="tiny-wan22-te", family="tiny-wan22-te",
+                     refine_prompts=["a red fox"], **{**FAST, "refine_steps": 0, "refine_sampler_steps": 4})
+    assert r.report.refine["guidance"] == 4.0 and r.report.refine["guidance_low_noise"] == 3.0
+    assert {s for sigma, s in seen if sigma >= 0.875} == {4.0} and {s for sigma, s in seen if sigma < 0.875} == {3.0}

@@ -76,6 +76,7 @@ class DitRefineReport(RefineReportBase):
     frames: int
     sampler_steps: int
     guidance: float
+    guidance_low_noise: Optional[float] = None  # a two-expert teacher's low-noise expert, where it differs
     shift: float
     schedule_from: str
     prompts: int
@@ -267,19 +268,24 @@ class _Teacher:
     guidance: float
     device: torch.device
     dtype: torch.dtype
+    scales: Optional[dict[str, float]] = None  # classifier-free guidance per expert component where it differs
+
+    def scale(self, component: str) -> float:
+        return (self.scales or {}).get(component, self.guidance)
 
     def open(self, component: str) -> Denoiser:
         model = _load(self.family, self.folder, component, self.dtype)
         merge(model, modules_of(self.lora, component))
         return Denoiser(model.to(self.device), self.family.spec.diffusion.denoiser)
 
-    def velocity(self, den: Denoiser, x: torch.Tensor, sigma: torch.Tensor, idx: torch.Tensor, guided: bool) -> torch.Tensor:
+    def velocity(self, den: Denoiser, x: torch.Tensor, sigma: torch.Tensor, idx: torch.Tensor, guided: bool,
+                 scale: Optional[float] = None) -> torch.Tensor:
         dev, dt = self.device, self.dtype
         with torch.no_grad():
             v = den(x.to(dev, dt), sigma.to(dev), self.cond.rows(idx, dev, dt), None).float()
             if guided and self.cond.uncond is not None:
                 u = den(x.to(dev, dt), sigma.to(dev), self.cond.rows(idx, dev, dt, uncond=True), None).float()
-                v = u + self.guidance * (v - u)
+                v = u + (self.guidance if scale is None else scale) * (v - u)
         return v.cpu()
 
 
@@ -304,7 +310,7 @@ def _teacher_data(t: _Teacher, *, samples: int, noisings: int, shape: tuple[int,
         for s in range(0, samples, _CHUNK):
             idx = which[s : s + _CHUNK]
             sub = sigmas[steps[0] : steps[-1] + 2]
-            x[s : s + _CHUNK] = euler_sample(lambda xx, ss, idx=idx, den=den: t.velocity(den, xx, ss, idx, guided=True),
+            x[s : s + _CHUNK] = euler_sample(lambda xx, ss, idx=idx, den=den, w=t.scale(component): t.velocity(den, xx, ss, idx, True, w),
                                              x[s : s + _CHUNK], sub)
             if bar:
                 bar.update(len(idx))
@@ -386,6 +392,11 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
             prompts, prompts_from = [""], "the empty prompt (no --prompts, no trigger words or tags in the LoRA's metadata)"
     if given is not None:
         guidance = 1.0  # no unconditional embedding comes with given tensors
+    # a two-expert teacher's low-noise expert may guide with its own scale (an explicit --guidance sets both)
+    experts_s = src_fam.spec.experts
+    low_guidance = (experts_s.low_noise_guidance if experts_s is not None and experts_s.low_noise_guidance is not None
+                    and o.guidance is None and given is None else None)
+    scales = {experts_s.low_noise: low_guidance} if low_guidance is not None else None
     shape = (sden.latent_channels, frames, size, size)
     ranges = [(low, high) for _, low, high in _components(tgt_fam, tgt_folder)]
     t0 = time.perf_counter()
@@ -395,14 +406,15 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
                     "experts": src_fam.spec.experts.model_dump(mode="json", exclude={"notes"}) if src_fam.spec.experts else None}
     key = {"v": SAMPLES_VERSION, "model": model_digest(src_folder), "lora": lora_digest(job.source_lora), "samples": samples,
            "teacher": teacher_data,
-           "noisings": noisings, "shape": list(shape), "sampler_steps": sampler_steps, "guidance": guidance, "seed": seed,
+           "noisings": noisings, "shape": list(shape), "sampler_steps": sampler_steps, "guidance": guidance, "scales": scales, "seed": seed,
            "shift": shift_s, "student_shift": shift_t, "ranges": ranges, "dtype": str(dtype),
            "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
            "given": {k: tensor_digest(v) for k, v in sorted(given.items())} if given else None}
 
     def make() -> dict[str, torch.Tensor]:
-        cond = conditions_for(src_fam, src_folder, job.source_lora, prompts, given, guidance, dev, dtype)
-        teacher = _Teacher(src_fam, src_folder, job.source_lora, cond, guidance, dev, dtype)
+        uncond_for = guidance if guidance != 1.0 or low_guidance is None else low_guidance  # 1.0: no unconditional pass
+        cond = conditions_for(src_fam, src_folder, job.source_lora, prompts, given, uncond_for, dev, dtype)
+        teacher = _Teacher(src_fam, src_folder, job.source_lora, cond, guidance, dev, dtype, scales)
         return _teacher_data(teacher, samples=samples, noisings=noisings, shape=shape, sampler_steps=sampler_steps,
                              teacher_shift=shift_s, ranges=ranges, student_shift=shift_t, seed=seed, progress=job.progress)
 
@@ -466,7 +478,8 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
     n = sum(e.examples for e in experts)
     report = DitRefineReport(
         steps=sum(e.steps for e in experts), steps_requested=steps * len(trainable), samples=samples, noisings=noisings,
-        latent_size=size, frames=frames, sampler_steps=sampler_steps, guidance=guidance, shift=round(shift_s, 4),
+        latent_size=size, frames=frames, sampler_steps=sampler_steps, guidance=guidance, guidance_low_noise=low_guidance,
+        shift=round(shift_s, 4),
         schedule_from=flow_s.source if flow_s.source == "family" else "scheduler config",
         prompts=len(prompts) or len(next(iter(given.values()))), prompts_from=prompts_from, target=target,
         image_condition=image.type if image is not None else None,
