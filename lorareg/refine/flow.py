@@ -55,6 +55,11 @@ def read_flow(model_folder: Optional[Path], spec: DiffusionSpec) -> Flow:
                 values[key] = cfg[key]
         if cfg.get("prediction_type") not in (None, "flow_prediction", "flow"):
             raise InputError(f"{path}: prediction_type {cfg['prediction_type']!r} is not a flow-matching velocity")
+        # conventions this sampler does not follow: σ = 1 as clean data, or a shift linear in μ instead of e^μ
+        if cfg.get("invert_sigmas"):
+            raise InputError(f"{path}: invert_sigmas (σ = 1 is the clean sample) is not supported by --refine distill")
+        if values["use_dynamic_shifting"] and cfg.get("time_shift_type", "exponential") != "exponential":
+            raise InputError(f"{path}: time_shift_type {cfg['time_shift_type']!r} is not supported by --refine distill (exponential only)")
         source = str(path)
     return Flow(schedule=FlowSchedule(**values), source=source)
 
