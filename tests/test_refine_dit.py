@@ -145,6 +145,7 @@ def test_hunyuan_t2v_to_i2v(tiny, tmp_path, target_family, conditioning):
                      cache_dir=tmp_path / "cache", **FAST)
     rr = r.report.refine
     assert rr["model"] == "diffusion transformer" and rr["image_condition"] == conditioning
+    assert rr["embedded_guidance"] == 6.0 and rr["guidance"] == 1.0  # HunyuanVideo: guidance-distilled, no CFG
     assert rr["target"] == "sample"  # the student sees the image the teacher never did
     assert rr["shift"] == 5.0 and rr["schedule_from"] == "scheduler config"
     assert rr["steps"] == 6 and len(rr["experts"]) == 1 and rr["experts"][0]["sigma_range"] == [0.0, 1.0]

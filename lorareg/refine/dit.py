@@ -77,6 +77,7 @@ class DitRefineReport(RefineReportBase):
     sampler_steps: int
     guidance: float
     guidance_low_noise: Optional[float] = None  # a two-expert teacher's low-noise expert, where it differs
+    embedded_guidance: Optional[float] = None  # the guidance value a guidance-distilled teacher is given (family data)
     shift: float
     schedule_from: str
     prompts: int
@@ -228,6 +229,12 @@ class Denoiser:
         kwargs = {kw: values[name] for kw, name in self.spec.inputs.items() if name in values}
         out = self.model(**kwargs, return_dict=False)[0]
         return unpack(out, h, w)[:, :, None] if packed else out
+
+
+def _embedded_guidance(family: Family) -> Optional[float]:
+    den = family.spec.diffusion.denoiser
+    config = family.components[den.component].spec.architecture.config
+    return den.guidance.value if den.guidance is not None and config.get("guidance_embeds") else None
 
 
 def _components(family: Family, folder: Path) -> list[tuple[str, float, float]]:
@@ -479,6 +486,7 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
     report = DitRefineReport(
         steps=sum(e.steps for e in experts), steps_requested=steps * len(trainable), samples=samples, noisings=noisings,
         latent_size=size, frames=frames, sampler_steps=sampler_steps, guidance=guidance, guidance_low_noise=low_guidance,
+        embedded_guidance=_embedded_guidance(src_fam),
         shift=round(shift_s, 4),
         schedule_from=flow_s.source if flow_s.source == "family" else "scheduler config",
         prompts=len(prompts) or len(next(iter(given.values()))), prompts_from=prompts_from, target=target,
