@@ -42,7 +42,7 @@ from .flow import add_flow_noise, euler_sample, random_sigmas, read_flow, sampli
 from .hooks import TrainableLora, merge, modules_of
 from .options import RefineJob, RefineOptions
 from .report import RefineReportBase
-from .runtime import free, load_diffusers_model
+from .runtime import load_diffusers_model, release
 from .samples_cache import cached, lora_digest, model_digest, tensor_digest
 from .train import Shuffled, thin, train_factors
 
@@ -309,11 +309,15 @@ def _teacher_data(t: _Teacher, *, samples: int, noisings: int, shape: tuple[int,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=samples * len(parts), desc="teacher samples", unit="latent", leave=False)
+    open_den = None  # (component, denoiser): the last expert used stays loaded for the velocities below
     for component, low, high in parts:  # a two-expert teacher: each expert runs the steps that start in its range
         steps = [i for i in range(sampler_steps) if _in_range(torch.tensor([float(sigmas[i])]), low, high).item()]
         if not steps:
             continue
-        den = t.open(component)
+        open_den = den = None  # the previous expert is dropped before the next one loads
+        release()
+        open_den = (component, t.open(component))
+        den = open_den[1]
         for s in range(0, samples, _CHUNK):
             idx = which[s : s + _CHUNK]
             sub = sigmas[steps[0] : steps[-1] + 2]
@@ -321,8 +325,6 @@ def _teacher_data(t: _Teacher, *, samples: int, noisings: int, shape: tuple[int,
                                              x[s : s + _CHUNK], sub)
             if bar:
                 bar.update(len(idx))
-        free(den.model)
-        del den
     if bar:
         bar.close()
     x0 = x
@@ -334,18 +336,54 @@ def _teacher_data(t: _Teacher, *, samples: int, noisings: int, shape: tuple[int,
     src, sig = torch.cat(src), torch.cat(sig)
     noise = torch.randn(len(src), *shape, generator=g)
     target = torch.empty(len(src), *shape)
-    for component, low, high in parts:
+    # the expert still loaded goes first, so a one-transformer teacher is loaded once
+    for component, low, high in sorted(parts, key=lambda p: open_den is None or p[0] != open_den[0]):
         sel = torch.nonzero(_in_range(sig, low, high)).flatten()
         if len(sel) == 0:
             continue
-        den = t.open(component)
+        if open_den is None or open_den[0] != component:
+            open_den = den = None
+            release()
+            open_den = (component, t.open(component))
+        den = open_den[1]
         for s in range(0, len(sel), _CHUNK):
             rows = sel[s : s + _CHUNK]
             xt = add_flow_noise(x0[src[rows]], noise[rows], sig[rows])
             target[rows] = t.velocity(den, xt, sig[rows], which[src[rows]], guided=False)
-        free(den.model)
-        del den
+    open_den = den = None
+    release()
     return {"x0": x0, "src": src, "sigma": sig, "noise": noise, "prompt": which[src], "teacher": target}
+
+
+class _Student:
+    """One target transformer with the ported LoRA's factors trainable, and its loss on the stored examples ``sel``."""
+
+    def __init__(self, family: Family, folder: Path, component: str, modules, spec: DenoiserSpec, data: dict, goal: torch.Tensor,
+                 cond: Conditions, sel: torch.Tensor, image, frame0: bool, device: torch.device, dtype: torch.dtype, batch: int):
+        model = _load(family, folder, component, dtype).to(device)
+        self.hooks = TrainableLora(model, modules, device)
+        if device.type == "cuda" and hasattr(model, "enable_gradient_checkpointing"):
+            model.enable_gradient_checkpointing()
+        self.den = Denoiser(model, spec)
+        self.data, self.goal, self.cond, self.sel, self.image, self.frame0 = data, goal, cond, sel, image, frame0
+        self.device, self.dtype, self.batch = device, dtype, batch
+
+    def mse(self, rows: torch.Tensor) -> torch.Tensor:
+        d, dev, dt = self.data, self.device, self.dtype
+        rows = self.sel[rows]
+        x0 = d["x0"][d["src"][rows]]
+        xt = add_flow_noise(x0, d["noise"][rows], d["sigma"][rows])
+        first = x0[:, :, :1].to(dev, dt) if self.image is not None else None
+        pred = self.den(xt.to(dev, dt), d["sigma"][rows].to(dev), self.cond.rows(d["prompt"][rows], dev, dt), first).float()
+        want = self.goal[rows].to(dev)
+        if self.frame0:  # token replacement: the first frame is the given image, so its velocity is no target
+            pred, want = pred[:, :, 1:], want[:, :, 1:]
+        return F.mse_loss(pred, want)
+
+    @torch.no_grad()
+    def mse_all(self) -> float:
+        n, b = len(self.sel), self.batch
+        return sum(float(self.mse(torch.arange(i, min(n, i + b)))) * (min(n, i + b) - i) for i in range(0, n, b)) / n
 
 
 def _check_shape(spec: DenoiserSpec, size: int, frames: int) -> None:
@@ -431,7 +469,6 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
     t1 = time.perf_counter()
     cond = _student_conditions(tgt_fam, tgt_folder, ported, prompts, given, dev, dtype, job.cache_dir)
     goal = data["teacher"] if target == "teacher" else data["noise"] - data["x0"][data["src"]]
-    # token replacement: the first frame is the given image, so its velocity is no target
     frame0 = image is not None and image.type == "token_replace"
     refined, experts, history, offset, stopped = ported, [], [], 0, False
     remaining = None if o.budget_seconds is None else o.budget_seconds
@@ -439,45 +476,25 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
     trainable = [(c, low, high) for c, low, high in _components(tgt_fam, tgt_folder)
                  if modules_of(ported, c) and bool(_in_range(data["sigma"], low, high).any())]
     for component, low, high in trainable:
-        modules = modules_of(ported, component)
         sel = torch.nonzero(_in_range(data["sigma"], low, high)).flatten()
-        model = _load(tgt_fam, tgt_folder, component, dtype).to(dev)
-        hooks = TrainableLora(model, modules, dev)
-        if dev.type == "cuda" and hasattr(model, "enable_gradient_checkpointing"):
-            model.enable_gradient_checkpointing()
-        den = Denoiser(model, tden)
-
-        def mse(rows: torch.Tensor) -> torch.Tensor:
-            rows = sel[rows]
-            x0 = data["x0"][data["src"][rows]]
-            xt = add_flow_noise(x0, data["noise"][rows], data["sigma"][rows])
-            first = x0[:, :, :1].to(dev, dtype) if image is not None else None
-            pred = den(xt.to(dev, dtype), data["sigma"][rows].to(dev), cond.rows(data["prompt"][rows], dev, dtype), first).float()
-            want = goal[rows].to(dev)
-            if frame0:
-                pred, want = pred[:, :, 1:], want[:, :, 1:]
-            return F.mse_loss(pred, want)
-
-        @torch.no_grad()
-        def mse_all() -> float:
-            n = len(sel)
-            return sum(float(mse(torch.arange(i, min(n, i + batch)))) * (min(n, i + batch) - i) for i in range(0, n, batch)) / n
-
-        start = mse_all()
+        student = _Student(tgt_fam, tgt_folder, component, modules_of(ported, component), tden, data, goal, cond, sel, image,
+                           frame0, dev, dtype, batch)
+        start = student.mse_all()
         order = Shuffled(len(sel), batch, seed + 1)
-        done, hist, stopped = train_factors(hooks.parameters(), lambda step: mse(order()), steps=steps, lr=lr, started=t0,
-                                            budget_seconds=remaining, progress=job.progress, desc=f"distill {component}", loss_name="mse")
-        end = mse_all()
-        hooks.remove()
+        done, hist, stopped = train_factors(student.hooks.parameters(), lambda step: student.mse(order()), steps=steps, lr=lr,
+                                            started=t0, budget_seconds=remaining, progress=job.progress, desc=f"distill {component}",
+                                            loss_name="mse")
+        end = student.mse_all()
+        student.hooks.remove()
         kept = end > start  # never hand back a LoRA further from the teacher than the projection was
         if not kept:
-            refined = hooks.into(refined)
+            refined = student.hooks.into(refined)
         experts.append(ExpertReport(component=component, sigma_range=[round(low, 4), round(high, 4)], examples=len(sel), steps=done,
                                     mse_start=round(start, 6), mse_end=round(end, 6), kept_projection=kept))
         history += [[offset + s, v] for s, v in thin(hist)]
         offset += steps
-        free(model)
-
+        student = None  # this expert's transformer is dropped before the next one loads
+        release()
         if stopped:
             break
     if not experts:
