@@ -22,17 +22,11 @@ from lorareg.refine import check_pair
 from lorareg.refine.flow import sampling_sigmas
 from lorareg.registry import get_registry
 from lora_factory import clip_tokenizer_folder, make_lora
-from tiny_video import ROOT, tiny_variant
+from tiny_video import ROOT, tiny_config, tiny_registry
 
 diffusers = pytest.importorskip("diffusers")
 
-HV = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1, "num_single_layers": 1, "num_refiner_layers": 1,
-      "text_embed_dim": 24, "pooled_projection_dim": 12, "rope_axes_dim": [2, 2, 4], "mlp_ratio": 2.0}
-WAN = {"num_attention_heads": 2, "attention_head_dim": 8, "ffn_dim": 32, "num_layers": 1, "text_dim": 24, "freq_dim": 16}
-FLUX = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 24,
-        "pooled_projection_dim": 12, "axes_dims_rope": [2, 2, 4]}
-CHROMA = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 24,
-          "axes_dims_rope": [2, 2, 4], "approximator_num_channels": 8, "approximator_hidden_dim": 32, "approximator_layers": 2}
+HV, WAN, FLUX, CHROMA = (tiny_config(kind, layers=1) for kind in ("hv", "wan", "flux", "chroma"))
 ATTN = r"transformer:.*attn\.to_(q|k|v)$"
 FAST = dict(refine="distill", refine_steps=6, refine_samples=2, refine_noisings=2, refine_sampler_steps=2, refine_batch=2,
             refine_latent_size=4, refine_frames=2, progress=False, device="cpu", method="copy")
@@ -65,24 +59,19 @@ def _hv_diffusion(guidance: float) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-dit-data")
-    for sub in ("families", "modules", "correspondences"):
-        (root / "schemas" / sub).mkdir(parents=True)
-    tiny_variant(root, "tiny-hv", "hunyuan-video", HV)
-    tiny_variant(root, "tiny-hv-i2v33", "hunyuan-video-i2v-33ch", HV)
-    tiny_variant(root, "tiny-hv-i2v", "hunyuan-video-i2v", HV)
-    tiny_variant(root, "tiny-wan21", "wan2.1-t2v-14b", WAN)
-    tiny_variant(root, "tiny-wan22", "wan2.2-t2v-a14b", WAN)
-    tiny_variant(root, "tiny-wan21-i2v", "wan2.1-i2v-14b", {**WAN, "image_dim": 12, "added_kv_proj_dim": 16})
-    tiny_variant(root, "tiny-flux", "flux.1-dev", FLUX)
-    tiny_variant(root, "tiny-chroma", "chroma", CHROMA)
-    tiny_variant(root, "tiny-hv-te", "hunyuan-video", HV, extra={"diffusion": _clip_text_diffusion()})
-    tiny_variant(root, "tiny-hv-g2", "hunyuan-video", HV, extra={"diffusion": _hv_diffusion(guidance=2.0)})
-    tiny_variant(root, "tiny-wan22-te", "wan2.2-t2v-a14b", WAN, extra={"diffusion": _wan_clip_text_diffusion()})
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LORAREG_DATA_PATH", str(root))
-    yield root
-    mp.undo()
+    with tiny_registry(tmp_path_factory.mktemp("tiny-dit-data"), [
+            ("tiny-hv", "hunyuan-video", HV, None),
+            ("tiny-hv-i2v33", "hunyuan-video-i2v-33ch", HV, None),
+            ("tiny-hv-i2v", "hunyuan-video-i2v", HV, None),
+            ("tiny-wan21", "wan2.1-t2v-14b", WAN, None),
+            ("tiny-wan22", "wan2.2-t2v-a14b", WAN, None),
+            ("tiny-wan21-i2v", "wan2.1-i2v-14b", {**WAN, "image_dim": 12, "added_kv_proj_dim": 16}, None),
+            ("tiny-flux", "flux.1-dev", FLUX, None),
+            ("tiny-chroma", "chroma", CHROMA, None),
+            ("tiny-hv-te", "hunyuan-video", HV, {"diffusion": _clip_text_diffusion()}),
+            ("tiny-hv-g2", "hunyuan-video", HV, {"diffusion": _hv_diffusion(guidance=2.0)}),
+            ("tiny-wan22-te", "wan2.2-t2v-a14b", WAN, {"diffusion": _wan_clip_text_diffusion()})]) as root:
+        yield root
 
 
 def _config(fid: str, component: str = "transformer") -> dict:

@@ -19,38 +19,23 @@ from safetensors.torch import load_file, save_file
 import lorareg
 from lorareg.port import port
 from peer_files import peer_messages, rel_err
-from tiny_video import DIM, tiny_variant as _variant
+from tiny_video import DIM, tiny_config, tiny_registry
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-WAN = {"num_attention_heads": 2, "attention_head_dim": 8, "ffn_dim": 32, "num_layers": 2, "text_dim": 24, "freq_dim": 16}
-FLUX = {"num_layers": 2, "num_single_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 24,
-        "pooled_projection_dim": 12, "axes_dims_rope": [2, 2, 4], "in_channels": 8}
-CHROMA = {"num_layers": 2, "num_single_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 24,
-          "axes_dims_rope": [2, 2, 4], "in_channels": 8, "approximator_num_channels": 8, "approximator_hidden_dim": 32,
-          "approximator_layers": 2}
-
-
-HV = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2, "num_single_layers": 2, "num_refiner_layers": 1,
-      "text_embed_dim": 24, "pooled_projection_dim": 12, "rope_axes_dim": [2, 2, 4], "mlp_ratio": 2.0}
+WAN, FLUX, CHROMA, HV = (tiny_config(kind, layers=2) for kind in ("wan", "flux", "chroma", "hv"))
+FLUX = {**FLUX, "in_channels": 8}
+CHROMA = {**CHROMA, "in_channels": 8}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-video-data")
-    for sub in ("families", "modules", "correspondences"):
-        (root / "schemas" / sub).mkdir(parents=True)
-    _variant(root, "tiny-wan21", "wan2.1-t2v-14b", WAN)
-    _variant(root, "tiny-wan22", "wan2.2-t2v-a14b", WAN)
-    _variant(root, "tiny-flux", "flux.1-dev", FLUX)
-    _variant(root, "tiny-chroma", "chroma", CHROMA)
-    _variant(root, "tiny-hv", "hunyuan-video", HV)
-    _variant(root, "tiny-hv-i2v33", "hunyuan-video-i2v-33ch", HV)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LORAREG_DATA_PATH", str(root))
-    yield root
-    mp.undo()
+    with tiny_registry(tmp_path_factory.mktemp("tiny-video-data"), [
+            ("tiny-wan21", "wan2.1-t2v-14b", WAN, None), ("tiny-wan22", "wan2.2-t2v-a14b", WAN, None),
+            ("tiny-flux", "flux.1-dev", FLUX, None), ("tiny-chroma", "chroma", CHROMA, None),
+            ("tiny-hv", "hunyuan-video", HV, None), ("tiny-hv-i2v33", "hunyuan-video-i2v-33ch", HV, None)]) as root:
+        yield root
 
 
 def _config(fid: str, component: str = "transformer") -> dict:
