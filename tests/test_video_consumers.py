@@ -85,19 +85,22 @@ def test_diffusers_loads_both_wan22_experts_ported_from_wan21(tiny, tmp_path):
     assert len(state) == 2 * 2 * len(want.modules)  # lora_A + lora_B, both experts, nothing else
 
 
+def _double_single_blocks(sd, g, double: list[tuple[str, int, int]], single: list[tuple[str, int, int]], blocks: int = 2) -> None:
+    """kohya-style keys (lora_unet_<original name>) on the double blocks' two streams and the single blocks."""
+    for i in range(blocks):
+        for stream in ("img", "txt"):
+            for name, out, inn in double:
+                _put(sd, f"lora_unet_double_blocks_{i}_{stream}_{name}", out, inn, g)
+        for name, out, inn in single:
+            _put(sd, f"lora_unet_single_blocks_{i}_{name}", out, inn, g)
+
+
 def _kohya_flux(tmp_path, chroma_blocks_only=False):
     """sd-scripts networks/lora_flux.py layout at the tiny width: fused qkv / linear1, modulation included."""
     g, sd = torch.Generator().manual_seed(1), {}
-    for i in range(2):
-        for s in ("img", "txt"):
-            _put(sd, f"lora_unet_double_blocks_{i}_{s}_attn_qkv", 3 * DIM, DIM, g)
-            _put(sd, f"lora_unet_double_blocks_{i}_{s}_attn_proj", DIM, DIM, g)
-            _put(sd, f"lora_unet_double_blocks_{i}_{s}_mlp_0", 4 * DIM, DIM, g)
-            _put(sd, f"lora_unet_double_blocks_{i}_{s}_mlp_2", DIM, 4 * DIM, g)
-            _put(sd, f"lora_unet_double_blocks_{i}_{s}_mod_lin", 6 * DIM, DIM, g)
-        _put(sd, f"lora_unet_single_blocks_{i}_linear1", 3 * DIM + 4 * DIM, DIM, g)
-        _put(sd, f"lora_unet_single_blocks_{i}_linear2", DIM, 5 * DIM, g)
-        _put(sd, f"lora_unet_single_blocks_{i}_modulation_lin", 3 * DIM, DIM, g)
+    _double_single_blocks(sd, g, double=[("attn_qkv", 3 * DIM, DIM), ("attn_proj", DIM, DIM), ("mlp_0", 4 * DIM, DIM),
+                                         ("mlp_2", DIM, 4 * DIM), ("mod_lin", 6 * DIM, DIM)],
+                          single=[("linear1", 3 * DIM + 4 * DIM, DIM), ("linear2", DIM, 5 * DIM), ("modulation_lin", 3 * DIM, DIM)])
     _put(sd, "lora_unet_final_layer_adaLN_modulation_1", 2 * DIM, DIM, g)
     src = tmp_path / "flux_kohya.safetensors"
     save_file(sd, str(src))
@@ -176,14 +179,9 @@ def test_diffusers_loads_hunyuan_i2v_ported_from_a_musubi_t2v_file(tiny, tmp_pat
     from diffusers import HunyuanVideoImageToVideoPipeline, HunyuanVideoTransformer3DModel
 
     g, sd = torch.Generator().manual_seed(3), {}
-    for i in range(2):
-        for s in ("img", "txt"):
-            _put(sd, f"lora_unet_double_blocks_{i}_{s}_attn_qkv", 3 * DIM, DIM, g)
-            _put(sd, f"lora_unet_double_blocks_{i}_{s}_attn_proj", DIM, DIM, g)
-            _put(sd, f"lora_unet_double_blocks_{i}_{s}_mlp_fc1", 2 * DIM, DIM, g)
-            _put(sd, f"lora_unet_double_blocks_{i}_{s}_mlp_fc2", DIM, 2 * DIM, g)
-        _put(sd, f"lora_unet_single_blocks_{i}_linear1", 3 * DIM + 2 * DIM, DIM, g)
-        _put(sd, f"lora_unet_single_blocks_{i}_linear2", DIM, 3 * DIM, g)
+    _double_single_blocks(sd, g, double=[("attn_qkv", 3 * DIM, DIM), ("attn_proj", DIM, DIM), ("mlp_fc1", 2 * DIM, DIM),
+                                         ("mlp_fc2", DIM, 2 * DIM)],
+                          single=[("linear1", 3 * DIM + 2 * DIM, DIM), ("linear2", DIM, 3 * DIM)])
     src = tmp_path / "hv_musubi.safetensors"
     save_file(sd, str(src), metadata={"ss_base_model_version": "hunyuan_video"})
     want = lorareg.load(src, family="tiny-hv")
