@@ -34,6 +34,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+def _sdxl_library(work: Path, n: int) -> list[Path]:
+    """At least ``n`` SDXL-shaped LoRAs in work/sdxllib, made once and reused by later runs."""
+    lib = work / "sdxllib"
+    files = sorted(lib.glob("*.safetensors")) if lib.exists() else []
+    if len(files) < n:
+        shutil.rmtree(lib, ignore_errors=True)
+        files = _gen_sdxl(lib, n)
+    return files
+
+
 def _gen_sdxl(folder: Path, n: int) -> list[Path]:
     import torch
 
@@ -129,11 +139,7 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|---:|---:|---|")
         # 2. SDXL-shaped, copy
         if args.sdxl:
-            lib = work / "sdxllib"
-            files = sorted(lib.glob("*.safetensors")) if lib.exists() else []
-            if len(files) < args.sdxl:
-                shutil.rmtree(lib, ignore_errors=True)
-                files = _gen_sdxl(lib, args.sdxl)
+            files = _sdxl_library(work, args.sdxl)
             rows = [{"lora": str(p), "to": "ssd-1b", "method": "copy"} for p in files[: args.sdxl]]
             _bench_rows("SDXL-shaped r16, copy", rows, work, clusters)
         # 3. tiny models, warm bases
@@ -154,12 +160,7 @@ def main() -> None:
         started = []
         # 4. read once
         if args.reuse:
-            lib = work / "sdxllib"
-            files = sorted(lib.glob("*.safetensors")) if lib.exists() else []
-            if len(files) < args.reuse:
-                shutil.rmtree(lib, ignore_errors=True)
-                files = _gen_sdxl(lib, args.reuse)
-            _bench_reuse(files[: args.reuse], work)
+            _bench_reuse(_sdxl_library(work, args.reuse)[: args.reuse], work)
     finally:
         for c in started:
             c.stop()
