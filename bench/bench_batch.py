@@ -1,6 +1,7 @@
-"""Whole-library throughput: `lorareg scan` (cold and re-scan) and `lorareg batch` (local pool, 1 and 2 workers, vs Ray).
+"""Whole-library throughput: `lorareg scan` (cold and re-scan) and `lorareg batch` (local pool, 1 and 2 workers, vs Ray
+on one node and on a head + worker node), and what the port saves by reusing the plan's hashes.
 
-    python bench/bench_batch.py [--scan-files 1000] [--sdxl 200] [--tiny 64] [--no-ray] [--keep DIR]
+    python bench/bench_batch.py [--scan-files 1000] [--sdxl 200] [--tiny 64] [--reuse 10] [--no-ray] [--keep DIR]
 
 1. scan: a generated library of small LoRAs (tiny-sdxl attention, rank 4, kohya/diffusers alternating);
    files/s cold (fresh fingerprint cache) and re-scanned (cache warm).
@@ -9,8 +10,13 @@
    too large to synthesise on this machine), so the time is reading, pairing, writing.
 3. batch, warm bases: rank-16 LoRAs on the test families' tiny SDXL-like UNet, ported to the SSD-like UNet
    (method auto: bases of both models, block alignment, projection) with the bases built once before the run.
-Each batch runs on a local pool with 1 and 2 workers and on Ray (a local one-node instance, 2 CPUs);
-Ray / local(2) is Ray's overhead. Time shares (read / math / write / push) are summed over the rows.
+Each batch runs on a local pool with 1 and 2 workers and on two Ray clusters started here on 127.0.0.1 (as
+tests/ray_cluster.py does): one node with 2 CPUs, and a head + a worker node with 1 CPU each (two raylets and
+object stores on this machine: the cost of a second node, not more cores); tiny rows also with the bases
+shipped through the object store to every node (--ship-bases). The clusters start before the timed batch.
+Time shares (read / math / write / push) are summed over the rows.
+4. read once: the port of one SDXL-shaped row in this process, with the plan's hashes of the source handed
+   over (what `lorareg batch` does) and without (the port hashes the file again), fresh file fingerprints each.
 """
 
 from __future__ import annotations
@@ -26,6 +32,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+
+def _sdxl_library(work: Path, n: int) -> list[Path]:
+    """At least ``n`` SDXL-shaped LoRAs in work/sdxllib, made once and reused by later runs."""
+    lib = work / "sdxllib"
+    files = sorted(lib.glob("*.safetensors")) if lib.exists() else []
+    if len(files) < n:
+        shutil.rmtree(lib, ignore_errors=True)
+        files = _gen_sdxl(lib, n)
+    return files
 
 
 def _gen_sdxl(folder: Path, n: int) -> list[Path]:
@@ -50,12 +66,12 @@ def _gen_sdxl(folder: Path, n: int) -> list[Path]:
     return out
 
 
-def _run_batch(rows, outdir: Path, cache: Path, *, workers: int, use_ray: bool) -> dict:
+def _run_batch(rows, outdir: Path, cache: Path, *, workers: int, ray_address=None, ship=None) -> dict:
     import lorareg
 
     shutil.rmtree(outdir, ignore_errors=True)
     t0 = time.perf_counter()
-    res = lorareg.batch(rows, outdir, workers=workers, ray=use_ray, cache_dir=cache, progress=False)
+    res = lorareg.batch(rows, outdir, workers=workers, ray_address=ray_address, cache_dir=cache, ship_bases=ship, progress=False)
     wall = time.perf_counter() - t0
     s = res.summary
     assert s.failed == 0, [r.error for r in res.rows if r.error][:3]
@@ -74,13 +90,14 @@ def main() -> None:
     ap.add_argument("--scan-files", type=int, default=1000)
     ap.add_argument("--sdxl", type=int, default=200)
     ap.add_argument("--tiny", type=int, default=64)
+    ap.add_argument("--reuse", type=int, default=10, help="SDXL-shaped rows for the read-once comparison (0: skip)")
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--keep", type=Path, help="work folder (kept); default a temp folder, removed")
     args = ap.parse_args()
 
     os.environ["LORAREG_DATA_PATH"] = str(ROOT / "tests" / "data")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's local instance stays on 127.0.0.1
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # this driver keeps 127.0.0.1 as given (read at Ray's import)
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray 2.60 writes a token to ~/.ray/auth_token
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-batch-"))
@@ -90,7 +107,16 @@ def main() -> None:
     from batch_library import base_models, sdxl_loras
 
     print(f"machine: {os.cpu_count()} CPUs; work folder {work}")
+    started: list = []
     try:
+        clusters: dict = {}
+        if not args.no_ray and (args.sdxl or args.tiny):
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                print("Ray is not installed: no Ray rows")
+            else:
+                clusters, started = _start_clusters(work)
         # 1. scan
         if args.scan_files:
             lib = work / "scanlib"
@@ -113,13 +139,9 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|---:|---:|---|")
         # 2. SDXL-shaped, copy
         if args.sdxl:
-            lib = work / "sdxllib"
-            files = sorted(lib.glob("*.safetensors")) if lib.exists() else []
-            if len(files) < args.sdxl:
-                shutil.rmtree(lib, ignore_errors=True)
-                files = _gen_sdxl(lib, args.sdxl)
+            files = _sdxl_library(work, args.sdxl)
             rows = [{"lora": str(p), "to": "ssd-1b", "method": "copy"} for p in files[: args.sdxl]]
-            _bench_rows("SDXL-shaped r16, copy", rows, work, args.no_ray)
+            _bench_rows("SDXL-shaped r16, copy", rows, work, clusters)
         # 3. tiny models, warm bases
         if args.tiny:
             models = work / "models"
@@ -132,28 +154,104 @@ def main() -> None:
                 files = sorted(lib.glob("*.safetensors"))
             rows = [{"lora": str(p), "to": "tiny-ssd", "source_model": str(models / "sdxl"), "target_model": str(models / "ssd")}
                     for p in files[: args.tiny]]
-            _bench_rows("tiny models r16, auto", rows, work, args.no_ray)
+            _bench_rows("tiny models r16, auto", rows, work, clusters, ship=True)
+        for c in started:  # idle clusters still cost CPU: stopped before the in-process timing
+            c.stop()
+        started = []
+        # 4. read once
+        if args.reuse:
+            _bench_reuse(_sdxl_library(work, args.reuse)[: args.reuse], work)
     finally:
+        for c in started:
+            c.stop()
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _bench_rows(name: str, rows, work: Path, no_ray: bool) -> None:
+def _bench_rows(name: str, rows, work: Path, clusters: dict, ship: bool = False) -> None:
     cache = work / "bases"
-    one = _run_batch(rows, work / "out", cache, workers=1, use_ray=False)
+    one = _run_batch(rows, work / "out", cache, workers=1)
     print(_row(f"{name}: local, 1 worker", one, None), flush=True)
-    two = _run_batch(rows, work / "out", cache, workers=2, use_ray=False)
+    two = _run_batch(rows, work / "out", cache, workers=2)
     print(_row(f"{name}: local, 2 workers", two, one), flush=True)
-    if not no_ray:
+    for label, address in clusters.items():
+        r = _run_batch(rows, work / "out", cache, workers=2, ray_address=address)
+        print(_row(f"{name}: Ray, {label}", r, one), flush=True)
+        print(f"  Ray {label} / local 2 workers, run time: {r['run'] / two['run']:.2f}x", flush=True)
+        if ship:
+            r = _run_batch(rows, work / "out", cache, workers=2, ray_address=address, ship=True)
+            print(_row(f"{name}: Ray, {label}, bases shipped", r, one), flush=True)
+
+
+def _start_clusters(work: Path) -> tuple[dict, list]:
+    """A one-node (2 CPUs) and a two-node (1 + 1 CPU) Ray cluster on 127.0.0.1, each node with its own cache."""
+    from ray_cluster import LocalRayCluster
+
+    import ray
+
+    out, started = {}, []
+    for label, cpus in (("1 node, 2 CPUs", [2]), ("head + worker node, 1 CPU each", [1, 1])):
+        logs = work / f"ray-{len(started)}"
+        logs.mkdir(exist_ok=True)
+        c = LocalRayCluster(logs)
+        started.append(c)
+        t0 = time.perf_counter()
+        c.start_head(num_cpus=cpus[0], env={"LORAREG_CACHE": str(logs / "head-cache")})
+        for i, n in enumerate(cpus[1:]):
+            c.add_node(num_cpus=n, env={"LORAREG_CACHE": str(logs / f"node{i}-cache")})
+        ray.init(address=c.address, log_to_driver=False)
         try:
-            import ray  # noqa: F401
-        except ImportError:
-            print(f"| {name}: Ray | not installed | | | | | | |")
-            return
-        r = _run_batch(rows, work / "out", cache, workers=2, use_ray=True)
-        print(_row(f"{name}: Ray, 1 node, 2 CPUs", r, one), flush=True)
-        print(f"Ray overhead (run time, Ray / local 2 workers): {r['run'] / two['run']:.2f}x "
-              f"(the Ray run includes starting a local Ray instance)", flush=True)
+            nodes = c.alive_nodes(ray, len(cpus))
+            addresses = {n["NodeManagerAddress"] for n in nodes}
+        finally:
+            ray.shutdown()
+        assert addresses == {"127.0.0.1"}, addresses
+        print(f"Ray cluster '{label}' up in {time.perf_counter() - t0:.1f} s", flush=True)
+        out[label] = c.address
+    return out, started
+
+
+def _bench_reuse(files: list[Path], work: Path) -> None:
+    """One SDXL-shaped row ported in this process: with the plan's hashes handed over, and without."""
+    from lorareg.library.manifest import make_row
+    from lorareg.library.plan import plan
+    from lorareg.library.tasks import run_task
+
+    n = len(files)
+    times: dict[str, list[float]] = {"plan": [], "reuse": [], "hash again": []}
+    reads: dict[str, list[float]] = {"reuse": [], "hash again": []}
+    cpu: dict[str, list[float]] = {"reuse": [], "hash again": []}  # this process's CPU time, all threads
+    for i, f in enumerate([files[0], *files]):  # the first, untimed: imports and registry
+        for variant in (("reuse", "hash again") if i % 2 else ("hash again", "reuse")):  # alternate the order
+            src = work / "reuse" / f"{variant.replace(' ', '-')}-{i}.safetensors"
+            src.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, src)  # a fresh fingerprint: nothing remembered from an earlier run
+            os.environ["LORAREG_CACHE"] = str(work / "reuse" / f"cache-{variant.replace(' ', '-')}-{i}")
+            rows = [make_row({"lora": str(src), "to": "ssd-1b", "method": "copy"}, None, "row 0")]
+            t0 = time.perf_counter()
+            tasks, _ = plan(rows, workers=1, progress=False)
+            if i:
+                times["plan"].append(time.perf_counter() - t0)
+            payload = tasks[0].payload(work / "reuse" / "out", None, None, None)
+            if variant == "hash again":
+                payload["source_hashes"] = None
+            t0, c0 = time.perf_counter(), time.process_time()
+            rec = run_task(payload)
+            assert rec["status"] == "done", rec.get("error")
+            if i:
+                times[variant].append(time.perf_counter() - t0)
+                cpu[variant].append(time.process_time() - c0)
+                reads[variant].append(rec["timings"]["read_s"])
+    os.environ["LORAREG_CACHE"] = str(work / "bases")
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    size = files[0].stat().st_size / 2**20
+    print(f"\nread once: {n} SDXL-shaped rows ({size:.0f} MiB each), one process, medians:")
+    print(f"  plan (scan: hashes + detection + NaN check)  {med(times['plan']):.3f} s")
+    for v in ("hash again", "reuse"):
+        print(f"  port, {v:<10}: {med(times[v]):.3f} s wall, {med(cpu[v]):.3f} s CPU (read share {med(reads[v]):.3f} s)")
+    print(f"  port with the plan's hashes / hashing again: {med(times['reuse']) / med(times['hash again']):.2f}x; "
+          f"plan + port: {(med(times['plan']) + med(times['reuse'])) / (med(times['plan']) + med(times['hash again'])):.2f}x; "
+          f"port CPU: {med(cpu['reuse']) / med(cpu['hash again']):.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,13 @@ in one process and one run, each way of turning it into a diffusers-format file:
   safetensors   load_file + save_file of the same tensors (the floor: no renaming at all)
   diffusers     StableDiffusionXLPipeline.lora_state_dict (its kohya->diffusers conversion) + save_file
   diffusers+saver  the same conversion, then StableDiffusionXLPipeline.save_lora_weights
-  lorareg       lorareg.convert(..., to="diffusers") (detection, validation, NaN scan, provenance, atomic write)
+  lorareg-first    lorareg.convert(..., to="diffusers") of a file met for the first time (empty memory: detection of
+                   every format and family, NaN scan, the source's and the output's SHA-256s, provenance, atomic write)
+  lorareg          the same convert repeated: what the first learnt is remembered by file fingerprint
+  lorareg-no-hash-no-scan  lorareg.load(hash=False) + lorareg.save: no source hash, no NaN scan (the output's own
+                   hash fields are still written, from memory after the warm-up)
 
-Each is run --repeat times after one warm-up; medians and ratios are printed. Page cache is warm.
+Each is run --repeat times after one warm-up, round-robin; medians and ratios are printed. Page cache is warm.
 Usage: python bench/bench_convert.py [--repeat 7] [--rank 32] [--json]
 """
 
@@ -53,32 +57,40 @@ def build_lora(path: Path, rank: int) -> int:
     return len(sd)
 
 
-def time_it(fn, repeat: int, outputs: list[Path]) -> list[float]:
-    """Median-ready timings. Outside the timed region: earlier outputs are deleted (each run writes a
-    new file, as a user's conversion does) and garbage is collected (freeing the previous run's
-    mappings is not part of a conversion)."""
+def time_all(paths: dict, repeat: int) -> dict[str, list[float]]:
+    """Timings of each path, run round-robin (one run of every path per round, so that a change of load on
+    a shared machine hits them alike). Outside the timed region: earlier outputs are deleted (each run writes
+    a new file, as a user's conversion does) and garbage is collected (freeing the previous run's mappings
+    is not part of a conversion). ``paths``: name -> (function, outputs it writes)."""
     import gc
+    import shutil
 
-    def clean():
+    def clean(outputs):
         for p in outputs:
             if p.is_dir():
-                import shutil
-
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
         gc.collect()
 
-    clean()
-    fn()  # warm-up (imports, registry tables, page cache)
-    times = []
-    for _ in range(repeat):
-        clean()
-        t = time.perf_counter()
+    for fn, outputs in paths.values():  # warm-up (imports, registry tables, page cache)
+        clean(outputs)
         fn()
-        times.append(time.perf_counter() - t)
-    clean()
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(repeat):
+        for name, (fn, outputs) in paths.items():
+            clean(outputs)
+            c, t = time.process_time(), time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+            CPU.setdefault(name, []).append(time.process_time() - c)
+    for _, outputs in paths.values():
+        clean(outputs)
     return times
+
+
+#: CPU seconds (all threads of this process) of each timed run: what a busy machine cannot inflate as much
+CPU: dict[str, list[float]] = {}
 
 
 def main() -> None:
@@ -119,18 +131,19 @@ def main() -> None:
                                                         text_encoder_2_lora_layers=te2, safe_serialization=True)
 
         def lorareg_bare_path():
-            # the same read + write without the SHA-256 provenance hash and the NaN/Inf scan
+            # the same read + write without the source's SHA-256 provenance hashes and the NaN/Inf scan
             lora = lorareg.load(src, hash=False)
             lorareg.save(lora, tmp / "lorareg-bare.safetensors", format="diffusers")
 
         def lorareg_path():
-            # a repeated convert: the source's hashes are remembered by its fingerprint (lorareg.core.hash_memory)
+            # a repeated convert: what the first learnt of the source (its hashes, NaN scan, detection verdict)
+            # and the output's data hash are remembered by fingerprint (lorareg.core.hash_memory)
             lorareg.convert(src, tmp / "lorareg.safetensors", to="diffusers")
 
         fresh = iter(range(10**6))
 
         def lorareg_first_path():
-            # a file's first convert: an empty hash memory each run, so the source is hashed
+            # a file's first convert: an empty memory each run, so the source is hashed, scanned and detected
             os.environ["LORAREG_CACHE"] = str(tmp / f"cache-{next(fresh)}")
             try:
                 lorareg.convert(src, tmp / "lorareg-first.safetensors", to="diffusers")
@@ -140,20 +153,23 @@ def main() -> None:
         t0 = time.perf_counter()
         lorareg.convert(src, tmp / "cold.safetensors", to="diffusers", force=True)
         first_call = time.perf_counter() - t0
-        results = {
-            "write-only floor": time_it(write_floor, args.repeat, [tmp / "floor.bin"]),
-            "safetensors": time_it(bare, args.repeat, [tmp / "bare.safetensors"]),
-            "diffusers": time_it(diffusers_path, args.repeat, [tmp / "diffusers.safetensors"]),
-            "diffusers+saver": time_it(diffusers_saver_path, args.repeat, [tmp / "saver"]),
-            "lorareg": time_it(lorareg_path, args.repeat, [tmp / "lorareg.safetensors"]),
-            "lorareg-first": time_it(lorareg_first_path, args.repeat, [tmp / "lorareg-first.safetensors"]),
-            "lorareg-no-hash-no-scan": time_it(lorareg_bare_path, args.repeat, [tmp / "lorareg-bare.safetensors"]),
-        }
+        results = time_all({
+            "write-only floor": (write_floor, [tmp / "floor.bin"]),
+            "safetensors": (bare, [tmp / "bare.safetensors"]),
+            "diffusers": (diffusers_path, [tmp / "diffusers.safetensors"]),
+            "diffusers+saver": (diffusers_saver_path, [tmp / "saver"]),
+            "lorareg": (lorareg_path, [tmp / "lorareg.safetensors"]),
+            "lorareg-first": (lorareg_first_path, [tmp / "lorareg-first.safetensors"]),
+            "lorareg-no-hash-no-scan": (lorareg_bare_path, [tmp / "lorareg-bare.safetensors"]),
+        }, args.repeat)
+        load = os.getloadavg()[0]
     med = {k: statistics.median(v) for k, v in results.items()}
     out = {
         "file": {"tensors": n, "MiB": round(size_mib, 1), "rank": args.rank},
         "median_s": {k: round(v, 4) for k, v in med.items()},
+        "median_cpu_s": {k: round(statistics.median(v), 4) for k, v in CPU.items()},
         "lorareg_first_call_s": round(first_call, 3),
+        "load_average_1min": round(load, 2),
         "speedup_vs_diffusers": round(med["diffusers"] / med["lorareg"], 2),
         "first_vs_diffusers": round(med["lorareg-first"] / med["diffusers"], 2),
         "repeated_speedup_over_first": round(med["lorareg-first"] / med["lorareg"], 2),
@@ -164,9 +180,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    print(f"SDXL kohya LoRA: {n} tensors, {size_mib:.1f} MiB, rank {args.rank}; median of {args.repeat} runs, warm")
+    print(f"SDXL kohya LoRA: {n} tensors, {size_mib:.1f} MiB, rank {args.rank}; median of {args.repeat} rounds (paths "
+          f"round-robin), warm; load average {load:.1f} on {os.cpu_count()} CPUs")
     for k in ("write-only floor", "safetensors", "diffusers", "diffusers+saver", "lorareg-first", "lorareg", "lorareg-no-hash-no-scan"):
-        print(f"  {k:<24} {med[k] * 1000:8.1f} ms   ({med[k] / med['safetensors']:.2f}x bare safetensors)")
+        cpu = statistics.median(CPU[k])
+        print(f"  {k:<24} {med[k] * 1000:8.1f} ms   ({med[k] / med['safetensors']:.2f}x bare safetensors)   "
+              f"CPU {cpu * 1000:6.1f} ms ({cpu / statistics.median(CPU['diffusers']):.2f}x diffusers)")
     print(f"  lorareg first call in a fresh process (registry tables built): {first_call * 1000:.0f} ms")
     print(f"  lorareg vs diffusers (convert + save_file): {out['speedup_vs_diffusers']}x faster (target >= 2x)")
     print(f"  lorareg vs diffusers (convert + save_lora_weights): {out['speedup_vs_diffusers_saver']}x faster")

@@ -131,7 +131,7 @@ def bench_family(family_id: str, args, device, dtype) -> dict:
     if device.type == "cuda":
         out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     hooks.remove()
-    del model, den, hooks, opt
+    del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out

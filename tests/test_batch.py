@@ -259,3 +259,37 @@ def test_batch_cli_push_prefix_uses_the_environment_token(library, hub_server, m
     assert hub_server.token not in res.output
     for r in doc["rows"]:
         assert r["output"] in hub_server.repo_files(r["push"]["repo_id"])
+
+
+def test_port_reuses_the_plans_hashes_by_fingerprint(library, tmp_path, monkeypatch):
+    """The plan's scan hashed every source: the port finds those hashes by the file's fingerprint and does not hash
+    the file again (each source is hashed once per batch); a file changed after the plan is hashed by the port."""
+    import shutil
+
+    from lorareg.core import hash_memory
+    from lorareg.library.manifest import make_row
+    from lorareg.library.plan import plan
+    from lorareg.library.tasks import run_task
+
+    _, good, _ = library
+    monkeypatch.setenv("LORAREG_CACHE", str(tmp_path / "cache"))
+    srcs = [tmp_path / f"src{i}.safetensors" for i in range(2)]
+    for s in srcs:
+        shutil.copy(good[0], s)  # fresh fingerprints: nothing remembered yet
+    rows = [make_row({"lora": str(s), "to": "tiny-ssd", "method": "copy"}, None, f"row {i}") for i, s in enumerate(srcs)]
+    tasks, _ = plan(rows, workers=1, progress=False)
+    assert all(t.hashes and t.hashes["hashes"]["sha256"] == t.sha256 for t in tasks)
+    hashed: list[str] = []
+    real = hash_memory.file_hashes
+    monkeypatch.setattr(hash_memory, "file_hashes", lambda header, *a, **k: hashed.append(str(header.path)) or real(header, *a, **k))
+
+    rec = run_task(tasks[0].payload(tmp_path / "out", None, None, None))
+    assert rec["status"] == "done" and hashed == []
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / tasks[0].output), "pt") as f:
+        assert tasks[0].sha256 in json.dumps(f.metadata())  # the provenance names the source the plan hashed
+
+    os.utime(srcs[1], ns=(time.time_ns(), time.time_ns()))  # changed after the plan: the plan's hashes are not used
+    rec = run_task(tasks[1].payload(tmp_path / "out", None, None, None))
+    assert rec["status"] == "done" and hashed == [str(srcs[1])]

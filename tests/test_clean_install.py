@@ -19,11 +19,9 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
+import tempfile
 import venv
 import zipfile
 from contextlib import contextmanager, nullcontext
@@ -36,6 +34,7 @@ import yaml
 from safetensors.torch import load_file
 
 from hub_server import HubServer
+from ray_cluster import RAY_ENV, LocalRayCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH = "torch==2.13.0"  # the version the README and action.yml install
@@ -273,45 +272,22 @@ def test_extra(extra, installs):
             assert expect in res.stdout + res.stderr, (res.stdout + res.stderr)[-3000:]
 
 
-#: Ray 2.60 resolves 127.0.0.1 to the machine's network address unless this is set (tests/test_batch_ray.py)
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-
-
 @contextmanager
 def ray_head(v: Venv):
-    """``127.0.0.1:PORT`` of a one-CPU Ray head started from the venv's own ``ray`` and stopped by its process
-    group (never `ray stop`); skipped, sending nothing, if a node advertises any other address."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    temp = Path("/tmp") / f"lorareg-ci-ray-{os.getpid()}"  # Ray's socket paths must stay short
-    env = {**v.env, **RAY_ENV}
-    head = subprocess.Popen([str(v.py.parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                             "--num-cpus", "1", "--object-store-memory", str(100 * 2**20), "--include-dashboard", "false",
-                             "--temp-dir", str(temp), "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    """``127.0.0.1:PORT`` of a one-CPU Ray head started from the venv's own Ray (tests/ray_cluster.py: every address
+    kept on 127.0.0.1, stopped by the PIDs it started, never `ray stop`); skipped, sending nothing, if a node
+    advertises any other address."""
+    logs = Path(tempfile.mkdtemp(prefix="lorareg-ci-ray-logs-"))
+    cluster = LocalRayCluster(logs, python=str(v.py), base_env=dict(v.env))
     try:
-        deadline = time.time() + 90
-        while True:
-            assert head.poll() is None, "the Ray head exited at start"
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert time.time() < deadline, "the Ray head did not start in 90 s"
-                time.sleep(0.5)
-        code = (f"import ray; ray.init(address='127.0.0.1:{port}', log_to_driver=False); "
+        cluster.start_head(num_cpus=1)
+        code = (f"import ray; ray.init(address='{cluster.address}', log_to_driver=False); "
                 "print(sorted({n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']})); ray.shutdown()")
-        seen = subprocess.run([str(v.py), "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout.strip()
+        seen = subprocess.run([str(v.py), "-c", code], capture_output=True, text=True, env={**v.env, **RAY_ENV}, timeout=120).stdout.strip()
         if seen != "['127.0.0.1']":
             pytest.skip(f"the Ray node advertises {seen}, not only 127.0.0.1: no work is sent")
-        yield f"127.0.0.1:{port}"
+        yield cluster.address
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-                head.wait(10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        shutil.rmtree(temp, ignore_errors=True)
+        cluster.stop()
+        shutil.rmtree(logs, ignore_errors=True)
 

@@ -153,7 +153,7 @@ def test_a_file_is_hashed_once_per_fingerprint(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAREG_CACHE", str(tmp_path / "cache"))
     calls = []
     real = hash_memory.file_hashes
-    monkeypatch.setattr(hash_memory, "file_hashes", lambda header: calls.append(header.path) or real(header))
+    monkeypatch.setattr(hash_memory, "file_hashes", lambda header, *a: calls.append(header.path) or real(header, *a))
     src = tmp_path / "src.safetensors"
     save_file(_kohya_tensors(*SMALL), src, {"ss_network_dim": "4"})
     first = lorareg.load(src)

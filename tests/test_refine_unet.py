@@ -159,8 +159,9 @@ def test_refusals_between_real_families():
         check_pair("distill", fam("sd15"), fam("sdxl"))
     with pytest.raises(InputError, match="text encoders differ"):
         check_pair("distill", fam("sd15"), fam("sd21"))
-    with pytest.raises(InputError, match="video transformers"):
-        check_pair("distill", fam("hunyuan-video"), fam("hunyuan-video"))
+    assert check_pair("distill", fam("hunyuan-video"), fam("hunyuan-video")) == "dit"  # tests/test_refine_dit.py
+    with pytest.raises(InputError, match="none of these"):
+        check_pair("distill", fam("sdxl"), fam("flux.1-dev"))
     with pytest.raises(InputError, match="unknown refinement"):
         check_pair("sharpen", fam("sdxl"), fam("sdxl"))
 

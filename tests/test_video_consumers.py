@@ -19,32 +19,23 @@ from safetensors.torch import load_file, save_file
 import lorareg
 from lorareg.port import port
 from peer_files import peer_messages, rel_err
-from tiny_video import DIM, tiny_variant as _variant
+from tiny_video import DIM, tiny_config, tiny_registry
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-WAN = {"num_attention_heads": 2, "attention_head_dim": 8, "ffn_dim": 32, "num_layers": 2, "text_dim": 24, "freq_dim": 16}
-FLUX = {"num_layers": 2, "num_single_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 24,
-        "pooled_projection_dim": 12, "axes_dims_rope": [2, 2, 4], "in_channels": 8}
-CHROMA = {"num_layers": 2, "num_single_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 24,
-          "axes_dims_rope": [2, 2, 4], "in_channels": 8, "approximator_num_channels": 8, "approximator_hidden_dim": 32,
-          "approximator_layers": 2}
+WAN, FLUX, CHROMA, HV = (tiny_config(kind, layers=2) for kind in ("wan", "flux", "chroma", "hv"))
+FLUX = {**FLUX, "in_channels": 8}
+CHROMA = {**CHROMA, "in_channels": 8}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-video-data")
-    for sub in ("families", "modules", "correspondences"):
-        (root / "schemas" / sub).mkdir(parents=True)
-    _variant(root, "tiny-wan21", "wan2.1-t2v-14b", WAN)
-    _variant(root, "tiny-wan22", "wan2.2-t2v-a14b", WAN)
-    _variant(root, "tiny-flux", "flux.1-dev", FLUX)
-    _variant(root, "tiny-chroma", "chroma", CHROMA)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LORAREG_DATA_PATH", str(root))
-    yield root
-    mp.undo()
+    with tiny_registry(tmp_path_factory.mktemp("tiny-video-data"), [
+            ("tiny-wan21", "wan2.1-t2v-14b", WAN, None), ("tiny-wan22", "wan2.2-t2v-a14b", WAN, None),
+            ("tiny-flux", "flux.1-dev", FLUX, None), ("tiny-chroma", "chroma", CHROMA, None),
+            ("tiny-hv", "hunyuan-video", HV, None), ("tiny-hv-i2v33", "hunyuan-video-i2v-33ch", HV, None)]) as root:
+        yield root
 
 
 def _config(fid: str, component: str = "transformer") -> dict:
@@ -94,19 +85,22 @@ def test_diffusers_loads_both_wan22_experts_ported_from_wan21(tiny, tmp_path):
     assert len(state) == 2 * 2 * len(want.modules)  # lora_A + lora_B, both experts, nothing else
 
 
+def _double_single_blocks(sd, g, double: list[tuple[str, int, int]], single: list[tuple[str, int, int]], blocks: int = 2) -> None:
+    """kohya-style keys (lora_unet_<original name>) on the double blocks' two streams and the single blocks."""
+    for i in range(blocks):
+        for stream in ("img", "txt"):
+            for name, out, inn in double:
+                _put(sd, f"lora_unet_double_blocks_{i}_{stream}_{name}", out, inn, g)
+        for name, out, inn in single:
+            _put(sd, f"lora_unet_single_blocks_{i}_{name}", out, inn, g)
+
+
 def _kohya_flux(tmp_path, chroma_blocks_only=False):
     """sd-scripts networks/lora_flux.py layout at the tiny width: fused qkv / linear1, modulation included."""
     g, sd = torch.Generator().manual_seed(1), {}
-    for i in range(2):
-        for s in ("img", "txt"):
-            _put(sd, f"lora_unet_double_blocks_{i}_{s}_attn_qkv", 3 * DIM, DIM, g)
-            _put(sd, f"lora_unet_double_blocks_{i}_{s}_attn_proj", DIM, DIM, g)
-            _put(sd, f"lora_unet_double_blocks_{i}_{s}_mlp_0", 4 * DIM, DIM, g)
-            _put(sd, f"lora_unet_double_blocks_{i}_{s}_mlp_2", DIM, 4 * DIM, g)
-            _put(sd, f"lora_unet_double_blocks_{i}_{s}_mod_lin", 6 * DIM, DIM, g)
-        _put(sd, f"lora_unet_single_blocks_{i}_linear1", 3 * DIM + 4 * DIM, DIM, g)
-        _put(sd, f"lora_unet_single_blocks_{i}_linear2", DIM, 5 * DIM, g)
-        _put(sd, f"lora_unet_single_blocks_{i}_modulation_lin", 3 * DIM, DIM, g)
+    _double_single_blocks(sd, g, double=[("attn_qkv", 3 * DIM, DIM), ("attn_proj", DIM, DIM), ("mlp_0", 4 * DIM, DIM),
+                                         ("mlp_2", DIM, 4 * DIM), ("mod_lin", 6 * DIM, DIM)],
+                          single=[("linear1", 3 * DIM + 4 * DIM, DIM), ("linear2", DIM, 5 * DIM), ("modulation_lin", 3 * DIM, DIM)])
     _put(sd, "lora_unet_final_layer_adaLN_modulation_1", 2 * DIM, DIM, g)
     src = tmp_path / "flux_kohya.safetensors"
     save_file(sd, str(src))
@@ -178,3 +172,29 @@ def test_push_of_a_two_expert_port_uploads_both_files_and_says_which(tiny, tmp_p
             assert "`w22_low_noise.safetensors`: the low-noise expert (`transformer_2`)" in card
         else:
             assert "w22.safetensors" in files and 'prefix="transformer_2"' in card
+
+
+def test_diffusers_loads_hunyuan_i2v_ported_from_a_musubi_t2v_file(tiny, tmp_path):
+    """musubi-tuner's HunyuanVideo layout (fused img_attn_qkv / linear1) -> HunyuanVideo-I2V-33ch, diffusers format."""
+    from diffusers import HunyuanVideoImageToVideoPipeline, HunyuanVideoTransformer3DModel
+
+    g, sd = torch.Generator().manual_seed(3), {}
+    _double_single_blocks(sd, g, double=[("attn_qkv", 3 * DIM, DIM), ("attn_proj", DIM, DIM), ("mlp_fc1", 2 * DIM, DIM),
+                                         ("mlp_fc2", DIM, 2 * DIM)],
+                          single=[("linear1", 3 * DIM + 2 * DIM, DIM), ("linear2", DIM, 3 * DIM)])
+    src = tmp_path / "hv_musubi.safetensors"
+    save_file(sd, str(src), metadata={"ss_base_model_version": "hunyuan_video"})
+    want = lorareg.load(src, family="tiny-hv")
+    out = tmp_path / "hv_i2v.safetensors"
+    r = port(src, family="tiny-hv", to="tiny-hv-i2v33", format="diffusers", output=out, progress=False)
+    assert not [l for l in r.report.layers if l.skipped]
+    state, meta = HunyuanVideoImageToVideoPipeline.lora_state_dict(str(out), return_lora_metadata=True)
+    model = HunyuanVideoTransformer3DModel.from_config(_config("tiny-hv-i2v33"))
+    with peer_messages() as msgs:
+        model.load_lora_adapter(state, prefix="transformer", adapter_name="x", metadata=meta)
+    assert msgs == [], msgs
+    delta = _fused_delta(model, "x")
+    assert len(delta) == len(want.modules)  # fused qkv / linear1 split into their diffusers layers, every one used
+    for key, m in want.modules.items():
+        name = key.split(":", 1)[1]
+        assert rel_err(delta[name], m.delta_weight().float()) < 1e-5, name

@@ -9,10 +9,40 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Optional
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DIM = 16  # heads x head dim of every tiny transformer
+
+
+def tiny_config(kind: str, layers: int) -> dict:
+    """The tiny transformer config of a model kind (hv, wan, flux, chroma) with ``layers`` blocks of each sort."""
+    two_heads = {"num_attention_heads": 2, "attention_head_dim": 8}
+    return {
+        "hv": {**two_heads, "num_layers": layers, "num_single_layers": layers, "num_refiner_layers": 1, "text_embed_dim": 24,
+               "pooled_projection_dim": 12, "rope_axes_dim": [2, 2, 4], "mlp_ratio": 2.0},
+        "wan": {**two_heads, "ffn_dim": 32, "num_layers": layers, "text_dim": 24, "freq_dim": 16},
+        "flux": {**two_heads, "num_layers": layers, "num_single_layers": layers, "joint_attention_dim": 24, "pooled_projection_dim": 12,
+                 "axes_dims_rope": [2, 2, 4]},
+        "chroma": {**two_heads, "num_layers": layers, "num_single_layers": layers, "joint_attention_dim": 24, "axes_dims_rope": [2, 2, 4],
+                   "approximator_num_channels": 8, "approximator_hidden_dim": 32, "approximator_layers": 2},
+    }[kind]
+
+
+@contextmanager
+def tiny_registry(root: Path, variants: list[tuple[str, str, dict, Optional[dict]]]) -> Iterator[Path]:
+    """A registry data folder of tiny variants (id, parent, transformer config, extra fields), on LORAREG_DATA_PATH."""
+    for sub in ("families", "modules", "correspondences"):
+        (root / "schemas" / sub).mkdir(parents=True)
+    for fid, parent, config, extra in variants:
+        tiny_variant(root, fid, parent, config, extra)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAREG_DATA_PATH", str(root))
+        yield root
 
 
 def _gen_modules():

@@ -24,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Literal, Mapping, Optional
+from typing import Callable, Iterable, Literal, Mapping, Optional
 
 from pydantic import BaseModel
 
-from .io import LazyTensor, SafetensorsHeader, build_header
+from .io import DTYPES, LazyTensor, SafetensorsHeader, build_header
 
 LEGACY_OFFSET = 0x100000
 LEGACY_LENGTH = 0x10000
@@ -100,38 +101,55 @@ def legacy_window(header: bytes, data: memoryview) -> tuple[str, bool]:
     return h.hexdigest()[:LEGACY_DIGITS], touched
 
 
-def file_hashes(header: SafetensorsHeader) -> tuple[FileHashes, bool]:
+class HashingStopped(Exception):
+    """The hashing was asked to stop (its result was no longer wanted)."""
+
+
+def file_hashes(header: SafetensorsHeader, stop: Optional[threading.Event] = None) -> tuple[FileHashes, bool]:
     """The file's hashes, and whether the legacy window fell in the re-serialised header.
 
     The whole-file and the data-section SHA-256 read the same mapped pages, each in its own thread
-    (hashlib releases the GIL on large buffers): one read of the file, two cores' worth of hashing."""
+    (hashlib releases the GIL on large buffers): one read of the file, two cores' worth of hashing.
+    ``stop``: once set, the hashing ends early with HashingStopped."""
     view = memoryview(header.mapping())
     with ThreadPoolExecutor(max_workers=1) as pool:
-        data_hash = pool.submit(_sha256, view, header.data_offset)
-        whole = _sha256(view, 0)
-        tsha = data_hash.result()
-    infos = {name: (t.dtype, list(t.shape), header.view(t)) for name, t in header.tensors.items()}
-    legacy, touched = _legacy(infos, header.metadata)
+        data_hash = pool.submit(_sha256, view, header.data_offset, stop)
+        try:
+            whole = _sha256(view, 0, stop)
+        finally:
+            tsha = data_hash.result() if stop is None or not stop.is_set() else None
+    if tsha is None:
+        raise HashingStopped()
+    legacy, touched = legacy_hash(header)
     return FileHashes(sha256=whole, autov2=whole[:AUTOV2_DIGITS], tensor_sha256=tsha, autov3=tsha[:AUTOV3_DIGITS], legacy=legacy), touched
 
 
-def _sha256(view: memoryview, start: int) -> str:
+def legacy_hash(header: SafetensorsHeader) -> tuple[str, bool]:
+    """The file's legacy hash, and whether its window fell in the re-serialised header (reads 64 KiB at most)."""
+    infos = {name: (t.dtype, list(t.shape), t.nbytes, lambda t=t: header.view(t)) for name, t in header.tensors.items()}
+    return _legacy(infos, header.metadata)
+
+
+def _sha256(view: memoryview, start: int, stop: Optional[threading.Event] = None) -> str:
     h = hashlib.sha256()
     for i in range(start, len(view), _CHUNK):
+        if stop is not None and stop.is_set():
+            raise HashingStopped()
         h.update(view[i : i + _CHUNK])
     return h.hexdigest()
 
 
-def _legacy(infos: Mapping[str, tuple[str, list[int], memoryview]], metadata: Mapping[str, str]) -> tuple[str, bool]:
+def _legacy(infos: Mapping[str, tuple[str, list[int], int, Callable[[], memoryview]]], metadata: Mapping[str, str]) -> tuple[str, bool]:
     """sd-scripts' legacy hash: the tensors laid out as the safetensors library lays them out, with
-    only the ``ss_*`` metadata, and the 64 KiB window at 1 MiB of that serialisation hashed."""
+    only the ``ss_*`` metadata, and the 64 KiB window at 1 MiB of that serialisation hashed.
+    ``infos``: name -> (dtype, shape, byte size, its bytes when asked: only the window's are)."""
     order = sorted(infos, key=lambda n: (-SAFETENSORS_DTYPE_RANK[infos[n][0]], n))
     spans, offset = [], 0
     for name in order:
-        dtype, shape, buf = infos[name]
-        spans.append((name, dtype, shape, offset, offset + len(buf)))
-        offset += len(buf)
-    return legacy_window(ss_header(spans, metadata), _Concat([infos[n][2] for n in order]))  # type: ignore[arg-type]
+        dtype, shape, nbytes, _ = infos[name]
+        spans.append((name, dtype, shape, offset, offset + nbytes))
+        offset += nbytes
+    return legacy_window(ss_header(spans, metadata), _Concat([infos[n][2:] for n in order]))  # type: ignore[arg-type]
 
 
 def check_embedded(metadata: Mapping[str, str], hashes: FileHashes, legacy_in_header: bool = False) -> list[EmbeddedHash]:
@@ -155,26 +173,40 @@ def own_hash_fields(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, st
     Only tensor-data hashes can be embedded: the data section does not depend on the header, so they
     are known before writing (a whole-file SHA-256 cannot be stored in the file it hashes)."""
     _, order = build_header(tensors, metadata)  # the writer's data order
-    buffers = {name: tensors[name].buffer() for name in order}
     h = hashlib.sha256()
     for name in order:
-        h.update(buffers[name])
-    tsha = h.hexdigest()
-    legacy, _ = _legacy({n: (tensors[n].dtype, list(tensors[n].shape), buffers[n]) for n in order}, metadata)
-    return {"sshs_model_hash": tsha, "sshs_legacy_hash": legacy, "modelspec.hash_sha256": "0x" + tsha}
+        h.update(tensors[name].buffer())
+    return own_fields(h.hexdigest(), own_legacy_hash(tensors, metadata))
+
+
+def own_legacy_hash(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str]) -> str:
+    """The legacy hash of a file about to be written (only its ``ss_*`` metadata and its tensors count)."""
+    return _legacy({n: (t.dtype, list(t.shape), t.numel * DTYPES[t.dtype][1], t.buffer) for n, t in tensors.items()}, metadata)[0]
+
+
+def own_fields(tensor_sha256: str, legacy: str) -> dict[str, str]:
+    """The fields a file carries about itself, from the SHA-256 of its data section and its legacy hash."""
+    return {"sshs_model_hash": tensor_sha256, "sshs_legacy_hash": legacy, "modelspec.hash_sha256": "0x" + tensor_sha256}
+
+
+#: stand-ins of the final lengths, for a header written before the hashes are known (and replaced after)
+PLACEHOLDER_HASHES = FileHashes(sha256="0" * 64, autov2="0" * AUTOV2_DIGITS, tensor_sha256="0" * 64,
+                                autov3="0" * AUTOV3_DIGITS, legacy="0" * LEGACY_DIGITS)
 
 
 class _Concat:
-    """Slices of the concatenation of buffers, without building it (only the legacy window is read)."""
+    """Slices of the concatenation of buffers, without building it (only the legacy window is read).
+    ``parts``: (byte size, its bytes when asked)."""
 
-    def __init__(self, parts: list[memoryview]):
-        self.parts = [memoryview(p).cast("B") for p in parts]
+    def __init__(self, parts: list[tuple[int, Callable[[], memoryview]]]):
+        self.parts = parts
 
     def __getitem__(self, s: slice) -> bytes:
         lo, hi, out, pos = s.start, s.stop, [], 0
-        for p in self.parts:
-            end = pos + len(p)
+        for size, get in self.parts:
+            end = pos + size
             if end > lo and pos < hi:
+                p = memoryview(get()).cast("B")
                 out.append(bytes(p[max(lo - pos, 0) : min(hi, end) - pos]))
             pos = end
             if pos >= hi:

@@ -15,9 +15,12 @@ import mmap
 import os
 import struct
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Mapping, Optional, Union
+from typing import BinaryIO, Callable, Mapping, Optional, Union
 
 import torch
 
@@ -69,19 +72,25 @@ class SafetensorsHeader:
     metadata: dict[str, str]
     file_size: int
     _map: Optional[mmap.mmap] = field(default=None, repr=False, compare=False)
+    _view: Optional[memoryview] = field(default=None, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def mapping(self) -> mmap.mmap:
         """The file mapped copy-on-write: tensors are views of it, writes never reach the file."""
         if self._map is None:
-            with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size != self.file_size:
-                    raise InputError(f"{self.path}: file changed while reading")
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            with self._lock:  # hashing threads and the reader may ask at once: map the file once
+                if self._map is None:
+                    with open(self.path, "rb") as f:
+                        if os.fstat(f.fileno()).st_size != self.file_size:
+                            raise InputError(f"{self.path}: file changed while reading")
+                        self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         return self._map
 
     def view(self, info: TensorInfo) -> memoryview:
+        if self._view is None:
+            self._view = memoryview(self.mapping())
         start = self.data_offset + info.begin
-        return memoryview(self.mapping())[start : start + info.nbytes]
+        return self._view[start : start + info.end - info.begin]
 
     def sha256(self) -> str:
         return hashlib.sha256(memoryview(self.mapping())).hexdigest()
@@ -229,6 +238,10 @@ class LazyTensor:
     def in_file(self) -> bool:
         return self._header is not None
 
+    def stored(self) -> Optional[tuple[SafetensorsHeader, TensorInfo]]:
+        """The file and byte range holding this tensor's bytes, or None for a tensor made in memory."""
+        return (self._header, self._info) if self._header is not None and self._info is not None else None
+
     @property
     def numel(self) -> int:
         n = 1
@@ -283,21 +296,33 @@ def _as_lazy(t: TensorLike) -> LazyTensor:
     return t if isinstance(t, LazyTensor) else LazyTensor.from_torch(t)
 
 
-def build_header(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
-    """A deterministic header: keys sorted, compact JSON, padded to 8 bytes. Returns (header, order)."""
+def build_header(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str] | None,
+                 entries: Optional[str] = None) -> tuple[bytes, list[str]]:
+    """A deterministic header: keys sorted, compact JSON, padded to 8 bytes. Returns (header, order).
+    ``entries``: :func:`tensor_entries` of these tensors, when already made (a header written twice)."""
     order = sorted(tensors)
-    header: dict[str, object] = {}
+    parts = []
     if metadata:
-        header["__metadata__"] = {k: str(metadata[k]) for k in sorted(metadata)}
+        meta = {k: str(metadata[k]) for k in sorted(metadata)}
+        parts.append('"__metadata__":' + json.dumps(meta, separators=(",", ":"), ensure_ascii=False))
+    entries = tensor_entries(tensors, order) if entries is None else entries
+    if entries:
+        parts.append(entries)
+    raw = ("{" + ",".join(parts) + "}").encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return raw, order
+
+
+def tensor_entries(tensors: Mapping[str, LazyTensor], order: list[str]) -> str:
+    """The header's tensor entries (JSON object members, no braces), data laid out in ``order``."""
+    entries: dict[str, object] = {}
     offset = 0
     for name in order:
         t = tensors[name]
         nbytes = t.numel * DTYPES[t.dtype][1]
-        header[name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        entries[name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return raw, order
+    return json.dumps(entries, separators=(",", ":"), ensure_ascii=False)[1:-1]
 
 
 def write_safetensors(
@@ -306,21 +331,66 @@ def write_safetensors(
     metadata: Mapping[str, str] | None = None,
     *,
     digest: bool = False,
+    finish: Optional[Callable[[str], Mapping[str, str]]] = None,
+    data_sha256: Optional[str] = None,
 ) -> Optional[str]:
-    """Write atomically (temp file in the same folder, then rename); with digest, return the file's SHA-256."""
+    """Write atomically (temp file in the same folder, then rename); with digest, return the file's SHA-256.
+
+    ``finish(data_sha256)``: the final metadata, known only once the data section is written (hash fields
+    about this very file and hashes still being computed elsewhere); ``metadata`` then holds placeholders
+    of the same lengths. The data section is written first and SHA-256-hashed from the same buffers as they
+    are written (in a second thread: hashlib and file writes release the GIL), then the header goes in at
+    the front. ``data_sha256``: that hash when already known (it is then not computed)."""
     path = Path(path)
     lazy = {name: _as_lazy(t) for name, t in tensors.items()}
-    raw_header, order = build_header(lazy, metadata)
-    hasher = hashlib.sha256() if digest else None
+    entries = tensor_entries(lazy, sorted(lazy))
+    raw_header, order = build_header(lazy, metadata, entries)
+    if finish is None:
+        hasher = hashlib.sha256() if digest else None
 
-    def write(f: BinaryIO) -> None:
-        for chunk in (struct.pack("<Q", len(raw_header)), raw_header, *(lazy[name].buffer() for name in order)):
-            if hasher is not None:
-                hasher.update(chunk)
-            f.write(chunk)
+        def write(f: BinaryIO) -> None:
+            for chunk in (struct.pack("<Q", len(raw_header)), raw_header, *(lazy[name].buffer() for name in order)):
+                if hasher is not None:
+                    hasher.update(chunk)
+                f.write(chunk)
 
-    atomic_write(path, write)
-    return hasher.hexdigest() if hasher else None
+        atomic_write(path, write)
+        return hasher.hexdigest() if hasher else None
+    if digest:
+        raise TypeError("digest and finish cannot be combined: the header is written last")
+
+    def write_late(f: BinaryIO) -> None:
+        buffers = [lazy[name].buffer() for name in order]
+        f.seek(8 + len(raw_header))
+        if data_sha256 is None:
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                hashed = pool.submit(_sha256_of, buffers)
+                for buf in buffers:
+                    f.write(buf)
+                data = hashed.result()
+        else:
+            for buf in buffers:
+                f.write(buf)
+            data = data_sha256
+        header, _ = build_header(lazy, finish(data), entries)
+        if len(header) != len(raw_header):  # a final value of another length: lay the file out again
+            f.seek(0)
+            f.truncate()
+            for chunk in (struct.pack("<Q", len(header)), header, *buffers):
+                f.write(chunk)
+        else:
+            f.seek(0)
+            f.write(struct.pack("<Q", len(header)) + header)
+
+    atomic_write(path, write_late)
+    return None
+
+
+def _sha256_of(buffers) -> str:
+    h = hashlib.sha256()
+    for buf in buffers:
+        h.update(buf)
+    return h.hexdigest()
 
 
 def atomic_write(path: Path, writer) -> None:
@@ -350,17 +420,25 @@ class NonFinite:
     inf: int
 
 
-def scan_nonfinite(tensors: Mapping[str, LazyTensor]) -> list[NonFinite]:
-    """Tensors holding NaN or Inf values (max |x| is finite iff every element is: NaN propagates)."""
+def scan_nonfinite(tensors: Mapping[str, LazyTensor], known_finite: Optional[Callable[[LazyTensor], bool]] = None) -> list[NonFinite]:
+    """Tensors holding NaN or Inf values (max |x| is finite iff every element is: NaN propagates).
+
+    ``known_finite(t)``: True for a tensor known to hold only finite values (not scanned again)."""
     found: list[NonFinite] = []
-    threads = torch.get_num_threads()
+    with _one_thread():
+        _scan({k: t for k, t in tensors.items() if known_finite is None or not known_finite(t)}, found)
+    return found
+
+
+@contextmanager
+def _one_thread():
     # LoRA factors are small: a thread pool costs more than it saves (and stalls on a busy machine)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _scan(tensors, found)
+        yield
     finally:
         torch.set_num_threads(threads)
-    return found
 
 
 def _scan(tensors: Mapping[str, LazyTensor], found: list[NonFinite]) -> None:
@@ -375,6 +453,38 @@ def _scan(tensors: Mapping[str, LazyTensor], found: list[NonFinite]) -> None:
         x = x.float()
         nan = int(torch.isnan(x).sum())
         found.append(NonFinite(name, nan, int((~torch.isfinite(x)).sum()) - nan))
+
+
+def file_nonfinite(header: SafetensorsHeader) -> frozenset[str]:
+    """The names of a file's float tensors holding NaN or Inf, in about one pass over its data.
+
+    Adjacent tensors of one dtype are checked as one run: a finite sum means every element is finite
+    (NaN and Inf survive addition); a sum that is not (or overflows) falls back to the run's min and max
+    (NaN propagates, nothing overflows), and only a run holding NaN/Inf is looked at tensor by tensor."""
+    runs: list[list[TensorInfo]] = []
+    for info in sorted(header.tensors.values(), key=lambda i: i.begin):
+        if info.dtype not in FLOAT_DTYPES or info.end == info.begin:
+            continue
+        if runs and runs[-1][-1].dtype == info.dtype and runs[-1][-1].end == info.begin and info.dtype in _SUMMABLE:
+            runs[-1].append(info)
+        else:
+            runs.append([info])
+    bad: set[str] = set()
+    with _one_thread():
+        for run in runs:
+            dtype, size = DTYPES[run[0].dtype]
+            if run[0].dtype in _SUMMABLE:
+                x = torch.frombuffer(header.mapping(), dtype=dtype, count=(run[-1].end - run[0].begin) // size,
+                                     offset=header.data_offset + run[0].begin)
+                if bool(torch.isfinite(x.sum())) or all(bool(torch.isfinite(v)) for v in torch.aminmax(x)):
+                    continue
+            found: list[NonFinite] = []
+            _scan({i.name: LazyTensor(i.dtype, i.shape, header=header, info=i) for i in run}, found)
+            bad.update(nf.name for nf in found)
+    return frozenset(bad)
+
+
+_SUMMABLE = {"F16", "BF16", "F32", "F64"}
 
 
 @dataclass

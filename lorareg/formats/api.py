@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional, Union
 
 from pydantic import BaseModel, Field
 
-from ..core.hashes import EmbeddedHash, FileHashes, check_embedded, file_hashes, own_hash_fields, source_hash_fields, without_inherited_hashes
-from ..core.hash_memory import remembered_file_hashes
+from ..core.hashes import (PLACEHOLDER_HASHES, EmbeddedHash, FileHashes, check_embedded, legacy_hash, own_fields, own_legacy_hash,
+                           source_hash_fields, without_inherited_hashes)
+from ..core.hash_memory import data_recipe, recall, remember, remembered_file_hashes, remembered_nonfinite
 from ..core.version import __version__
 from ..engine.cache import default_cache_root
 from .refactor import ConversionReport, DroppedItem, check_target, plan_for
-from .detect import Detection, detect_tensors
+from .detect import Detection, detect_file
 from ..core.errors import ConversionError, DetectionError, InputError
 from ..core.io import (
     PEFT_CONFIG,
@@ -76,24 +79,29 @@ def detect(path: PathLike, *, format: Optional[str] = None, family: Optional[str
     return _detect(Path(path), format, _model_family(family, model))[0]
 
 
-def _detect(path: Path, format: Optional[str], family: Optional[str], registry: Optional[Registry] = None):
+def _detect(path: Path, format: Optional[str], family: Optional[str], registry: Optional[Registry] = None, on_header=None):
+    """``on_header(weights header)``: called once the file is open, before detection (whose answer it returns
+    in place of the header: the source's hashes start then, beside detection)."""
     registry = registry or get_registry()
     tensors, metadata, container, peft_config, weights = _read_source(path)
+    started = on_header(weights) if on_header else weights
     if format:
         registry.format(format)
     if family:
         family = registry.family(family).id
     facts = civitai.lookup_ref(str(path)) if not path.exists() else None
     families = [family] if family else (facts.families if facts and facts.families else None)
-    det, result = detect_tensors(
+    det, result = detect_file(
+        weights,
         tensors,
         _hint_metadata(metadata, peft_config),
         registry,
+        default_cache_root(),
         container,
         formats=[format] if format else None,
         families=families,
     )
-    return det, result, tensors, metadata, peft_config, weights
+    return det, result, tensors, metadata, peft_config, started
 
 
 def load(path: PathLike, *, format: Optional[str] = None, family: Optional[str] = None, hash: bool = True,
@@ -108,8 +116,8 @@ def load(path: PathLike, *, format: Optional[str] = None, family: Optional[str] 
     if not hash:
         return _read_lora(path, format, family)[0]
     # the provenance hash runs beside the rest: hashlib releases the GIL on large buffers
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        lora, digest = _read_lora(path, format, family, _hashing_in(pool))
+    with ThreadPoolExecutor(max_workers=1) as pool, _hashing_in(pool) as hashing:
+        lora, digest = _read_lora(path, format, family, hashing)
         _set_source_hashes(lora, digest.result())
     return lora
 
@@ -119,16 +127,29 @@ def _set_source_hashes(lora: Lora, hashes: FileHashes) -> None:
     lora.source_hashes = hashes.model_dump()
 
 
+@contextmanager
+def _stop_on_error():
+    """An event set when the block is left on an error: a hash started beside the block ends early then (its
+    pool would otherwise wait for a hash nobody reads)."""
+    stop = threading.Event()
+    try:
+        yield stop
+    except BaseException:
+        stop.set()
+        raise
+
+
+@contextmanager
 def _hashing_in(pool: ThreadPoolExecutor):
-    """Start the source file's hashes in ``pool`` once its header is known (a future of FileHashes); a file
-    whose fingerprint the cache remembers is not hashed again."""
-    return lambda header: pool.submit(remembered_file_hashes, header, default_cache_root())
+    """A starter of the source file's hashes in ``pool`` once its header is known (it returns a future of
+    FileHashes); a file whose fingerprint the cache remembers is not hashed again; stopped on an error."""
+    with _stop_on_error() as stop:
+        yield lambda header: pool.submit(remembered_file_hashes, header, default_cache_root(), stop)
 
 
-def _read_lora(path: Path, format: Optional[str], family: Optional[str], before_assembly=None):
-    """Detect and assemble; ``before_assembly(header)`` starts work (the hashes) before the factors are read."""
-    det, result, tensors, metadata, peft_config, weights = _detect(path, format, family)
-    started = before_assembly(weights) if before_assembly else weights
+def _read_lora(path: Path, format: Optional[str], family: Optional[str], on_header=None):
+    """Detect and assemble; ``on_header(header)`` starts work (the hashes) before detection."""
+    det, result, tensors, metadata, peft_config, started = _detect(path, format, family, on_header=on_header)
     if result.unmapped:
         _refuse_mixed(det, result, tensors, metadata)
     lora = assemble(result, tensors, metadata, peft_config)
@@ -141,6 +162,24 @@ def _read_lora(path: Path, format: Optional[str], family: Optional[str], before_
         if facts.trained_words and not (lora.metadata.get("modelspec.trigger_phrase") or "").strip():
             lora.metadata["modelspec.trigger_phrase"] = ", ".join(facts.trained_words)
     return lora, started
+
+
+def _nonfinite_factors(lora: Lora) -> list:
+    """The factor tensors holding NaN/Inf. Those still in a file are judged by what its fingerprint's memory
+    knows of that file (one pass over a file the first time, none after); tensors made in memory are scanned."""
+    root = default_cache_root()
+    bad_in: dict[int, frozenset[str]] = {}
+
+    def known_finite(t: LazyTensor) -> bool:
+        where = t.stored()
+        if where is None:
+            return False
+        header, info = where
+        if id(header) not in bad_in:
+            bad_in[id(header)] = remembered_nonfinite(header, root)
+        return info.name not in bad_in[id(header)]
+
+    return scan_nonfinite({f"{m.key}/{role}": t for m in lora.modules.values() for role, t in m.factors.items()}, known_finite)
 
 
 def _refuse_mixed(det: Detection, result, tensors, metadata) -> None:
@@ -194,14 +233,19 @@ def inspect(path: PathLike, *, format: Optional[str] = None, family: Optional[st
     """Everything a user asks first about a LoRA file (``model``: its base model, when no registered family fits)."""
     path = Path(path)
     family = _model_family(family, model)
-    det, result, tensors, metadata, peft_config, weights = _detect(path, format, family)
-    if result.unmapped:
-        _refuse_mixed(det, result, tensors, metadata)
-    lora = assemble(result, tensors, metadata, peft_config)
-    types = lora.adapter_types
-    nonfinite = [nf.__dict__ for nf in scan_nonfinite(tensors)]
-    shown_meta = {k: (v if len(v) <= 2000 else v[:2000] + f"... ({len(v)} chars)") for k, v in metadata.items()}
-    hashes, legacy_in_header = file_hashes(weights)
+    # the file's hashes run beside detection (hashlib releases the GIL), remembered by its fingerprint
+    with ThreadPoolExecutor(max_workers=1) as pool, _hashing_in(pool) as hashing:
+        det, result, tensors, metadata, peft_config, (weights, hashes) = _detect(
+            path, format, family, on_header=lambda header: (header, hashing(header)))
+        if result.unmapped:
+            _refuse_mixed(det, result, tensors, metadata)
+        lora = assemble(result, tensors, metadata, peft_config)
+        types = lora.adapter_types
+        # one pass over the file (remembered by its fingerprint), then counts for the tensors that hold NaN/Inf
+        bad = remembered_nonfinite(weights, default_cache_root())
+        nonfinite = [nf.__dict__ for nf in scan_nonfinite({k: t for k, t in tensors.items() if k in bad})]
+        shown_meta = {k: (v if len(v) <= 2000 else v[:2000] + f"... ({len(v)} chars)") for k, v in metadata.items()}
+        hashes, legacy_in_header = hashes.result(), legacy_hash(weights)[1]
     return Inspection(
         path=str(path),
         format=det.format,
@@ -299,18 +343,31 @@ def _save(lora: Lora, path: PathLike, *, format: Optional[str], variant: Optiona
         unmapped=lora.unmapped,
     )
     written = write_modules(planned, var, family)
-    # the output's own hash fields: from its tensors and its ss_* metadata only (not lorareg.source_*)
-    own = own_hash_fields({k: _lazy(t) for k, t in written.tensors.items()},
-                          _output_metadata(lora, fmt.id, var.id, written.metadata, extra_metadata))
-    if pending is not None:
-        _set_source_hashes(lora, pending.result())
-    metadata = {**_output_metadata(lora, fmt.id, var.id, written.metadata, extra_metadata), **own}
+    tensors = {k: _lazy(t) for k, t in written.tensors.items()}
+    meta = lambda source: _output_metadata(lora, fmt.id, var.id, written.metadata, extra_metadata, source)  # noqa: E731
+    # the output's own hash fields: from its tensors and its ss_* metadata only (not lorareg.source_*); the
+    # data section's SHA-256 is taken from the bytes as they are written, or remembered for the same bytes
+    legacy = own_legacy_hash(tensors, meta(None))
+    root = default_cache_root()
+    recipe = data_recipe([tensors[n] for n in sorted(tensors)])
+    known = recall(root, OUTPUT_DATA_HASHES, recipe, _load_data_sha256)
+    hashed: list[str] = []
+
+    def finish(data_sha256: str) -> dict[str, str]:
+        hashed.append(data_sha256)
+        if pending is not None:  # the source's hashes, computing beside this write
+            _set_source_hashes(lora, pending.result())
+        return {**meta(None), **own_fields(data_sha256, legacy)}
+
+    placeholders = {**meta(PLACEHOLDER_HASHES if pending is not None else None), **own_fields(PLACEHOLDER_HASHES.tensor_sha256, legacy)}
     dropped = [DroppedItem(item=k, reason=v) for k, v in sorted(lora.unmapped.items())]
     dropped += plan.dropped + [DroppedItem(item=d.item, reason=d.reason) for d in written.dropped]
     if fmt.spec.container == "peft_dir":
-        _write_peft_dir(path, written.tensors, metadata, written.peft_config or {}, force)
+        _write_peft_dir(path, tensors, placeholders, written.peft_config or {}, force, finish, known)
     else:
-        write_safetensors(path, written.tensors, metadata)
+        write_safetensors(path, tensors, placeholders, finish=finish, data_sha256=known)
+    if known is None and hashed:
+        remember(root, OUTPUT_DATA_HASHES, recipe, json.dumps({"tensor_sha256": hashed[0]}))
     return ConversionReport(
         source_format=f"{lora.format_state.format}/{lora.format_state.variant}" if lora.format_state else "memory",
         target_format=var.qualified_id,
@@ -328,7 +385,20 @@ def _lazy(t) -> LazyTensor:
     return t if isinstance(t, LazyTensor) else LazyTensor.from_torch(t)
 
 
-def _output_metadata(lora: Lora, fmt: str, variant: str, generated: dict[str, str], extra) -> dict[str, str]:
+#: the data-section SHA-256 of written files, by the identity of their bytes (hash_memory.data_recipe)
+OUTPUT_DATA_HASHES = "output-data-sha256"
+
+
+def _load_data_sha256(text: str) -> str:
+    value = json.loads(text)["tensor_sha256"]
+    if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+        raise ValueError("damaged entry")
+    return value
+
+
+def _output_metadata(lora: Lora, fmt: str, variant: str, generated: dict[str, str], extra,
+                     source: Optional[FileHashes] = None) -> dict[str, str]:
+    """``source``: the source's hashes when not (yet) on ``lora`` (placeholders of their lengths)."""
     # the source's own hash fields describe the source's bytes, not this file's: dropped, then
     # recomputed for the written tensors; the source's hashes go under lorareg.source_*
     meta = {k: v for k, v in without_inherited_hashes(lora.metadata).items() if k != LORA_ADAPTER_METADATA}
@@ -346,19 +416,22 @@ def _output_metadata(lora: Lora, fmt: str, variant: str, generated: dict[str, st
         meta["lorareg.source_format"] = f"{lora.format_state.format}/{lora.format_state.variant}"
     if lora.source_sha256:
         meta["lorareg.source_sha256"] = lora.source_sha256
-    if lora.source_hashes:
+    if source is not None:
+        meta.update(source_hash_fields(source))
+    elif lora.source_hashes:
         meta.update(source_hash_fields(FileHashes.model_validate(lora.source_hashes)))
     if extra:
         meta.update(extra)
     return meta
 
 
-def _write_peft_dir(path: Path, tensors, metadata, config: dict, force: bool) -> None:
-    """Build the folder next to its destination, then swap it in."""
+def _write_peft_dir(path: Path, tensors, metadata, config: dict, force: bool, finish=None, data_sha256=None) -> None:
+    """Build the folder next to its destination, then swap it in (``finish``, ``data_sha256``: see write_safetensors)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
-        write_safetensors(tmp / PEFT_WEIGHTS, tensors, {"format": "pt", **metadata})
+        write_safetensors(tmp / PEFT_WEIGHTS, tensors, {"format": "pt", **metadata},
+                          finish=(lambda sha: {"format": "pt", **finish(sha)}) if finish else None, data_sha256=data_sha256)
         atomic_write_text(tmp / PEFT_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
         if path.exists():
             if not force:
@@ -396,8 +469,8 @@ def convert(
     check_output(source, output, force)
     registry = get_registry()
     registry.format(to)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        lora, digest = _read_lora(source, None, family, _hashing_in(pool))
+    with ThreadPoolExecutor(max_workers=1) as pool, _hashing_in(pool) as hashing:
+        lora, digest = _read_lora(source, None, family, hashing)
         if lora.undecided and lora.undecided_names_differ:
             raise InputError(f"{source}: fits {', '.join(lora.undecided)} equally and its metadata names none, and they name "
                              "its modules differently: pass --family")
@@ -408,7 +481,7 @@ def convert(
                 "pass --allow-unmapped to convert the rest and list them as dropped"
             )
         if not allow_nonfinite:  # scanned while the hash runs on the other core
-            bad = scan_nonfinite({f"{m.key}/{role}": t for m in lora.modules.values() for role, t in m.factors.items()})
+            bad = _nonfinite_factors(lora)
             if bad:
                 raise ConversionError(
                     f"{source}: {len(bad)} factor tensors hold NaN/Inf values; pass --allow-nonfinite to convert anyway"

@@ -7,13 +7,17 @@ modelspec.architecture, PEFT base_model_name_or_path) only breaks ties and adds 
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Mapping, Optional
 
 from pydantic import BaseModel, Field
 
 from ..core.errors import DetectionError
-from ..core.io import LazyTensor
-from .reader import ParseResult, SplitKey, parse_keys, split_keys
+from ..core.hash_memory import fingerprint, recall, remember
+from ..core.io import LazyTensor, SafetensorsHeader
+from .reader import ParseResult, SplitKey, may_parse, parse_keys, split_keys
 from ..registry import Family, Registry
 
 SAMPLE_KEYS = 96
@@ -66,21 +70,45 @@ def _leaf(name: str) -> str:
     return ".".join(name.split(".")[-2:])
 
 
-def _coverage(result: ParseResult) -> float:
-    touched: dict[str, set[str]] = {}
-    modules: set[tuple[str, str]] = set()
+def _targets(result: ParseResult) -> set[tuple[str, str]]:
+    """(component, canonical module) of every parsed key, each once (a module's factors share one)."""
+    fused: set[int] = set()
+    out: set[tuple[str, str]] = set()
     for pk in result.parsed.values():
-        names = [s.module for s in pk.target.slices] if hasattr(pk.target, "slices") else [pk.target]
-        for n in names:
-            modules.add((pk.component, n))
-            touched.setdefault(pk.component, set()).add(_leaf(n))
+        if isinstance(pk.target, str):
+            out.add((pk.component, pk.target))
+        elif id(pk.target) not in fused:  # a fused module: its parts (the same object for each of its keys)
+            fused.add(id(pk.target))
+            out.update((pk.component, s.module) for s in pk.target.slices)
+    return out
+
+
+def _coverage(result: ParseResult, modules: set[tuple[str, str]]) -> float:
     if not modules:
         return 0.0
-    total = 0
-    for cid, leaves in touched.items():
-        comp = result.family.components[cid]
-        total += sum(1 for n in comp.modules if _leaf(n) in leaves)
+    touched: dict[str, set[str]] = {}
+    for cid, n in modules:
+        touched.setdefault(cid, set()).add(_leaf(n))
+    leaves = _family_leaves(result.family)
+    total = sum(leaves[cid].get(leaf, 0) for cid, names in touched.items() for leaf in names)
     return len(modules) / total if total else 0.0
+
+
+def _family_leaves(fam: Family) -> dict[str, dict[str, int]]:
+    """component -> leaf (last two name segments) -> how many of its modules end so."""
+    cached = _LEAVES.get(fam.id)
+    if cached is None:
+        cached = {}
+        for cid, comp in fam.components.items():
+            counts: dict[str, int] = {}
+            for name in comp.modules:
+                counts[_leaf(name)] = counts.get(_leaf(name), 0) + 1
+            cached[cid] = counts
+        _LEAVES[fam.id] = cached
+    return cached
+
+
+_LEAVES: dict[str, dict[str, dict[str, int]]] = {}
 
 
 def _group(name: str) -> tuple[str, Optional[int]]:
@@ -108,15 +136,13 @@ def _family_groups(fam: Family) -> dict[tuple[str, str], set[int]]:
 _GROUPS: dict[str, dict[tuple[str, str], set[int]]] = {}
 
 
-def _complete_groups(result: ParseResult) -> int:
+def _complete_groups(result: ParseResult, modules: set[tuple[str, str]]) -> int:
     """How many repeated blocks the LoRA covers at every index the family has (a block count that fits exactly)."""
     seen: dict[tuple[str, str], set[int]] = {}
-    for pk in result.parsed.values():
-        names = [s.module for s in pk.target.slices] if hasattr(pk.target, "slices") else [pk.target]
-        for n in names:
-            g, i = _group(n)
-            if i is not None:
-                seen.setdefault((pk.component, g), set()).add(i)
+    for cid, n in modules:
+        g, i = _group(n)
+        if i is not None:
+            seen.setdefault((cid, g), set()).add(i)
     fam = _family_groups(result.family)
     return sum(1 for key, idx in seen.items() if len(fam.get(key, ())) > 1 and idx == fam[key])
 
@@ -144,7 +170,8 @@ def score_candidates(
             sample_split = split_keys(variant, sample)
             if not any(isinstance(item, SplitKey) for item in sample_split):
                 continue
-            live = [fam for fam in fams if variant.applies_to(fam) and parse_keys(variant, fam, sample_tensors, sample_split).parsed]
+            live = [fam for fam in fams if variant.applies_to(fam) and may_parse(variant, fam, sample_split)
+                    and parse_keys(variant, fam, sample_tensors, sample_split).parsed]
             if not live:
                 continue
             split = split_keys(variant, keys)
@@ -153,6 +180,7 @@ def score_candidates(
                 if not res.parsed:
                     continue
                 results[(fmt.id, variant.id, fam.id)] = res
+                modules = _targets(res)
                 candidates.append(
                     Candidate(
                         format=fmt.id,
@@ -160,8 +188,8 @@ def score_candidates(
                         family=fam.id,
                         mapped=len(res.parsed),
                         total=len(keys),
-                        coverage=round(_coverage(res), 6),
-                        complete_groups=_complete_groups(res),
+                        coverage=round(_coverage(res, modules), 6),
+                        complete_groups=_complete_groups(res, modules),
                         rank_on_tie=fam.spec.detection.rank_on_tie,
                         shape_mismatches=len(res.shape_mismatches),
                         metadata_agrees=fam.id in hints,
@@ -230,6 +258,47 @@ def detect_tensors(
         named_variant=named,
     )
     return det, res
+
+
+#: the verdicts of detect_tensors on files, by file fingerprint, registry identity and what was asked
+DETECTIONS = "detection"
+
+
+def detect_file(
+    header: SafetensorsHeader,
+    tensors: Mapping[str, LazyTensor],
+    metadata: Mapping[str, str],
+    registry: Registry,
+    root: Optional[Path],
+    container: str = "safetensors",
+    formats: Optional[list[str]] = None,
+    families: Optional[list[str]] = None,
+) -> tuple[Detection, ParseResult]:
+    """:func:`detect_tensors` of a file's tensors, its verdict remembered under ``root``: a file met again
+    (same fingerprint, same registry, same question) parses its keys only as the verdict says, not as every
+    format and family could. A remembered verdict whose parse does not come out as it did is not used."""
+    key = _detection_key(header, metadata, registry, container, formats, families)
+    det = recall(root, DETECTIONS, key, Detection.model_validate_json)
+    if det is not None and det.candidates:
+        best = det.candidates[0]
+        fmt = registry.formats.get(det.format)
+        fam = registry.families.get(det.family)
+        if fmt is not None and fam is not None and any(v.id == det.variant for v in fmt.variants):
+            res = parse_keys(fmt.variant(det.variant), fam, tensors)
+            if len(res.parsed) == best.mapped and len(tensors) == best.total:
+                return det, res
+    det, res = detect_tensors(tensors, metadata, registry, container, formats, families)
+    remember(root, DETECTIONS, key, det.model_dump_json())
+    return det, res
+
+
+def _detection_key(header: SafetensorsHeader, metadata: Mapping[str, str], registry: Registry, container: str,
+                   formats: Optional[list[str]], families: Optional[list[str]]) -> Optional[str]:
+    fp = fingerprint(header.path)
+    if fp is None or registry.identity is None:
+        return None
+    question = json.dumps([fp, registry.identity, container, formats, families, sorted(metadata.items())])
+    return hashlib.sha256(question.encode("utf-8")).hexdigest()
 
 
 def _undecided(best: Candidate, candidates: list[Candidate], results) -> tuple[list[str], bool]:

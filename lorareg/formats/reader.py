@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
@@ -63,76 +64,128 @@ class SplitKey:
     key: str
     suffix: object  # formats.Suffix
     candidates: tuple  # ((PrefixRule, module string, doubled), ...) longest prefix first
+    base: str  # the key without its suffix: keys sharing it (a module's factors and alpha) parse alike
 
 
-def split_keys(variant: Variant, keys) -> list:
+class SplitKeys(list):
+    """:func:`split_keys`' answer: one entry per key (a SplitKey, or (key, reason)), and ``rests``: per prefix
+    rule (:func:`rule_key`), every module string it leaves of some key. A family none of whose name tables holds
+    one of them parses none of the keys."""
+
+    rests: dict[tuple, set[str]]
+
+
+def rule_key(rule) -> tuple:
+    """A prefix rule's identity for lookups: two rules with the same prefix and components read alike."""
+    return rule.prefix, tuple(rule.components)
+
+
+def split_keys(variant: Variant, keys) -> SplitKeys:
     """Family-independent part of parsing (done once per variant); a str entry is a reason."""
-    out = []
+    out = SplitKeys()
+    prefixes: dict[str, tuple] = {}  # base -> its prefix candidates (a module's keys share one base)
     for key in keys:
         suffix = variant.match_suffix(key)
         if suffix is None:
             out.append((key, "unknown factor suffix for this format"))
             continue
         base = key[: -len(suffix.text)]
-        cands = []
-        for rule in variant.read_prefixes:
-            if not base.startswith(rule.prefix):
-                continue
-            rest = base[len(rule.prefix) :]
-            doubled = False
-            while rule.prefix and rest.startswith(rule.prefix):
-                rest, doubled = rest[len(rule.prefix) :], True
-            if variant.spec.separator == "." and variant.name_rules:
-                segs = rest.split(".")
-                for r in variant.name_rules:
-                    segs = r.apply(segs)
-                rest = ".".join(segs)
-            cands.append((rule, rest, doubled))
-        out.append(SplitKey(key, suffix, tuple(cands)) if cands else (key, "unknown key prefix for this format"))
+        cands = prefixes.get(base)
+        if cands is None:
+            cands = prefixes[base] = _prefix_candidates(variant, base)
+        out.append(SplitKey(key, suffix, cands, base) if cands else (key, "unknown key prefix for this format"))
+    out.rests = {}
+    for cands in prefixes.values():
+        for rule, rest, _ in cands:
+            out.rests.setdefault(rule_key(rule), set()).add(rest)
     return out
+
+
+def _prefix_candidates(variant: Variant, base: str) -> tuple:
+    cands = []
+    for rule in variant.read_prefixes:
+        if not base.startswith(rule.prefix):
+            continue
+        rest = base[len(rule.prefix) :]
+        doubled = False
+        while rule.prefix and rest.startswith(rule.prefix):
+            rest, doubled = rest[len(rule.prefix) :], True
+        if variant.spec.separator == "." and variant.name_rules:
+            segs = rest.split(".")
+            for r in variant.name_rules:
+                segs = r.apply(segs)
+            rest = ".".join(segs)
+        cands.append((rule, rest, doubled))
+    return tuple(cands)
+
+
+def _rule_tables(variant: Variant, family: Family) -> dict[tuple, list[tuple]]:
+    """Per prefix rule (:func:`rule_key`), the (component, scheme, name table, component) to look names up in, in order."""
+    flat = variant.spec.separator == "_"
+    return {
+        rule_key(rule): [
+            (cid, scheme, comp.flat_names(scheme) if flat else comp.scheme_names(scheme), comp)
+            for cid in rule.components
+            if (comp := family.components.get(cid)) is not None
+            for scheme in variant.spec.schemes
+            if comp.has_scheme(scheme)
+        ]
+        for rule in variant.read_prefixes
+    }
+
+
+def may_parse(variant: Variant, family: Family, split: SplitKeys) -> bool:
+    """False when no key of ``split`` can parse as a module of ``family`` (no name table holds any of them)."""
+    return any(not table.keys().isdisjoint(split.rests.get(rk, ())) for rk, entries in _rule_tables(variant, family).items()
+               for _, _, table, _ in entries)
 
 
 def parse_keys(variant: Variant, family: Family, tensors: Mapping[str, LazyTensor], split: Optional[list] = None) -> ParseResult:
     result = ParseResult(variant, family)
     doubled = False
-    flat = variant.spec.separator == "_"
-    tables: dict[tuple[str, str], dict] = {}
-    for comp_id, comp in family.components.items():
-        for scheme in variant.spec.schemes:
-            if comp.has_scheme(scheme):
-                tables[(comp_id, scheme)] = (comp.flat_names(scheme) if flat else comp.scheme_names(scheme), comp)
-    for item in split if split is not None else split_keys(variant, tensors):
+    tables = _rule_tables(variant, family)
+    if split is None:
+        split = split_keys(variant, tensors)
+    # per rule, the module strings some table names: any other misses at once (most keys, for a wrong family)
+    known = {rk: set().union(*(table.keys() & rests for _, _, table, _ in tables.get(rk, ())))
+             for rk, rests in split.rests.items()} if isinstance(split, SplitKeys) else None
+    found: dict[str, Optional[tuple]] = {}  # base -> where it resolves: looked up once per module, not per key
+    parsed, unmapped = result.parsed, result.unmapped
+    missing = f"no module of family {family.id} has this name"
+    for item in split:
         if isinstance(item, tuple):
-            result.unmapped[item[0]] = item[1]
+            unmapped[item[0]] = item[1]
             continue
-        pk = _lookup(item, variant, tables)
-        if pk is None:
-            result.unmapped[item.key] = f"no module of family {family.id} has this name"
+        hit = found.get(item.base, False)
+        if hit is False:
+            hit = found[item.base] = _lookup(item.candidates, variant, tables, known)
+        if hit is None:
+            unmapped[item.key] = missing
         else:
-            result.parsed[item.key] = pk
-            doubled |= pk.doubled_prefix
+            s = item.suffix
+            parsed[item.key] = ParsedKey(item.key, hit[0], hit[1], hit[2], s.kind, s.role, s.spelling, hit[3], hit[4], hit[5])
+            doubled |= hit[4]
     _check_shapes(result, tensors)
     if doubled:
         result.evidence.append("doubled component prefix (e.g. transformer.transformer.) stripped")
     return result
 
 
-def _lookup(item: SplitKey, variant: Variant, tables) -> Optional[ParsedKey]:
-    s = item.suffix
-    for rule, rest, doubled in item.candidates:
-        for cid in rule.components:
-            for scheme in variant.spec.schemes:
-                entry = tables.get((cid, scheme))
-                if entry is None:
-                    continue
-                table, comp = entry
-                target = table.get(rest)
-                if target is not None:
-                    mp = comp.spec.module_prefix
-                    bare = bool(mp) and isinstance(target, str) and target.startswith(mp) and not rest.startswith(
-                        mp if variant.spec.separator == "." else flatten(mp)
-                    )
-                    return ParsedKey(item.key, cid, scheme, target, s.kind, s.role, s.spelling, rule.prefix, doubled, bare)
+def _lookup(candidates: tuple, variant: Variant, tables: dict[tuple, list[tuple]], known: Optional[dict[tuple, set[str]]]) -> Optional[tuple]:
+    """(component, scheme, target, prefix, doubled, bare) of the first prefix candidate a table names
+    (``known``: per rule, the module strings some table names; None: not known)."""
+    for rule, rest, doubled in candidates:
+        rk = rule_key(rule)
+        if known is not None and rest not in known.get(rk, ()):
+            continue
+        for cid, scheme, table, comp in tables.get(rk, ()):
+            target = table.get(rest)
+            if target is not None:
+                mp = comp.spec.module_prefix
+                bare = bool(mp) and isinstance(target, str) and target.startswith(mp) and not rest.startswith(
+                    mp if variant.spec.separator == "." else flatten(mp)
+                )
+                return cid, scheme, target, rule.prefix, doubled, bare
     return None
 
 
@@ -365,7 +418,7 @@ def _alpha_value(g: _Group, src: _AlphaSource, variant: Variant, component: str)
     if g.alpha is not None:
         if g.alpha.numel != 1:
             return None
-        value = float(g.alpha.torch().float().reshape(-1)[0])
+        value = _scalar(g.alpha)
         return value if math.isfinite(value) else None
     cfg = src.per_component.get(component) or src.per_component.get("*")
     if cfg is None:
@@ -385,6 +438,19 @@ def _alpha_value(g: _Group, src: _AlphaSource, variant: Variant, component: str)
         # canonical scale is alpha / rank; rsLoRA's is lora_alpha / sqrt(rank)
         alpha = alpha * math.sqrt(rank)
     return alpha
+
+
+#: one stored scalar's value, exactly as torch reads it (little-endian; bfloat16 is float32's top half)
+_STRUCT = {"F16": "<e", "F32": "<f", "F64": "<d"}
+
+
+def _scalar(t: LazyTensor) -> float:
+    """A one-element tensor's value as a float, read from its bytes (a torch tensor per alpha costs more)."""
+    if t.dtype in _STRUCT:
+        return struct.unpack(_STRUCT[t.dtype], t.buffer())[0]
+    if t.dtype == "BF16":
+        return struct.unpack("<f", b"\x00\x00" + bytes(t.buffer()))[0]
+    return float(t.torch().float().reshape(-1)[0])
 
 
 def _split_fused(g: _Group, fused: FusedModule, alpha: Optional[float], shapes) -> list[Module]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..core.errors import LoraregError
+from ..core.hash_memory import fingerprint
 from ..port.bases import build_model_bases
 from ..registry import get_registry
 from ..sources.refs import looks_like_hub_ref
@@ -32,13 +33,15 @@ class Task:
     sha256: Optional[str] = None
     family: Optional[str] = None
     error: Optional[str] = None  # known before running (unreadable source, a failed basis build)
+    hashes: Optional[dict[str, Any]] = None  # the scan's hashes of the source and the file fingerprint they hold for
 
     def payload(self, outdir: Path, cache_dir: Optional[str], token: Optional[str], endpoint: Optional[str]) -> dict[str, Any]:
         """What a worker gets (see tasks.run_task)."""
         return {"key": self.key, "index": self.index, "lora": self.row.lora, "sha256": self.sha256,
                 "family": self.family, "target": self.row.to or self.family, "output": self.output,
                 "output_path": str(outdir / self.output), "row": self.row.model_dump(), "cache_dir": cache_dir,
-                "token": token, "endpoint": endpoint, "command": f"lorareg batch (row {self.index})"}
+                "token": token, "endpoint": endpoint, "command": f"lorareg batch (row {self.index})",
+                "source_hashes": self.hashes}
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Group:
 def plan(rows: list[BatchRow], *, workers: Optional[int], progress: bool) -> tuple[list[Task], list[ScanRow]]:
     """A task per row, keyed, with its output name; unreadable sources become tasks with an error."""
     local = [r.lora for r in rows if Path(r.lora).exists()]
+    before = {ref: fingerprint(Path(ref)) for ref in local}
     scanned = {s.path: s for s in scan(local, workers=workers, progress=progress).rows} if local else {}
     tasks: list[Task] = []
     for i, row in enumerate(rows):
@@ -71,9 +75,22 @@ def plan(rows: list[BatchRow], *, workers: Optional[int], progress: bool) -> tup
         elif info is not None and not info.ok:
             error = info.error or "unreadable"
         output = row.output or default_output(row, fam)
-        tasks.append(Task(i, row, row_key(sha, row.lora, {**row.options(), "output": output}), output, sha, fam, error))
+        task = Task(i, row, row_key(sha, row.lora, {**row.options(), "output": output}), output, sha, fam, error)
+        task.hashes = _known_hashes(info, before.get(row.lora))
+        tasks.append(task)
     _dedupe_outputs(tasks)
     return tasks, list(scanned.values())
+
+
+def _known_hashes(info: Optional[ScanRow], fp_before: Optional[str]) -> Optional[dict[str, Any]]:
+    """The scan's hashes of a file for the port to reuse (it then reads the file once, not hashing it again):
+    only when the file's fingerprint was the same before and after the scan, so that they are its bytes' hashes."""
+    if info is None or not info.ok or not info.sha256 or fp_before is None or fingerprint(Path(info.path)) != fp_before:
+        return None
+    hashes = {"sha256": info.sha256, **info.hashes}
+    if not {"autov2", "tensor_sha256", "autov3", "legacy"} <= hashes.keys():
+        return None
+    return {"fingerprint": fp_before, "hashes": hashes}
 
 
 def _dedupe_outputs(tasks: list[Task]) -> None:
@@ -113,8 +130,9 @@ def groups(tasks: list[Task]) -> list[Group]:
 
 
 def warm(group: Group, components: dict[str, list[str]], cache_dir: Optional[str], progress: bool,
-         build: Optional[Callable] = None) -> dict:
-    """Build (or find cached) the bases of both models of a group; raises on a model that cannot be read."""
+         build: Optional[Callable] = None, list_files: bool = False) -> dict:
+    """Build (or find cached) the bases of both models of a group; raises on a model that cannot be read.
+    ``list_files``: each side's stats also list the cache files holding its bases (to ship them to other nodes)."""
     build = build or build_model_bases
     reg = get_registry()
     src_comps = sorted({c for t in group.tasks for c in components.get(t.row.lora, [])}) or None
@@ -123,5 +141,6 @@ def warm(group: Group, components: dict[str, list[str]], cache_dir: Optional[str
     stats = {}
     for side, model, fam, comps in (("source", group.source_model, group.source_family, src_comps),
                                     ("target", group.target_model, group.target_family, tgt_comps)):
-        stats[side] = build(model, fam, comps, None, group.rank_k, group.device, progress=progress, cache_dir=cache_dir)
+        stats[side] = build(model, fam, comps, None, group.rank_k, group.device, progress=progress, cache_dir=cache_dir,
+                            list_files=list_files)
     return stats

@@ -18,11 +18,12 @@ from typing import Any, Callable, Iterable, Optional, Union
 from pydantic import BaseModel, Field
 
 from ..core.errors import InputError, LoraregError
+from ..engine.cache import default_cache_root
 from .ledger import Ledger
 from .manifest import BatchRow, make_row, read_manifest, rows_from_scan
 from .plan import Task, groups, plan, warm
 from .ray_runner import run_on_ray
-from .tasks import run_task
+from .tasks import PRIVATE, run_task
 from .workers import default_workers, process_pool
 
 PathLike = Union[str, Path]
@@ -39,6 +40,9 @@ class RowResult(BaseModel):
     seconds: Optional[float] = None
     timings: dict[str, float] = Field(default_factory=dict)
     push: Optional[dict[str, Any]] = None
+    node: Optional[str] = Field(None, description="Ray: the node that ran the row")
+    bases: Optional[str] = Field(None, description="Ray, bases shipped: shared (the node saw the driver's cache), "
+                                 "shipped (this row copied them into the node's cache) or node (found there)")
 
 
 class BatchSummary(BaseModel):
@@ -54,6 +58,9 @@ class BatchSummary(BaseModel):
     time_shares: dict[str, float] = Field(default_factory=dict, description="reading / math / writing / pushing, summed over rows")
     backend: str
     workers: int
+    nodes: Optional[int] = Field(None, description="Ray: the cluster's alive nodes")
+    bases_shipped: Optional[Union[str, list[str]]] = Field(
+        None, description="Ray: the nodes that got the bases through the object store (\"all\" when forced)")
     errors: dict[str, int] = Field(default_factory=dict)
 
 
@@ -78,6 +85,7 @@ def batch(
     ray: bool = False,
     ray_address: Optional[str] = None,
     cache_dir: Optional[PathLike] = None,
+    ship_bases: Optional[bool] = None,
     retries: int = 2,
     token: Optional[str] = None,
     endpoint: Optional[str] = None,
@@ -89,7 +97,8 @@ def batch(
     ``manifest``: a JSONL/CSV file, or rows (dicts with `lorareg port`'s option names); or ``from_scan``
     (a `lorareg scan --json` file, only ``families`` if given) with ``defaults`` (e.g. ``to``,
     ``source_model``) for every row. ``ray``/``ray_address`` run the rows on Ray instead of local
-    processes. ``cache_dir`` is the basis cache (on Ray: a path every node sees). As with any process
+    processes. ``cache_dir`` is the basis cache; on Ray, a node that does not see it gets the bases through
+    Ray's object store (``ship_bases``: None when needed, True always, False never). As with any process
     pool, a script that calls this must guard its top level with ``if __name__ == "__main__":``.
     """
     t_start = time.perf_counter()
@@ -100,6 +109,8 @@ def batch(
     use_ray = ray or ray_address is not None
     n_workers = workers or default_workers()
     cache = str(Path(cache_dir).resolve()) if cache_dir else None
+    if use_ray and cache is None:  # Ray tasks get the path explicitly: a node's own default may differ
+        cache = str(default_cache_root().resolve())
     with Ledger(out) as ledger:
         tasks, scanned = plan(rows, workers=n_workers, progress=progress)
         state = ledger.state()
@@ -118,9 +129,11 @@ def batch(
 
         t0 = time.perf_counter()
         components = {s.path: s.components for s in scanned}
+        bundles: list[tuple[list[str], list[int]]] = []  # per base-model pair: its cache files, its rows
         for g in groups(pending):
             try:
-                warm(g, components, cache, progress)
+                stats = warm(g, components, cache, progress, list_files=use_ray)
+                bundles.append((sorted({f for side in stats.values() for f in side.get("files", [])}), [t.index for t in g.tasks]))
             except (LoraregError, OSError) as e:  # a model that cannot be read fails its rows, not the batch
                 reason = f"base models: {str(e).splitlines()[0] if str(e) else e.__class__.__name__}"
                 for t in g.tasks:
@@ -136,11 +149,13 @@ def batch(
         by_index = {t.index: t for t in pending}
         record = lambda rec: _finish(ledger, by_index[rec["index"]], rec, results, on_record)  # noqa: E731
         bar = _bar(len(payloads), progress)
+        cluster: dict = {}
         try:
             if not payloads:
                 pass
             elif use_ray:
-                run_on_ray(payloads, record, address=ray_address, retries=retries, bar=bar)
+                cluster = run_on_ray(payloads, record, address=ray_address, retries=retries, bar=bar, cache_dir=cache,
+                                     bundles=bundles, ship=ship_bases)
             else:
                 run_local(payloads, record, workers=min(n_workers, len(payloads)), retries=retries, bar=bar)
         finally:
@@ -151,7 +166,7 @@ def batch(
     ordered = [results[i] for i in sorted(results)]
     return BatchResult(outdir=str(out), rows=ordered,
                        summary=_summary(ordered, time.perf_counter() - t_start, plan_s, warm_s, run_s,
-                                        "ray" if use_ray else "local", n_workers))
+                                        "ray" if use_ray else "local", n_workers, cluster))
 
 
 def _rows(manifest, from_scan, families, defaults) -> list[BatchRow]:
@@ -179,7 +194,8 @@ def _finish(ledger: Ledger, task: Task, rec: dict, results: dict[int, RowResult]
 def _result(task: Task, rec: dict, status: str) -> RowResult:
     return RowResult(index=task.index, lora=task.row.lora, output=task.output, status=status,
                      target=rec.get("target"), sha256=task.sha256, error=rec.get("error"), seconds=rec.get("seconds"),
-                     timings=rec.get("timings") or {}, push=rec.get("push"))
+                     timings=rec.get("timings") or {}, push=rec.get("push"),
+                     node=rec.get("node"), bases=rec.get("bases"))
 
 
 def _bar(total: int, enabled: bool):
@@ -220,7 +236,7 @@ def run_local(payloads: list[dict], record: Callable[[dict], None], *, workers: 
         for p in lost:
             attempts[p["index"]] += 1
             if attempts[p["index"]] > retries:
-                rec = {k: v for k, v in p.items() if k not in ("token", "endpoint", "row", "cache_dir", "output_path")}
+                rec = {k: v for k, v in p.items() if k not in PRIVATE}
                 rec.update(status="failed", error=f"worker died {attempts[p['index']]} times on this row (killed or out of memory)")
                 record(rec)
                 if bar is not None:
@@ -229,7 +245,8 @@ def run_local(payloads: list[dict], record: Callable[[dict], None], *, workers: 
                 todo.append(p)
 
 
-def _summary(rows: list[RowResult], seconds: float, plan_s: float, warm_s: float, run_s: float, backend: str, workers: int) -> BatchSummary:
+def _summary(rows: list[RowResult], seconds: float, plan_s: float, warm_s: float, run_s: float, backend: str, workers: int,
+             cluster: dict) -> BatchSummary:
     done = [r for r in rows if r.status == "done"]
     shares: Counter[str] = Counter()
     for r in done:
@@ -242,7 +259,7 @@ def _summary(rows: list[RowResult], seconds: float, plan_s: float, warm_s: float
         warm_s=round(warm_s, 3), run_s=round(run_s, 3),
         per_minute=round(60 * len(done) / run_s, 2) if done and run_s > 0 else None,
         time_shares={k.removesuffix("_s"): round(v / total, 4) for k, v in shares.items()} if total > 0 else {},
-        backend=backend, workers=workers,
+        backend=backend, workers=workers, nodes=cluster.get("nodes"), bases_shipped=cluster.get("shipped") or None,
         errors=dict(Counter((r.error or "").split(":", 1)[0] for r in rows if r.status == "failed").most_common()),
     )
 
@@ -259,7 +276,10 @@ def summary_table(result: BatchResult, limit: int = 40) -> str:
         lines.append(f"  ... {len(shown) - limit} more rows (see --json or {result.outdir}/ledger.jsonl)")
     rate = f", {s.per_minute:.1f} LoRAs/min" if s.per_minute else ""
     lines.append(f"{s.rows} rows: {s.done} done, {s.skipped} already done, {s.failed} failed "
-                 f"({s.backend}, {s.workers} workers; plan {s.plan_s:.1f} s, bases {s.warm_s:.1f} s, run {s.run_s:.1f} s{rate})")
+                 f"({s.backend}, {f'{s.nodes} nodes' if s.nodes else f'{s.workers} workers'}; plan {s.plan_s:.1f} s, bases {s.warm_s:.1f} s, run {s.run_s:.1f} s{rate})")
+    if s.bases_shipped:
+        to = "every node" if s.bases_shipped == "all" else f"{len(s.bases_shipped)} node(s) not seeing the cache"
+        lines.append(f"  bases sent through Ray's object store to {to}")
     if s.time_shares:
         lines.append("  time: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in s.time_shares.items()))
     return "\n".join(lines)

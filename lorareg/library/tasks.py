@@ -9,25 +9,29 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..core.errors import LoraregError
+from ..core.hash_memory import remember_file_hashes
+from ..core.hashes import FileHashes
+from ..engine.cache import default_cache_root
 from ..hub.push import push
 from ..port import port
 from ..refine.conditioning import read_prompts
 
 #: keys of a task that the record does not repeat
-_PRIVATE = ("token", "endpoint", "row", "cache_dir", "output_path")
+PRIVATE = ("token", "endpoint", "row", "cache_dir", "output_path", "source_hashes")
 
 
 def run_task(task: dict[str, Any]) -> dict[str, Any]:
     """Port (and push) one row; a record for the ledger."""
     t0 = time.perf_counter()
-    rec = {k: v for k, v in task.items() if k not in _PRIVATE}
+    rec = {k: v for k, v in task.items() if k not in PRIVATE}
     rec["status"] = "failed"
     row = task["row"]
     stage = "port"
     try:
+        _remember_hashes(row["lora"], task.get("source_hashes"))
         prompts = None
         if row.get("prompts"):
             prompts = read_prompts(Path(row["prompts"]))
@@ -68,6 +72,18 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         rec["error"] = f"{stage}: unexpected {e.__class__.__name__}: {_line(e)}"
     rec["seconds"] = round(time.perf_counter() - t0, 4)
     return rec
+
+
+def _remember_hashes(lora: str, known: Optional[dict[str, Any]]) -> None:
+    """Leave the plan's hashes of the source where the port's load looks them up by fingerprint, so that the port
+    does not hash the file again; only when the file still has the fingerprint they were taken at."""
+    if not known:
+        return
+    try:
+        hashes = FileHashes(**known["hashes"])
+    except (TypeError, ValueError):
+        return  # the port then hashes the file itself
+    remember_file_hashes(Path(lora), hashes, default_cache_root(), known["fingerprint"])
 
 
 def _shares(timings: dict[str, float]) -> dict[str, float]:

@@ -43,6 +43,7 @@ class BasesStore:
     seconds_build: float = 0.0
     memo: dict[tuple[int, str, str], Basis] = field(default_factory=dict)
     digests: dict[tuple[int, str, str], str] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)  # weight fingerprint -> digest, as used
 
     def k_for(self, shape) -> int:
         return self.k if self.k else default_k(shape)
@@ -73,6 +74,8 @@ class BasesStore:
                 digest = weight_digest(w)
                 self._remember_digest(fp, digest)
             self.digests[key] = digest
+            if fp is not None:
+                self.fingerprints[fp] = digest
             self.seconds_read += time.perf_counter() - t0
             hit = self.cache.get(BasisKey(digest, k, BASES_VERSION))
             if hit is not None:
@@ -109,6 +112,15 @@ class BasesStore:
         except OSError:
             pass  # a read-only cache still works, it just hashes again next time
 
+    def cache_files(self) -> list[str]:
+        """The cache's files (relative to its root) that hold the bases and digests used so far: what another
+        node needs to find every one of them in a cache of its own (lorareg batch shipping bases on Ray)."""
+        files = {str(self._digest_path(fp).relative_to(self.cache.root)) for fp in self.fingerprints}
+        for digest in set(self.digests.values()):
+            folder = self.cache.root / digest[:2] / digest
+            files.update(str(f.relative_to(self.cache.root)) for f in folder.glob("*/k*.safetensors"))
+        return sorted(files)
+
     def _build(self, pending, progress) -> None:
         if not pending:
             return
@@ -129,8 +141,9 @@ class BasesStore:
 
 
 def build_model_bases(model: str, family: Optional[str], components: Optional[list[str]], match: Optional[str], rank_k: Optional[int],
-                      device: str, progress: bool = True, cache_dir: Optional[str] = None) -> dict:
-    """Fill the basis cache with a model's 2-D/4-D weights (``lorareg basis build``); counts and timing."""
+                      device: str, progress: bool = True, cache_dir: Optional[str] = None, list_files: bool = False) -> dict:
+    """Fill the basis cache with a model's 2-D/4-D weights (``lorareg basis build``); counts and timing
+    (``list_files``: and ``files``, the cache files holding them, relative to the cache's root)."""
     # no family given: the model's own (the registered one that matches it, else derived from it)
     fam = get_registry().family(family) if family else family_for_model(model)
     comps = components or list(fam.components)
@@ -144,5 +157,8 @@ def build_model_bases(model: str, family: Optional[str], components: Optional[li
     bases.get_many(weights, 0, modules, bar)
     if bar:
         bar.close()
-    return {"modules": len(modules), "cached": len(modules) - bases.built, "built": bases.built,
-            "seconds": round(time.perf_counter() - t0, 3), "cache": str(cache.root)}
+    stats = {"modules": len(modules), "cached": len(modules) - bases.built, "built": bases.built,
+             "seconds": round(time.perf_counter() - t0, 3), "cache": str(cache.root)}
+    if list_files:
+        stats["files"] = bases.cache_files()
+    return stats

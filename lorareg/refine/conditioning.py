@@ -122,6 +122,9 @@ class TextConditioner:
                     h = h * mask[..., None].to(h.dtype)
                 hidden.append(h.float().cpu())
                 if cond.attention_mask:
+                    if cond.unmasked_padding:
+                        keep = mask.sum(dim=1, keepdim=True) + cond.unmasked_padding
+                        mask = (torch.arange(mask.shape[1], device=mask.device) < keep).to(mask.dtype)
                     masks.append(mask.cpu())
             if cond.pooled:
                 p = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
@@ -158,7 +161,15 @@ def _text_encoder(family: Family, path: Path, cond: TextConditioning, dtype: tor
         raise InputError(f"{path}: no config.json; --refine distill needs the model as a diffusers folder with its text encoders")
     from transformers.utils import logging as hf_logging
 
-    with quiet_progress_bars(hf_logging):
-        model = cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True)  # never a pickle
+    try:
+        with quiet_progress_bars(hf_logging):
+            model, info = cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True, output_loading_info=True)  # never a pickle
+        kind = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a broken folder
+        raise InputError(f"{path}: cannot load the text encoder {name} ({e.__class__.__name__}: {str(e).splitlines()[0][:160]})") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # another architecture in the folder loads with these weights random, and only a log line says so
+        raise InputError(f"{path}: {len(missing)} weights of {name} are not in the checkpoint (e.g. {missing[0]}; its model_type "
+                         f"is {kind}): not the text encoder the family data names; give the conditioning as tensors (--prompts-embeds)")
     model.eval()
     return model

@@ -24,6 +24,7 @@ the family's ``diffusion.denoiser`` data; nothing here is specific to one model.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from .flow import add_flow_noise, euler_sample, random_sigmas, read_flow, sampli
 from .hooks import TrainableLora, merge, modules_of
 from .options import RefineJob, RefineOptions
 from .report import RefineReportBase
-from .runtime import free, load_diffusers_model
+from .runtime import load_diffusers_model, release
 from .samples_cache import cached, lora_digest, model_digest, tensor_digest
 from .train import Shuffled, thin, train_factors
 
@@ -75,6 +76,8 @@ class DitRefineReport(RefineReportBase):
     frames: int
     sampler_steps: int
     guidance: float
+    guidance_low_noise: Optional[float] = None  # a two-expert teacher's low-noise expert, where it differs
+    embedded_guidance: Optional[float] = None  # the guidance value a guidance-distilled teacher is given (family data)
     shift: float
     schedule_from: str
     prompts: int
@@ -148,6 +151,20 @@ def conditions_for(family: Family, folder: Path, lora: Optional[Lora], prompts: 
     return Conditions({k: v[:-1] for k, v in enc.items()}, {k: v[-1:] for k, v in enc.items()})
 
 
+def _student_conditions(family: Family, folder: Path, ported: Lora, prompts: list[str], given: Optional[dict], device: torch.device,
+                        dtype: torch.dtype, cache_dir) -> Conditions:
+    """The student's text conditioning; its encoders run once per model, prompts and text-encoder LoRA (cached)."""
+    if given is not None:
+        return Conditions(given)
+    encoders = {c.component for c in family.spec.diffusion.conditioning}
+    te = Lora(family=family.id, modules={k: m for k, m in ported.modules.items() if m.component in encoders})
+    key = {"v": SAMPLES_VERSION, "model": model_digest(folder), "family": family.id, "dtype": str(dtype),
+           "text_lora": lora_digest(te) if te.modules else None, "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+           "conditioning": [c.model_dump() for c in family.spec.diffusion.conditioning]}
+    tensors, _ = cached(cache_dir, "distill-text", key, lambda: conditions_for(family, folder, ported, prompts, None, 1.0, device, dtype).tensors)
+    return Conditions(tensors)
+
+
 def pack(x: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, H W / 4, 4 C]: 2x2 patches as tokens, channels before the patch position."""
     b, c, h, w = x.shape
@@ -198,8 +215,6 @@ class Denoiser:
             inp = pack(inp[:, :, 0])
             values["image_ids"] = image_ids(h, w).to(dev, dtype)
             values["text_ids"] = torch.zeros(values["text"].shape[1], 3, device=dev, dtype=dtype)
-        if "pooled" not in values and self.config.get("pooled_projection_dim"):
-            values["pooled"] = torch.zeros(b, int(self.config["pooled_projection_dim"]), device=dev, dtype=dtype)
         mask = values.get("text_mask")
         if mask is None:
             mask = torch.ones(b, values["text"].shape[1], device=dev)
@@ -207,7 +222,8 @@ class Denoiser:
         tokens = (h // 2) * (w // 2)
         values["joint_mask"] = torch.cat([mask.bool(), torch.ones(b, tokens, dtype=torch.bool, device=dev)], dim=1)
         values["latents"] = inp
-        values["timestep"] = (sigma * self.spec.timestep_scale).to(dev, dtype)
+        # float32 as the pipelines pass it: in bf16, σ x 1000 would be rounded to steps of 4
+        values["timestep"] = (sigma.float() * self.spec.timestep_scale).to(dev)
         if self.guidance is not None:
             values["guidance"] = torch.full((b,), self.guidance.value * self.guidance.multiplier, device=dev, dtype=dtype)
         kwargs = {kw: values[name] for kw, name in self.spec.inputs.items() if name in values}
@@ -215,12 +231,29 @@ class Denoiser:
         return unpack(out, h, w)[:, :, None] if packed else out
 
 
-def _components(family: Family) -> list[tuple[str, float, float]]:
-    """(transformer component, σ from, σ to) for each denoiser of the family, highest noise first."""
+def _embedded_guidance(family: Family) -> Optional[float]:
+    den = family.spec.diffusion.denoiser
+    config = family.components[den.component].spec.architecture.config
+    return den.guidance.value if den.guidance is not None and config.get("guidance_embeds") else None
+
+
+def _components(family: Family, folder: Path) -> list[tuple[str, float, float]]:
+    """(transformer component, σ from, σ to) for each denoiser of the family, highest noise first; the boundary
+    between experts is the model folder's (``model_index.json``, as diffusers' pipelines read it) over the family's."""
     e = family.spec.experts
     if e is None:
         return [(family.spec.diffusion.denoiser.component, 0.0, 1.0)]
     b = e.boundary_ratio if e.boundary_ratio is not None else 0.875
+    index = folder / "model_index.json"
+    if index.is_file():
+        try:
+            given = json.loads(index.read_text(encoding="utf-8")).get("boundary_ratio")
+        except (OSError, ValueError, AttributeError):
+            raise InputError(f"{index}: not a valid model index (JSON object)") from None
+        if given is not None:
+            if not isinstance(given, (int, float)) or not 0 < given < 1:
+                raise InputError(f"{index}: boundary_ratio {given!r} is not a number between 0 and 1")
+            b = float(given)
     return [(e.high_noise, b, 1.0), (e.low_noise, 0.0, b)]
 
 
@@ -242,19 +275,24 @@ class _Teacher:
     guidance: float
     device: torch.device
     dtype: torch.dtype
+    scales: Optional[dict[str, float]] = None  # classifier-free guidance per expert component where it differs
+
+    def scale(self, component: str) -> float:
+        return (self.scales or {}).get(component, self.guidance)
 
     def open(self, component: str) -> Denoiser:
         model = _load(self.family, self.folder, component, self.dtype)
         merge(model, modules_of(self.lora, component))
         return Denoiser(model.to(self.device), self.family.spec.diffusion.denoiser)
 
-    def velocity(self, den: Denoiser, x: torch.Tensor, sigma: torch.Tensor, idx: torch.Tensor, guided: bool) -> torch.Tensor:
+    def velocity(self, den: Denoiser, x: torch.Tensor, sigma: torch.Tensor, idx: torch.Tensor, guided: bool,
+                 scale: Optional[float] = None) -> torch.Tensor:
         dev, dt = self.device, self.dtype
         with torch.no_grad():
             v = den(x.to(dev, dt), sigma.to(dev), self.cond.rows(idx, dev, dt), None).float()
             if guided and self.cond.uncond is not None:
                 u = den(x.to(dev, dt), sigma.to(dev), self.cond.rows(idx, dev, dt, uncond=True), None).float()
-                v = u + self.guidance * (v - u)
+                v = u + (self.guidance if scale is None else scale) * (v - u)
         return v.cpu()
 
 
@@ -265,26 +303,28 @@ def _teacher_data(t: _Teacher, *, samples: int, noisings: int, shape: tuple[int,
     which = torch.arange(samples) % len(t.cond)
     x = torch.randn(samples, *shape, generator=g)
     sigmas = sampling_sigmas(sampler_steps, teacher_shift)
-    parts = _components(t.family)
+    parts = _components(t.family, t.folder)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=samples * len(parts), desc="teacher samples", unit="latent", leave=False)
+    open_den = None  # (component, denoiser): the last expert used stays loaded for the velocities below
     for component, low, high in parts:  # a two-expert teacher: each expert runs the steps that start in its range
         steps = [i for i in range(sampler_steps) if _in_range(torch.tensor([float(sigmas[i])]), low, high).item()]
         if not steps:
             continue
-        den = t.open(component)
+        open_den = den = None  # the previous expert is dropped before the next one loads
+        release()
+        open_den = (component, t.open(component))
+        den = open_den[1]
         for s in range(0, samples, _CHUNK):
             idx = which[s : s + _CHUNK]
             sub = sigmas[steps[0] : steps[-1] + 2]
-            x[s : s + _CHUNK] = euler_sample(lambda xx, ss, idx=idx, den=den: t.velocity(den, xx, ss, idx, guided=True),
+            x[s : s + _CHUNK] = euler_sample(lambda xx, ss, idx=idx, den=den, w=t.scale(component): t.velocity(den, xx, ss, idx, True, w),
                                              x[s : s + _CHUNK], sub)
             if bar:
                 bar.update(len(idx))
-        free(den.model)
-        del den
     if bar:
         bar.close()
     x0 = x
@@ -296,18 +336,54 @@ def _teacher_data(t: _Teacher, *, samples: int, noisings: int, shape: tuple[int,
     src, sig = torch.cat(src), torch.cat(sig)
     noise = torch.randn(len(src), *shape, generator=g)
     target = torch.empty(len(src), *shape)
-    for component, low, high in parts:
+    # the expert still loaded goes first, so a one-transformer teacher is loaded once
+    for component, low, high in sorted(parts, key=lambda p: open_den is None or p[0] != open_den[0]):
         sel = torch.nonzero(_in_range(sig, low, high)).flatten()
         if len(sel) == 0:
             continue
-        den = t.open(component)
+        if open_den is None or open_den[0] != component:
+            open_den = den = None
+            release()
+            open_den = (component, t.open(component))
+        den = open_den[1]
         for s in range(0, len(sel), _CHUNK):
             rows = sel[s : s + _CHUNK]
             xt = add_flow_noise(x0[src[rows]], noise[rows], sig[rows])
             target[rows] = t.velocity(den, xt, sig[rows], which[src[rows]], guided=False)
-        free(den.model)
-        del den
+    open_den = den = None
+    release()
     return {"x0": x0, "src": src, "sigma": sig, "noise": noise, "prompt": which[src], "teacher": target}
+
+
+class _Student:
+    """One target transformer with the ported LoRA's factors trainable, and its loss on the stored examples ``sel``."""
+
+    def __init__(self, family: Family, folder: Path, component: str, modules, spec: DenoiserSpec, data: dict, goal: torch.Tensor,
+                 cond: Conditions, sel: torch.Tensor, image, frame0: bool, device: torch.device, dtype: torch.dtype, batch: int):
+        model = _load(family, folder, component, dtype).to(device)
+        self.hooks = TrainableLora(model, modules, device)
+        if device.type == "cuda" and hasattr(model, "enable_gradient_checkpointing"):
+            model.enable_gradient_checkpointing()
+        self.den = Denoiser(model, spec)
+        self.data, self.goal, self.cond, self.sel, self.image, self.frame0 = data, goal, cond, sel, image, frame0
+        self.device, self.dtype, self.batch = device, dtype, batch
+
+    def mse(self, rows: torch.Tensor) -> torch.Tensor:
+        d, dev, dt = self.data, self.device, self.dtype
+        rows = self.sel[rows]
+        x0 = d["x0"][d["src"][rows]]
+        xt = add_flow_noise(x0, d["noise"][rows], d["sigma"][rows])
+        first = x0[:, :, :1].to(dev, dt) if self.image is not None else None
+        pred = self.den(xt.to(dev, dt), d["sigma"][rows].to(dev), self.cond.rows(d["prompt"][rows], dev, dt), first).float()
+        want = self.goal[rows].to(dev)
+        if self.frame0:  # token replacement: the first frame is the given image, so its velocity is no target
+            pred, want = pred[:, :, 1:], want[:, :, 1:]
+        return F.mse_loss(pred, want)
+
+    @torch.no_grad()
+    def mse_all(self) -> float:
+        n, b = len(self.sel), self.batch
+        return sum(float(self.mse(torch.arange(i, min(n, i + b)))) * (min(n, i + b) - i) for i in range(0, n, b)) / n
 
 
 def _check_shape(spec: DenoiserSpec, size: int, frames: int) -> None:
@@ -344,6 +420,10 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
     if image is not None and image.image_embeds and (given is None or "image_embeds" not in given):
         raise InputError(f"{tgt_fam.id} also takes image-encoder embeddings of its conditioning image, which a data-free "
                          "refinement cannot make: give them as image_embeds in --prompts-embeds")
+    takes_pooled = [f.id for f in (src_fam, tgt_fam) if "pooled" in f.spec.diffusion.denoiser.inputs.values()]
+    if given is not None and takes_pooled and "pooled" not in given:
+        raise InputError(f"{takes_pooled[0]}'s transformer takes a pooled text vector: give it as pooled in --prompts-embeds "
+                         "(zeros in its place would be a conditioning it never saw)")
     flow_s, flow_t = read_flow(src_folder, src_spec), read_flow(tgt_folder, tgt_spec)
     tokens = (size // 2) ** 2
     shift_s, shift_t = flow_s.shift_for(tokens), flow_t.shift_for(tokens)
@@ -357,19 +437,29 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
             prompts, prompts_from = [""], "the empty prompt (no --prompts, no trigger words or tags in the LoRA's metadata)"
     if given is not None:
         guidance = 1.0  # no unconditional embedding comes with given tensors
+    # a two-expert teacher's low-noise expert may guide with its own scale (an explicit --guidance sets both)
+    experts_s = src_fam.spec.experts
+    low_guidance = (experts_s.low_noise_guidance if experts_s is not None and experts_s.low_noise_guidance is not None
+                    and o.guidance is None and given is None else None)
+    scales = {experts_s.low_noise: low_guidance} if low_guidance is not None else None
     shape = (sden.latent_channels, frames, size, size)
-    ranges = [(low, high) for _, low, high in _components(tgt_fam)]
+    ranges = [(low, high) for _, low, high in _components(tgt_fam, tgt_folder)]
     t0 = time.perf_counter()
     torch.manual_seed(seed)
+    # the source family's data says how the teacher is called (guidance, timestep scale, inputs, encoders, experts)
+    teacher_data = {"family": src_fam.id, "diffusion": src_spec.model_dump(mode="json", exclude={"notes"}),
+                    "experts": src_fam.spec.experts.model_dump(mode="json", exclude={"notes"}) if src_fam.spec.experts else None}
     key = {"v": SAMPLES_VERSION, "model": model_digest(src_folder), "lora": lora_digest(job.source_lora), "samples": samples,
-           "noisings": noisings, "shape": list(shape), "sampler_steps": sampler_steps, "guidance": guidance, "seed": seed,
+           "teacher": teacher_data,
+           "noisings": noisings, "shape": list(shape), "sampler_steps": sampler_steps, "guidance": guidance, "scales": scales, "seed": seed,
            "shift": shift_s, "student_shift": shift_t, "ranges": ranges, "dtype": str(dtype),
            "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
            "given": {k: tensor_digest(v) for k, v in sorted(given.items())} if given else None}
 
     def make() -> dict[str, torch.Tensor]:
-        cond = conditions_for(src_fam, src_folder, job.source_lora, prompts, given, guidance, dev, dtype)
-        teacher = _Teacher(src_fam, src_folder, job.source_lora, cond, guidance, dev, dtype)
+        uncond_for = guidance if guidance != 1.0 or low_guidance is None else low_guidance  # 1.0: no unconditional pass
+        cond = conditions_for(src_fam, src_folder, job.source_lora, prompts, given, uncond_for, dev, dtype)
+        teacher = _Teacher(src_fam, src_folder, job.source_lora, cond, guidance, dev, dtype, scales)
         return _teacher_data(teacher, samples=samples, noisings=noisings, shape=shape, sampler_steps=sampler_steps,
                              teacher_shift=shift_s, ranges=ranges, student_shift=shift_t, seed=seed, progress=job.progress)
 
@@ -377,62 +467,44 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
     t_sample = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    cond = conditions_for(tgt_fam, tgt_folder, ported, prompts, given, 1.0, dev, dtype)
+    cond = _student_conditions(tgt_fam, tgt_folder, ported, prompts, given, dev, dtype, job.cache_dir)
     goal = data["teacher"] if target == "teacher" else data["noise"] - data["x0"][data["src"]]
-    # token replacement: the first frame is the given image, so its velocity is no target
     frame0 = image is not None and image.type == "token_replace"
     refined, experts, history, offset, stopped = ported, [], [], 0, False
     remaining = None if o.budget_seconds is None else o.budget_seconds
-    for component, low, high in _components(tgt_fam):
-        modules = modules_of(ported, component)
+    # the experts with modules to train and examples in their range (one where the family has no experts)
+    trainable = [(c, low, high) for c, low, high in _components(tgt_fam, tgt_folder)
+                 if modules_of(ported, c) and bool(_in_range(data["sigma"], low, high).any())]
+    for component, low, high in trainable:
         sel = torch.nonzero(_in_range(data["sigma"], low, high)).flatten()
-        if not modules or len(sel) == 0:
-            continue
-        model = _load(tgt_fam, tgt_folder, component, dtype).to(dev)
-        hooks = TrainableLora(model, modules, dev)
-        if dev.type == "cuda" and hasattr(model, "enable_gradient_checkpointing"):
-            model.enable_gradient_checkpointing()
-        den = Denoiser(model, tden)
-
-        def mse(rows: torch.Tensor) -> torch.Tensor:
-            rows = sel[rows]
-            x0 = data["x0"][data["src"][rows]]
-            xt = add_flow_noise(x0, data["noise"][rows], data["sigma"][rows])
-            first = x0[:, :, :1].to(dev, dtype) if image is not None else None
-            pred = den(xt.to(dev, dtype), data["sigma"][rows].to(dev), cond.rows(data["prompt"][rows], dev, dtype), first).float()
-            want = goal[rows].to(dev)
-            if frame0:
-                pred, want = pred[:, :, 1:], want[:, :, 1:]
-            return F.mse_loss(pred, want)
-
-        @torch.no_grad()
-        def mse_all() -> float:
-            n = len(sel)
-            return sum(float(mse(torch.arange(i, min(n, i + batch)))) * (min(n, i + batch) - i) for i in range(0, n, batch)) / n
-
-        start = mse_all()
+        student = _Student(tgt_fam, tgt_folder, component, modules_of(ported, component), tden, data, goal, cond, sel, image,
+                           frame0, dev, dtype, batch)
+        start = student.mse_all()
         order = Shuffled(len(sel), batch, seed + 1)
-        done, hist, stopped = train_factors(hooks.parameters(), lambda step: mse(order()), steps=steps, lr=lr, started=t0,
-                                            budget_seconds=remaining, progress=job.progress, desc=f"distill {component}", loss_name="mse")
-        end = mse_all()
-        hooks.remove()
+        done, hist, stopped = train_factors(student.hooks.parameters(), lambda step: student.mse(order()), steps=steps, lr=lr,
+                                            started=t0, budget_seconds=remaining, progress=job.progress, desc=f"distill {component}",
+                                            loss_name="mse")
+        end = student.mse_all()
+        student.hooks.remove()
         kept = end > start  # never hand back a LoRA further from the teacher than the projection was
         if not kept:
-            refined = hooks.into(refined)
+            refined = student.hooks.into(refined)
         experts.append(ExpertReport(component=component, sigma_range=[round(low, 4), round(high, 4)], examples=len(sel), steps=done,
                                     mse_start=round(start, 6), mse_end=round(end, 6), kept_projection=kept))
         history += [[offset + s, v] for s, v in thin(hist)]
         offset += steps
-        free(model)
-
+        student = None  # this expert's transformer is dropped before the next one loads
+        release()
         if stopped:
             break
     if not experts:
         raise InputError("the ported LoRA has no module on the target's transformer; there is nothing for distillation to refine")
     n = sum(e.examples for e in experts)
     report = DitRefineReport(
-        steps=sum(e.steps for e in experts), steps_requested=steps * len(experts), samples=samples, noisings=noisings,
-        latent_size=size, frames=frames, sampler_steps=sampler_steps, guidance=guidance, shift=round(shift_s, 4),
+        steps=sum(e.steps for e in experts), steps_requested=steps * len(trainable), samples=samples, noisings=noisings,
+        latent_size=size, frames=frames, sampler_steps=sampler_steps, guidance=guidance, guidance_low_noise=low_guidance,
+        embedded_guidance=_embedded_guidance(src_fam),
+        shift=round(shift_s, 4),
         schedule_from=flow_s.source if flow_s.source == "family" else "scheduler config",
         prompts=len(prompts) or len(next(iter(given.values()))), prompts_from=prompts_from, target=target,
         image_condition=image.type if image is not None else None,

@@ -7,7 +7,6 @@ for s uniform in (0, 1].
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,6 +16,7 @@ from pydantic import BaseModel
 
 from ..core.errors import InputError
 from ..registry.families import DiffusionSpec, FlowSchedule
+from .noise import scheduler_config
 
 #: scheduler-config keys read over the family's values (UniPC configs of Wan call the shift ``flow_shift``)
 _KEYS = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
@@ -42,12 +42,8 @@ def read_flow(model_folder: Optional[Path], spec: DiffusionSpec) -> Flow:
         raise InputError("the family's noise schedule is not a flow-matching one")
     values = spec.noise_schedule.model_dump()
     source = "family"
-    path = model_folder / spec.scheduler_path / "scheduler_config.json" if model_folder is not None else None
-    if path is not None and path.is_file():
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise InputError(f"{path}: not valid JSON") from None
+    cfg, path = scheduler_config(model_folder, spec)
+    if path is not None:
         if cfg.get("flow_shift") is not None and cfg.get("shift") is None:
             cfg["shift"] = cfg["flow_shift"]
         for key in _KEYS:
@@ -55,6 +51,11 @@ def read_flow(model_folder: Optional[Path], spec: DiffusionSpec) -> Flow:
                 values[key] = cfg[key]
         if cfg.get("prediction_type") not in (None, "flow_prediction", "flow"):
             raise InputError(f"{path}: prediction_type {cfg['prediction_type']!r} is not a flow-matching velocity")
+        # conventions this sampler does not follow: σ = 1 as clean data, or a shift linear in μ instead of e^μ
+        if cfg.get("invert_sigmas"):
+            raise InputError(f"{path}: invert_sigmas (σ = 1 is the clean sample) is not supported by --refine distill")
+        if values["use_dynamic_shifting"] and cfg.get("time_shift_type", "exponential") != "exponential":
+            raise InputError(f"{path}: time_shift_type {cfg['time_shift_type']!r} is not supported by --refine distill (exponential only)")
         source = str(path)
     return Flow(schedule=FlowSchedule(**values), source=source)
 

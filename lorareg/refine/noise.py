@@ -23,17 +23,27 @@ class Schedule(BaseModel):
     source: str  # where the values came from: the model folder's scheduler config or the family file
 
 
+def scheduler_config(model_folder: Optional[Path], spec: DiffusionSpec) -> tuple[dict, Optional[Path]]:
+    """The model folder's ``<scheduler_path>/scheduler_config.json`` and its path, or ({}, None) when it has none."""
+    path = model_folder / spec.scheduler_path / "scheduler_config.json" if model_folder is not None else None
+    if path is None or not path.is_file():
+        return {}, None
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise InputError(f"{path}: not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path}: not a JSON object")
+    return cfg, path
+
+
 def read_schedule(model_folder: Optional[Path], spec: DiffusionSpec) -> Schedule:
     """The family's schedule, overridden by the model folder's ``scheduler/scheduler_config.json``."""
     ns = spec.noise_schedule
     values = {"num_train_timesteps": ns.num_train_timesteps, "beta_schedule": ns.beta_schedule, "beta_start": ns.beta_start,
               "beta_end": ns.beta_end, "prediction_type": spec.prediction_type, "source": "family"}
-    path = model_folder / spec.scheduler_path / "scheduler_config.json" if model_folder is not None else None
-    if path is not None and path.is_file():
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise InputError(f"{path}: not valid JSON") from None
+    cfg, path = scheduler_config(model_folder, spec)
+    if path is not None:
         for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type"):
             if cfg.get(key) is not None:
                 values[key] = cfg[key]

@@ -61,9 +61,8 @@ def load_diffusers_model(class_name: str, path: Path, dtype: torch.dtype, what: 
     return model
 
 
-def free(model) -> None:
-    """Drop a model's weights now (and the CUDA cache), so the next model loads into the memory it held."""
-    del model
+def release() -> None:
+    """Return the memory of models the caller has dropped every reference to (and the CUDA cache), before the next loads."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Optional
 from pydantic import ValidationError
 
 from ..core.errors import InputError, RegistryError
+from ..core.version import __version__
 from .data import data_roots, iter_data_files, read_json, schema_file, validate
 from .families import CANONICAL, Component, Family, FamilySpec, build_family
 from .formats import Format, FormatSpec, Variant
@@ -32,6 +34,9 @@ class Registry:
     families: dict[str, Family]
     formats: dict[str, Format]
     correspondences: list[dict]
+    #: what this registry was built from (its data files and lorareg's code reading them, by name, size and
+    #: mtime); None once a family made at run time joins it. Keys what is remembered about a file's format.
+    identity: Optional[str] = None
 
     def family(self, family_id: str) -> Family:
         fam = self.families.get(family_id)
@@ -60,6 +65,7 @@ class Registry:
                     known.spec.layouts.append(layout)
             return known
         self.families[family.id] = family
+        self.identity = None
         return family
 
     def families_for_alias(self, value: str) -> list[str]:
@@ -100,8 +106,25 @@ def _load_format(path: Path) -> Format:
     return Format(spec=_typed(FormatSpec, _read_valid(path, "adapter.schema.json"), path), path=path)
 
 
+def _identity(roots: tuple[Path, ...]) -> str:
+    """Every data file under the roots and every module of lorareg.formats/registry, by name, size and mtime
+    (taken before the files are read, so an edit during loading only makes the identity wrong-footed, not stale)."""
+    code = Path(__file__).resolve().parent.parent
+    files = [p for root in roots for sub in ("schemas", "adapters") for p in sorted((root / sub).rglob("*.json"))]
+    files += sorted([*(code / "registry").glob("*.py"), *(code / "formats").glob("*.py")])
+    h = hashlib.sha256(__version__.encode())
+    for p in files:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        h.update(f"|{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
 @lru_cache(maxsize=8)
 def _load(roots: tuple[Path, ...]) -> Registry:
+    identity = _identity(roots)
     families: dict[str, Family] = {}
     for path in iter_data_files("families"):
         fam = _load_family(path)
@@ -123,7 +146,7 @@ def _load(roots: tuple[Path, ...]) -> Registry:
     correspondences = []
     for path in iter_data_files("correspondences"):
         correspondences.append(_read_valid(path, "correspondence.schema.json"))
-    return Registry(families=families, formats=formats, correspondences=correspondences)
+    return Registry(families=families, formats=formats, correspondences=correspondences, identity=identity)
 
 
 def get_registry() -> Registry:

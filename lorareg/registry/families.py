@@ -98,6 +98,7 @@ class TextConditioning(BaseModel):
     hidden: bool = True
     max_length: Optional[int] = None
     attention_mask: bool = False
+    unmasked_padding: int = 0  # padding tokens after the text left unmasked in the mask the denoiser gets
     zero_padding: bool = False
 
 
@@ -159,6 +160,7 @@ class Experts(BaseModel):
     high_noise: str
     low_noise: str
     boundary_ratio: Optional[float] = None
+    low_noise_guidance: Optional[float] = None  # the low-noise expert's classifier-free guidance where it differs
     file_suffix: dict[str, str] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
 

@@ -99,8 +99,19 @@ class Variant:
             out.append(Suffix(self.spec.alpha.suffix, "alpha", "alpha", 0))
         return sorted(out, key=lambda s: -len(s.text))
 
-    def match_suffix(self, key: str) -> Optional[Suffix]:
+    @cached_property
+    def _suffix_index(self) -> tuple[int, dict[str, list[Suffix]]]:
+        """The suffixes by their last n characters (n: the shortest suffix's length), longest first: a key
+        can only end with those filed under its own last n characters."""
+        n = min((len(s.text) for s in self.suffixes), default=0)
+        index: dict[str, list[Suffix]] = {}
         for s in self.suffixes:
+            index.setdefault(s.text[len(s.text) - n :], []).append(s)
+        return n, index
+
+    def match_suffix(self, key: str) -> Optional[Suffix]:
+        n, index = self._suffix_index
+        for s in index.get(key[len(key) - n :], ()):
             if key.endswith(s.text) and len(key) > len(s.text):
                 return s
         return None

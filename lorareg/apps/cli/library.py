@@ -77,11 +77,13 @@ def scan_cmd(paths, as_json, as_csv, workers, cache_path, no_cache, output, civi
 @click.option("--workers", type=click.IntRange(min=1), help="Local processes (default: one per core).")
 @click.option("--ray", "use_ray", is_flag=True, help="Run the rows on Ray (pip install 'lorareg[ray]').")
 @click.option("--ray-address", metavar="ADDR", help="Ray cluster to join (e.g. 10.0.0.5:6379); implies --ray.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), help="Basis cache (default $LORAREG_CACHE); on Ray a path every node sees.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Basis cache (default $LORAREG_CACHE).")
+@click.option("--ship-bases/--no-ship-bases", default=None,
+              help="Ray: send the bases to every node through Ray's object store (default: only to nodes that do not see --cache-dir).")
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True, help="Retries of a row whose worker died.")
 @click.option("--json", "as_json", is_flag=True, help="Rows and summary as JSON.")
 def batch_cmd(manifest, outdir, from_scan, families, to, source_model, target_model, method, format_, device, push_prefix,
-              workers, use_ray, ray_address, cache_dir, retries, as_json) -> None:
+              workers, use_ray, ray_address, cache_dir, ship_bases, retries, as_json) -> None:
     """Port many LoRAs (a JSONL/CSV manifest, or --from-scan) into OUTDIR; resumable, failures isolated."""
     defaults = {k: v for k, v in {"to": to, "source_model": source_model, "target_model": target_model, "method": method,
                                   "format": format_, "device": device}.items() if v is not None}
@@ -96,7 +98,7 @@ def batch_cmd(manifest, outdir, from_scan, families, to, source_model, target_mo
                 r.push = push_prefix.rstrip("/") + "/" + (stem if r.output else f"{stem}-{r.to or 'ported'}")
     res = batch(rows if rows is not None else manifest, outdir, from_scan=None if rows is not None else from_scan,
                 families=families, defaults=defaults, workers=workers, ray=use_ray, ray_address=ray_address,
-                cache_dir=cache_dir, retries=retries, progress=not as_json)
+                cache_dir=cache_dir, ship_bases=ship_bases, retries=retries, progress=not as_json)
     if as_json:
         click.echo(json.dumps(res.model_dump(), indent=1))
     else:
