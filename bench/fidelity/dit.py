@@ -526,7 +526,8 @@ def markdown(r: dict) -> list[str]:
     build = r.get("build", {})
     if "weight_change_v1_v2" in build:
         L += [f"‖W−W₁‖/‖W₁‖: v2 {build['weight_change_v1_v2']:.3f}, i2v {build['weight_change_v1_i2v']:.3f}, unrelated "
-              f"{build['weight_change_v1_unrelated']:.3f}; training {build['build_s']:.0f} s "
+              f"{build['weight_change_v1_unrelated']:.3f}; training {build['build_s']:.0f} s"
+              + (" (by an earlier run into the same work folder, reused here)" if build.get("reused") else "") + " "
               f"({', '.join(f'{k} {v:.0f} s' for k, v in build['timings'].items())}).", ""]
     if r.get("distill_skipped"):
         L += [f"Distill rows: **not run** ({r['distill_skipped']}).", ""]
