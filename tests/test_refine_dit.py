@@ -135,7 +135,7 @@ def test_hunyuan_t2v_to_i2v(tiny, tmp_path, target_family, conditioning):
     rr = r.report.refine
     assert rr["model"] == "diffusion transformer" and rr["image_condition"] == conditioning
     assert rr["embedded_guidance"] == 6.0 and rr["guidance"] == 1.0  # HunyuanVideo: guidance-distilled, no CFG
-    assert rr["target"] == "sample"  # the student sees the image the teacher never did
+    assert rr["target"] == "teacher" and rr["samples"] == 2
     assert rr["shift"] == 5.0 and rr["schedule_from"] == "scheduler config"
     assert rr["steps"] == 6 and len(rr["experts"]) == 1 and rr["experts"][0]["sigma_range"] == [0.0, 1.0]
     assert rr["mse_end"] <= rr["mse_start"]
@@ -146,8 +146,8 @@ def test_hunyuan_t2v_to_i2v(tiny, tmp_path, target_family, conditioning):
                if not torch.allclose(m.delta_weight().float(), copied.modules[k].delta_weight().float(), atol=1e-7)]
     assert changed or rr["kept_projection"]
     again = lorareg.port(lora, source_model=str(src), target_model=str(tgt), to=target_family, refine_conditions=_conditions(),
-                         cache_dir=tmp_path / "cache", refine_target="teacher", **FAST)
-    assert again.report.refine["samples_cached"] and again.report.refine["target"] == "teacher"
+                         cache_dir=tmp_path / "cache", refine_target="sample", **FAST)
+    assert again.report.refine["samples_cached"] and again.report.refine["target"] == "sample"
 
 
 def test_wan21_to_wan22_trains_each_expert_on_its_noise_range(tiny, tmp_path):

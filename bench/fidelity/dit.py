@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,7 @@ class Budget:
     alpha: float = 4.0
     eval_repeats: int = 4
     ceiling_steps: int = 400
-    refine_samples: int = 64
+    refine_samples: Optional[int] = None  # None: lorareg's default for transformers (32)
 
 
 TINY = Budget(v1_steps=6, v2_steps=3, i2v_steps=3, lora_steps=3, batch=8, eval_repeats=1, ceiling_steps=3, refine_samples=4)
@@ -335,11 +336,11 @@ def _refine_kw(b: Budget, steps: int, cache: Path) -> dict:
             "refine_frames": FRAMES, "refine_latent_size": SIZE, "cache_dir": cache}
 
 
-#: extra distill rows (steps, label, port keywords), run when the budgets include 100: another learning rate on both targets,
-#: and for the I2V target the teacher's velocity as the target instead of the refiner's default there (the sample's own velocity)
-_COMMON_EXTRAS = [(100, "lr 3e-3", {"refine_lr": 3e-3}), (100, "32 samples", {"refine_samples": 32})]
+#: extra distill rows (steps, label, port keywords), run when the budgets include 100: another learning rate and twice the
+#: default samples on both targets, and for the I2V target the sample's own velocity as the target instead of the teacher's
+_COMMON_EXTRAS = [(100, "lr 3e-3", {"refine_lr": 3e-3}), (100, "64 samples", {"refine_samples": 64})]
 EXTRAS = {"v2": _COMMON_EXTRAS,
-          "i2v": _COMMON_EXTRAS + [(n, "target teacher", {"refine_target": "teacher"}) for n in (25, 100, 200)]}
+          "i2v": _COMMON_EXTRAS + [(n, "target sample", {"refine_target": "sample"}) for n in (25, 100, 200)]}
 
 
 def evaluate(root: Path, b: Budget, steps_list: list[int], log) -> dict:

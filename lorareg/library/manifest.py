@@ -40,7 +40,7 @@ class BatchRow(BaseModel):
     # --refine distill and its options (`lorareg port --steps ...`)
     refine: Optional[str] = None
     steps: int = 100
-    samples: int = 64
+    samples: Optional[int] = None
     sample_length: int = 128
     prompts: Optional[str] = None
     latent_size: Optional[int] = None

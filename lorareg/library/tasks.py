@@ -41,7 +41,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
             device=row["device"], dtype=row.get("dtype"), output=task["output_path"], format=row.get("format"),
             force=True,  # an output without a done record is a leftover of an interrupted run: redo it
             cache_dir=task.get("cache_dir"), align_blocks=not row["no_align"], check=row.get("check"), progress=False,
-            refine=row.get("refine"), refine_steps=row["steps"], refine_samples=row["samples"],
+            refine=row.get("refine"), refine_steps=row["steps"], refine_samples=row.get("samples"),
             refine_sample_length=row["sample_length"], refine_lr=row.get("lr"), refine_seed=row["seed"],
             refine_budget_seconds=row.get("budget_seconds"), refine_batch=row.get("batch"), refine_prompts=prompts,
             refine_latent_size=row.get("latent_size"), refine_sampler_steps=row["sampler_steps"],

@@ -7,10 +7,10 @@ visits them) and the teacher's velocity there is stored; then the teacher is fre
 never resident together. The student (target transformer, frozen; the ported LoRA's factors trainable through
 forward hooks) is trained on the MSE between its velocity and the target's:
 
-- ``target="teacher"``: the teacher's velocity on the same noisy latent (the default);
-- ``target="sample"``: the sample's own velocity, noise − x0. The default where the student is given a conditioning
-  image the teacher never saw (T2V → I2V): it then knows more than the teacher, and matching the teacher's
-  blurrier high-noise velocity would teach it to ignore the image.
+- ``target="teacher"`` (the default): the teacher's velocity on the same noisy latent;
+- ``target="sample"``: the sample's own velocity, noise − x0. For a student given a conditioning image the teacher
+  never saw (T2V → I2V) it looked the better target, but on the benchmark's T2V → I2V pair the teacher's velocity
+  recovered 1–3 points more of the retrained gain at every budget (bench/fidelity/RESULTS.md), so it is an option.
 
 An image-to-video student gets its conditioning image from the teacher's own sample (its first latent frame),
 arranged as its family data says (channels concatenated with a first-frame mask, or the first frame's tokens
@@ -49,6 +49,8 @@ from .train import Shuffled, thin, train_factors
 SAMPLES_VERSION = 1
 DEFAULT_LR = 1e-3
 DEFAULT_BATCH = 4
+#: half the UNets' 64: on the benchmark's DiT pairs 32 latents gave the gain of 64 at 0.6x the time (bench/fidelity/RESULTS.md)
+DEFAULT_SAMPLES = 32
 DEFAULT_FRAMES = 3  # latent frames of a video sample: the first (the image) and two that follow it
 DEFAULT_SIZE = {"video": 16, "packed_2x2": 32}  # latent side: 128 px for video, 256 px for images
 #: the names a conditions dict or a --prompts-embeds file may hold
@@ -400,7 +402,8 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
     o = options
     src_fam, tgt_fam = job.source_family, job.target_family
     src_spec, tgt_spec = src_fam.spec.diffusion, tgt_fam.spec.diffusion
-    steps, samples, noisings, sampler_steps, seed = o.steps, o.samples, o.noisings, o.sampler_steps, o.seed
+    steps, noisings, sampler_steps, seed = o.steps, o.noisings, o.sampler_steps, o.seed
+    samples = DEFAULT_SAMPLES if o.samples is None else o.samples
     batch = DEFAULT_BATCH if o.batch is None else o.batch
     if steps < 0 or samples < 1 or noisings < 1 or sampler_steps < 1 or batch < 1:
         raise InputError("distill needs steps >= 0, samples >= 1, noisings >= 1, sampler steps >= 1, batch >= 1")
@@ -415,7 +418,7 @@ def refine_dit(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lo
     _check_shape(sden, size, frames)
     _check_shape(tden, size, frames)
     image = tden.image_condition if tden.image_condition is not None and tden.image_condition.required else None
-    target = o.target or ("sample" if image is not None else "teacher")
+    target = o.target or "teacher"
     given = given_conditions(o)
     if image is not None and image.image_embeds and (given is None or "image_embeds" not in given):
         raise InputError(f"{tgt_fam.id} also takes image-encoder embeddings of its conditioning image, which a data-free "

@@ -38,6 +38,7 @@ TOP_K = 64
 SAMPLES_VERSION = 1
 DEFAULT_LR = 2e-3
 DEFAULT_BATCH = 16
+DEFAULT_SAMPLES = 64
 
 
 class RefineReport(RefineReportBase):
@@ -169,7 +170,8 @@ def _kl_all(model, data: dict[str, torch.Tensor], device: torch.device, batch: i
 def refine_lm(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[Lora, RefineReport]:
     """Refine ``ported`` (a LoRA on the job's target model) by distilling the source model + source LoRA."""
     o = options
-    steps, samples, sample_length, seed, budget_seconds = o.steps, o.samples, o.sample_length, o.seed, o.budget_seconds
+    steps, sample_length, seed, budget_seconds = o.steps, o.sample_length, o.seed, o.budget_seconds
+    samples = DEFAULT_SAMPLES if o.samples is None else o.samples
     batch = DEFAULT_BATCH if o.batch is None else o.batch
     source_model, target_model, source_lora = job.source_model, job.target_model, job.source_lora
     device, progress, start_method, cache_dir = job.device, job.progress, job.start_method, job.cache_dir

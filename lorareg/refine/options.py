@@ -18,7 +18,7 @@ class RefineOptions(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
     steps: int = 100
-    samples: int = 64
+    samples: Optional[int] = None  # None: the model kind's default (64; 32 latents for transformers)
     lr: Optional[float] = None  # None: the model kind's default (lm.DEFAULT_LR, unet.DEFAULT_LR)
     seed: int = 0
     budget_seconds: Optional[float] = None
@@ -37,8 +37,7 @@ class RefineOptions(BaseModel):
     guidance: Optional[float] = None  # classifier-free guidance; None: 5.0 for UNets, the family's value for transformers
     # diffusion transformers
     frames: Optional[int] = None  # latent frames of a video teacher's samples (None: 3)
-    #: what the student's velocity is trained towards: the teacher's velocity, or the sample's own (noise - x0); None: the
-    #: sample's where the student sees a conditioning image the teacher did not (T2V -> I2V), else the teacher's
+    #: what the student's velocity is trained towards: the teacher's velocity (the default), or the sample's own (noise - x0)
     target: Optional[Literal["teacher", "sample"]] = None
 
 

@@ -38,6 +38,7 @@ PathLike = Union[str, Path]
 SAMPLES_VERSION = 2
 DEFAULT_LR = 1e-3
 DEFAULT_BATCH = 4
+DEFAULT_SAMPLES = 64
 DEFAULT_GUIDANCE = 5.0
 #: above this many parameters the student recomputes activations in the backward pass (SDXL-sized UNets)
 CHECKPOINT_ABOVE = 300_000_000
@@ -165,7 +166,8 @@ def refine_unet(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[L
     ``options.conditions``: instead of prompts, the context tensors themselves [P, L, D] (UNets without text encoders).
     """
     o = options
-    steps, samples, noisings, latent_size, sampler_steps = o.steps, o.samples, o.noisings, o.latent_size, o.sampler_steps
+    steps, noisings, latent_size, sampler_steps = o.steps, o.noisings, o.latent_size, o.sampler_steps
+    samples = DEFAULT_SAMPLES if o.samples is None else o.samples
     guidance, prompts, conditions, lr, seed, budget_seconds = o.guidance, o.prompts, o.conditions, o.lr, o.seed, o.budget_seconds
     batch = DEFAULT_BATCH if o.batch is None else o.batch
     guidance = DEFAULT_GUIDANCE if guidance is None else guidance
