@@ -336,9 +336,9 @@ def _refine_kw(b: Budget, steps: int, cache: Path) -> dict:
             "refine_frames": FRAMES, "refine_latent_size": SIZE, "cache_dir": cache}
 
 
-#: extra distill rows (steps, label, port keywords), run when the budgets include 100: another learning rate and twice the
+#: extra distill rows (steps, label, port keywords), run when the budgets include 100: the UNets' learning rate and twice the
 #: default samples on both targets, and for the I2V target the sample's own velocity as the target instead of the teacher's
-_COMMON_EXTRAS = [(100, "lr 3e-3", {"refine_lr": 3e-3}), (100, "64 samples", {"refine_samples": 64})]
+_COMMON_EXTRAS = [(100, "lr 1e-3", {"refine_lr": 1e-3}), (100, "64 samples", {"refine_samples": 64})]
 EXTRAS = {"v2": _COMMON_EXTRAS,
           "i2v": _COMMON_EXTRAS + [(n, "target sample", {"refine_target": "sample"}) for n in (25, 100, 200)]}
 

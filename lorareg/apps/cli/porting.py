@@ -54,7 +54,7 @@ _REFINE = RefineOptions.model_fields
 @click.option("--prompts-embeds", "refine_prompts_embeds", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="--refine, transformer: precomputed text embeddings instead of running the text encoders (a safetensors file: text [P, L, D], optional text_mask [P, L], pooled [P, D'], image_embeds; one row per prompt).")
 @click.option("--refine-target", "refine_target", type=click.Choice(["teacher", "sample"]), help="--refine, transformer: train towards the teacher's velocity or the sample's own (noise - x0) (default teacher).")
 @click.option("--batch", "refine_batch", type=click.IntRange(min=1), help="--refine: batch size (default 16 for LMs, 4 for UNets and transformers).")
-@click.option("--lr", "refine_lr", type=click.FloatRange(min=0, min_open=True), help="--refine: learning rate (default 2e-3 for LMs, 1e-3 for UNets and transformers).")
+@click.option("--lr", "refine_lr", type=click.FloatRange(min=0, min_open=True), help="--refine: learning rate (default 2e-3 for LMs, 1e-3 for UNets, 3e-3 for transformers).")
 @click.option("--seed", "refine_seed", type=int, default=_REFINE["seed"].default, show_default=True, help="--refine: seed of the samples and the batch order.")
 @click.option("--budget-seconds", "refine_budget_seconds", type=click.FloatRange(min=0), help="--refine: stop training after this many seconds (sampling included).")
 @click.option("--force-unrelated", is_flag=True, help="--refine even if the base models look unrelated (it would then retrain the LoRA on synthetic data, not port it).")
