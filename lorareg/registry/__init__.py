@@ -35,7 +35,7 @@ class Registry:
     formats: dict[str, Format]
     correspondences: list[dict]
     #: what this registry was built from (its data files and lorareg's code reading them, by name, size and
-    #: mtime); None once a family made at run time joins it. Keys what is remembered about a file's format.
+    #: mtime, then the ids of families made at run time as they join). Keys what is remembered about a file's format.
     identity: Optional[str] = None
 
     def family(self, family_id: str) -> Family:
@@ -65,7 +65,8 @@ class Registry:
                     known.spec.layouts.append(layout)
             return known
         self.families[family.id] = family
-        self.identity = None
+        if self.identity is not None:  # remembered detection verdicts stay valid per set of families (a derived id names its shapes)
+            self.identity = hashlib.sha256(f"{self.identity}|{family.id}".encode()).hexdigest()
         return family
 
     def families_for_alias(self, value: str) -> list[str]:
