@@ -126,3 +126,15 @@ def weight_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
 
 def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
+
+
+def digits() -> dict[str, torch.Tensor]:
+    """scikit-learn's 8x8 digits in [-1, 1] (background -1): 1500 to train on, 297 held out, split by a fixed seed."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0  # [-1, 1], background -1
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    tr, ho = perm[:1500], perm[1500:]
+    return {"x": x[tr], "y": y[tr], "x_heldout": x[ho], "y_heldout": y[ho]}

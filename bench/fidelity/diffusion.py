@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import lorareg
 
-from common import LoraHooks, deltas_of, gain, layer_similarities, port, weight_change, with_deltas
+from common import LoraHooks, deltas_of, digits, gain, layer_similarities, port, weight_change, with_deltas
 
 SRC_FAMILY, DIST_FAMILY = "fid-unet", "fid-unet-distilled"
 _FAM = Path(__file__).parent / "data/schemas/families"
@@ -51,17 +51,6 @@ class Budget:
 
 
 TINY = Budget(v1_steps=8, v2_steps=4, distill_steps=4, lora_steps=4, batch=16, eval_repeats=1, sample_steps=4)
-
-
-def digits() -> dict[str, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0  # [-1, 1], background -1
-    y = torch.tensor(d.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    tr, ho = perm[:1500], perm[1500:]
-    return {"x": x[tr], "y": y[tr], "x_heldout": x[ho], "y_heldout": y[ho]}
 
 
 def invert(x: torch.Tensor) -> torch.Tensor:

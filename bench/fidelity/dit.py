@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import lorareg
 
-from common import LoraHooks, deltas_of, gain, port, weight_change, with_deltas
+from common import LoraHooks, deltas_of, digits, gain, port, weight_change, with_deltas
 
 FAMILY, I2V_FAMILY = "fid-dit", "fid-dit-i2v"
 _FAM = Path(__file__).parent / "data/schemas/families"
@@ -69,17 +69,6 @@ TINY = Budget(v1_steps=6, v2_steps=3, i2v_steps=3, lora_steps=3, batch=8, eval_r
 
 
 # ------------------------------------------------------------------ data
-
-
-def digits() -> dict[str, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0  # [-1, 1], background -1
-    y = torch.tensor(d.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    tr, ho = perm[:1500], perm[1500:]
-    return {"x": x[tr], "y": y[tr], "x_heldout": x[ho], "y_heldout": y[ho]}
 
 
 def shift_images(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
