@@ -44,7 +44,7 @@ from .options import RefineJob, RefineOptions
 from .report import RefineReportBase
 from .runtime import load_diffusers_model, release
 from .samples_cache import cached, lora_digest, model_digest, tensor_digest
-from .train import Shuffled, thin, train_factors
+from .train import Shuffled, mean_loss, thin, train_factors
 
 SAMPLES_VERSION = 1
 #: 3x the UNets' 1e-3: on the benchmark's DiT pairs 3e-3 recovered 2-3 points more at 100 steps (bench/fidelity/RESULTS.md)
@@ -196,7 +196,7 @@ class Denoiser:
         self.config = dict(model.config)
         ic = spec.image_condition
         self.image = ic if ic is not None and ic.required else None
-        self.guidance = spec.guidance if spec.guidance is not None and self.config.get("guidance_embeds") else None
+        self.guidance = spec.embedded_guidance(self.config)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor], first: Optional[torch.Tensor]) -> torch.Tensor:
         b, c, frames, h, w = x.shape
@@ -236,8 +236,8 @@ class Denoiser:
 
 def _embedded_guidance(family: Family) -> Optional[float]:
     den = family.spec.diffusion.denoiser
-    config = family.components[den.component].spec.architecture.config
-    return den.guidance.value if den.guidance is not None and config.get("guidance_embeds") else None
+    guidance = den.embedded_guidance(family.components[den.component].spec.architecture.config)
+    return guidance.value if guidance is not None else None
 
 
 def _components(family: Family, folder: Path) -> list[tuple[str, float, float]]:
@@ -383,10 +383,8 @@ class _Student:
             pred, want = pred[:, :, 1:], want[:, :, 1:]
         return F.mse_loss(pred, want)
 
-    @torch.no_grad()
     def mse_all(self) -> float:
-        n, b = len(self.sel), self.batch
-        return sum(float(self.mse(torch.arange(i, min(n, i + b)))) * (min(n, i + b) - i) for i in range(0, n, b)) / n
+        return mean_loss(len(self.sel), self.batch, self.mse)
 
 
 def _check_shape(spec: DenoiserSpec, size: int, frames: int) -> None:

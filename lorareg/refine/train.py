@@ -49,6 +49,12 @@ def train_factors(params: list[torch.nn.Parameter], loss_at: Callable[[int], tor
     return done, history, stopped
 
 
+@torch.no_grad()
+def mean_loss(n: int, batch: int, loss_of: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """The mean of ``loss_of(rows)`` over rows 0 .. n-1, taken ``batch`` rows at a time (weighted by batch size)."""
+    return sum(float(loss_of(torch.arange(i, min(n, i + batch)))) * (min(n, i + batch) - i) for i in range(0, n, batch)) / n
+
+
 def thin(history: list[list[float]], points: int = 50) -> list[list[float]]:
     """About ``points`` entries of a loss history, for the report."""
     return history[:: max(1, len(history) // points)]

@@ -32,7 +32,7 @@ from .report import RefineReportBase
 from .runtime import load_diffusers_model
 from .noise import Schedule, add_noise, alphas_cumprod, ddim_sample, read_schedule
 from .samples_cache import cached, lora_digest, model_digest, tensor_digest
-from .train import Shuffled, thin, train_factors
+from .train import Shuffled, mean_loss, thin, train_factors
 
 PathLike = Union[str, Path]
 SAMPLES_VERSION = 2
@@ -223,10 +223,8 @@ def refine_unet(ported: Lora, job: RefineJob, options: RefineOptions) -> tuple[L
         pred = student(data["xt"][sel].to(dev, dtype), data["t"][sel].to(dev), **cond.kwargs(data["prompt"][sel], dev, dtype)).sample
         return F.mse_loss(pred.float(), data["target"][sel].to(dev).float())
 
-    @torch.no_grad()
     def mse_all() -> float:
-        n = data["t"].shape[0]
-        return sum(float(mse(torch.arange(i, min(n, i + batch)))) * (min(n, i + batch) - i) for i in range(0, n, batch)) / n
+        return mean_loss(data["t"].shape[0], batch, mse)
 
     mse_start = mse_all()
     batches = Shuffled(data["t"].shape[0], batch, seed + 1)

@@ -132,6 +132,10 @@ class DenoiserSpec(BaseModel):
     classifier_free_guidance: float = 1.0
     image_condition: Optional[ImageCondition] = None
 
+    def embedded_guidance(self, config: dict) -> Optional[Guidance]:
+        """The embedded guidance a transformer of this ``config`` takes: only one with ``guidance_embeds`` has the embedder."""
+        return self.guidance if self.guidance is not None and config.get("guidance_embeds") else None
+
 
 class DiffusionSpec(BaseModel):
     """What a denoiser needs to run as a distillation teacher or student (see family.schema.json)."""
