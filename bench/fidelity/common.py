@@ -6,7 +6,7 @@ import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -138,3 +138,24 @@ def digits() -> dict[str, torch.Tensor]:
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     tr, ho = perm[:1500], perm[1500:]
     return {"x": x[tr], "y": y[tr], "x_heldout": x[ho], "y_heldout": y[ho]}
+
+
+def fit(model, params, loss_at: Callable[[], torch.Tensor], steps: int, lr: float, warmup: int = 20,
+        betas: tuple[float, float] = (0.9, 0.999)) -> float:
+    """Train ``params`` for ``steps`` steps of ``loss_at()``: AdamW, linear warm-up then cosine decay to 5% of ``lr``,
+    gradient norm clipped at 1; the model in train mode meanwhile. The last step's loss."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=betas)
+    model.train()
+    last = float("nan")
+    for step in range(steps):
+        f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr * max(f, 0.05)
+        loss = loss_at()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last = float(loss.detach())
+    model.eval()
+    return last

@@ -11,7 +11,6 @@ knowledge distillation from v2. The condition is a one-hot class vector projecte
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 import lorareg
 
-from common import LoraHooks, deltas_of, digits, gain, layer_similarities, port, weight_change, with_deltas
+from common import LoraHooks, deltas_of, digits, fit, gain, layer_similarities, port, weight_change, with_deltas
 
 SRC_FAMILY, DIST_FAMILY = "fid-unet", "fid-unet-distilled"
 _FAM = Path(__file__).parent / "data/schemas/families"
@@ -107,13 +106,8 @@ def new_unet(config=CONFIG, seed=0):
 
 def train(model, params, batches: Batches, steps: int, lr: float, teacher=None, warmup: int = 20) -> float:
     ac = alphas_cumprod()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    last = float("nan")
-    for step in range(steps):
-        f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
-        for group in opt.param_groups:
-            group["lr"] = lr * max(f, 0.05)
+
+    def loss_at() -> torch.Tensor:
         x0, y, t, noise = batches()
         xt = noisy(x0, t, noise, ac)
         pred = model(xt, t, encoder_hidden_states=cond(y)).sample
@@ -122,13 +116,9 @@ def train(model, params, batches: Batches, steps: int, lr: float, teacher=None, 
             with torch.no_grad():
                 target = teacher(xt, t, encoder_hidden_states=cond(y)).sample
             loss = 0.5 * loss + 0.5 * F.mse_loss(pred, target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        last = float(loss.detach())
-    model.eval()
-    return last
+        return loss
+
+    return fit(model, params, loss_at, steps, lr, warmup)
 
 
 def lora_names(model) -> list[str]:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import lorareg
 
-from common import LoraHooks, deltas_of, digits, gain, port, weight_change, with_deltas
+from common import LoraHooks, deltas_of, digits, fit, gain, port, weight_change, with_deltas
 
 FAMILY, I2V_FAMILY = "fid-dit", "fid-dit-i2v"
 _FAM = Path(__file__).parent / "data/schemas/families"
@@ -147,13 +147,8 @@ def velocity(model, x_in, s, y, cond) -> torch.Tensor:
 def train(model, params, batches: Batches, steps: int, lr: float, i2v: bool = False, teacher=None, warmup: int = 20) -> float:
     """Flow matching (MSE to noise − x0, all frames); with ``teacher``: MSE to the teacher's velocity on the T2V input instead."""
     cond = conditions()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    last = float("nan")
-    for step in range(steps):
-        f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
-        for group in opt.param_groups:
-            group["lr"] = lr * max(f, 0.05)
+
+    def loss_at() -> torch.Tensor:
         x0, y, s, noise = batches()
         pred = velocity(model, model_input(x0, s, noise, i2v), s, y, cond)
         if teacher is None:
@@ -161,14 +156,9 @@ def train(model, params, batches: Batches, steps: int, lr: float, i2v: bool = Fa
         else:
             with torch.no_grad():
                 target = velocity(teacher, model_input(x0, s, noise, False), s, y, cond)
-        loss = F.mse_loss(pred, target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        last = float(loss.detach())
-    model.eval()
-    return last
+        return F.mse_loss(pred, target)
+
+    return fit(model, params, loss_at, steps, lr, warmup)
 
 
 def widen_to_i2v(v1) -> torch.nn.Module:

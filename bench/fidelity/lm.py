@@ -10,7 +10,6 @@ split by topic.
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import sysconfig
@@ -23,7 +22,7 @@ import torch
 import lorareg
 from lorareg.evaluate import LossEvaluator, windows
 
-from common import LoraHooks, deltas_of, gain, layer_similarities, port, weight_change
+from common import LoraHooks, deltas_of, fit, gain, layer_similarities, port, weight_change
 
 FAMILY = "fid-llama"
 CONFIG = json.loads((Path(__file__).parent / "data/schemas/families/fid-llama.json").read_text())["components"]["model"]["architecture"]["config"]
@@ -98,22 +97,11 @@ def new_model(seed: int):
 
 
 def train(model, params, sampler: Sampler, steps: int, lr: float, warmup: int = 20) -> float:
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    model.train()
-    last = float("nan")
-    for step in range(steps):
-        f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
-        for group in opt.param_groups:
-            group["lr"] = lr * max(f, 0.05)
+    def loss_at() -> torch.Tensor:
         x = sampler()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        last = float(loss)
-    model.eval()
-    return last
+        return model(input_ids=x, labels=x).loss
+
+    return fit(model, params, loss_at, steps, lr, warmup, betas=(0.9, 0.98))
 
 
 def train_lora(model, sampler: Sampler, b: Budget, seed: int) -> LoraHooks:
