@@ -48,6 +48,19 @@ def _put(sd, key, out, inn, gen, alpha=1.0, r=2):
     sd[f"{key}.alpha"] = torch.tensor(alpha)
 
 
+def _assert_loads_exactly(model, state, meta, want: dict, prefix: str = "transformer") -> None:
+    """diffusers loads ``state`` into ``model`` with no message, uses a layer for each of ``want``'s modules and no other,
+    and the fused weight change of each equals lorareg's ΔW."""
+    with peer_messages() as msgs:
+        model.load_lora_adapter(state, prefix=prefix, adapter_name="x", metadata=meta)
+    assert msgs == [], msgs
+    delta = _fused_delta(model, "x")
+    assert len(delta) == len(want)
+    for key, m in want.items():
+        name = key.split(":", 1)[1]
+        assert rel_err(delta[name], m.delta_weight().float()) < 1e-5, (prefix, name)
+
+
 def _fused_delta(model, adapter: str) -> dict[str, torch.Tensor]:
     before = {n: m.base_layer.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "base_layer")}
     model.fuse_lora(adapter_names=[adapter])
@@ -73,15 +86,7 @@ def test_diffusers_loads_both_wan22_experts_ported_from_wan21(tiny, tmp_path):
     state, meta = WanPipeline.lora_state_dict(str(out), return_lora_metadata=True)
     for component in ("transformer", "transformer_2"):
         model = WanTransformer3DModel.from_config(_config("tiny-wan22", component))
-        with peer_messages() as msgs:
-            model.load_lora_adapter(state, prefix=component, adapter_name="x", metadata=meta)
-        assert msgs == [], msgs
-        used = {n for n, m in model.named_modules() if hasattr(m, "base_layer")}
-        assert len(used) == len(want.modules)  # every module of the file, in this expert
-        delta = _fused_delta(model, "x")
-        for key, m in want.modules.items():
-            name = key.split(":", 1)[1]
-            assert rel_err(delta[name], m.delta_weight().float()) < 1e-5, (component, name)
+        _assert_loads_exactly(model, state, meta, want.modules, prefix=component)  # every module of the file, in this expert
     assert len(state) == 2 * 2 * len(want.modules)  # lora_A + lora_B, both experts, nothing else
 
 
@@ -117,14 +122,8 @@ def test_diffusers_loads_flux_converted_from_kohya_and_chroma_port(tiny, tmp_pat
     assert not report.dropped
     state, meta = FluxPipeline.lora_state_dict(str(out), return_lora_metadata=True)
     model = FluxTransformer2DModel.from_config(_config("tiny-flux"))
-    with peer_messages() as msgs:
-        model.load_lora_adapter(state, prefix="transformer", adapter_name="x", metadata=meta)
-    assert msgs == [], msgs
-    delta = _fused_delta(model, "x")
-    assert len(delta) == len(want.modules)
-    for key, m in want.modules.items():  # fused img_attn_qkv / linear1 split into q, k, v (, proj_mlp); adaLN halves swapped
-        name = key.split(":", 1)[1]
-        assert rel_err(delta[name], m.delta_weight().float()) < 1e-5, name
+    # fused img_attn_qkv / linear1 split into q, k, v (, proj_mlp); adaLN halves swapped
+    _assert_loads_exactly(model, state, meta, want.modules)
 
     ported = tmp_path / "chroma.safetensors"
     r = port(src, family="tiny-flux", to="tiny-chroma", format="diffusers", output=ported, progress=False)
@@ -132,15 +131,7 @@ def test_diffusers_loads_flux_converted_from_kohya_and_chroma_port(tiny, tmp_pat
     assert skipped and all("modulation" in l.skipped for l in skipped)
     state, meta = FluxPipeline.lora_state_dict(str(ported), return_lora_metadata=True)
     chroma = ChromaTransformer2DModel.from_config(_config("tiny-chroma"))
-    with peer_messages() as msgs:
-        chroma.load_lora_adapter(state, prefix="transformer", adapter_name="x", metadata=meta)
-    assert msgs == [], msgs
-    delta = _fused_delta(chroma, "x")
-    kept = [l.source for l in r.report.layers if not l.skipped]
-    assert len(delta) == len(kept)
-    for key in kept:
-        name = key.split(":", 1)[1]
-        assert rel_err(delta[name], want.modules[key].delta_weight().float()) < 1e-5, name
+    _assert_loads_exactly(chroma, state, meta, {l.source: want.modules[l.source] for l in r.report.layers if not l.skipped})
 
 
 def test_comfyui_facing_wan22_files_use_diffusion_model_keys(tiny, tmp_path):
@@ -190,11 +181,4 @@ def test_diffusers_loads_hunyuan_i2v_ported_from_a_musubi_t2v_file(tiny, tmp_pat
     assert not [l for l in r.report.layers if l.skipped]
     state, meta = HunyuanVideoImageToVideoPipeline.lora_state_dict(str(out), return_lora_metadata=True)
     model = HunyuanVideoTransformer3DModel.from_config(_config("tiny-hv-i2v33"))
-    with peer_messages() as msgs:
-        model.load_lora_adapter(state, prefix="transformer", adapter_name="x", metadata=meta)
-    assert msgs == [], msgs
-    delta = _fused_delta(model, "x")
-    assert len(delta) == len(want.modules)  # fused qkv / linear1 split into their diffusers layers, every one used
-    for key, m in want.modules.items():
-        name = key.split(":", 1)[1]
-        assert rel_err(delta[name], m.delta_weight().float()) < 1e-5, name
+    _assert_loads_exactly(model, state, meta, want.modules)  # fused qkv / linear1 split into their diffusers layers, every one used
